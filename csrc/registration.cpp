@@ -1,0 +1,44 @@
+// The one registration file of d2nwg._C: schemas of every compiled op, their CPU and CUDA
+// implementations, and build_info() for `d2nwg info`.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+#ifndef D2NWG_CUDA_ARCHS
+#define D2NWG_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(d2nwg, m) {
+  // tokens[N, T*C] <- normalized, cast, padded sources (N*S tensors, model-major).
+  m.def("tokenize_(Tensor(a!) out, Tensor[] sources, int[] offsets, int[] spans, float[] mean, "
+        "float[] rstd) -> ()");
+  // dests (N*S tensors) <- de-normalized, cast tokens[N, T*C].
+  m.def("detokenize_(Tensor tokens, Tensor(a!)[] dests, int[] offsets, float[] mean, "
+        "float[] std) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(d2nwg, CPU, m) {
+  m.impl("tokenize_", &d2nwg::tokenize_cpu);
+  m.impl("detokenize_", &d2nwg::detokenize_cpu);
+}
+
+#ifdef D2NWG_WITH_CUDA
+TORCH_LIBRARY_IMPL(d2nwg, CUDA, m) {
+  m.impl("tokenize_", &d2nwg::tokenize_cuda);
+  m.impl("detokenize_", &d2nwg::detokenize_cuda);
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("build_info", []() {
+    pybind11::dict info;
+#ifdef D2NWG_WITH_CUDA
+    info["with_cuda"] = true;
+#else
+    info["with_cuda"] = false;
+#endif
+    info["cuda_archs"] = std::string(D2NWG_CUDA_ARCHS);
+    info["torch"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
+    return info;
+  });
+}

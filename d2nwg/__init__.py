@@ -1,0 +1,36 @@
+"""d2nwg: diffusion-based neural-network weight generation (D2NWG, ICLR 2025).
+
+Learn the distribution of a zoo of trained weights and synthesize new, task-specific weights
+with a conditional latent diffusion model, on fused Triton / CUDA / C++ kernels.
+"""
+
+from d2nwg import _kernels_path  # noqa: F401  (maps kernels/ to d2nwg.kernels in a source tree)
+from d2nwg import ops
+from d2nwg.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    D2NWGError,
+    DeviceError,
+    DTypeError,
+    FileFormatError,
+    KeyMismatchError,
+    NonFiniteError,
+    ShapeError,
+)
+from d2nwg.tokenizer import WeightTokenizer
+from d2nwg.version import __version__
+
+__all__ = [
+    "__version__",
+    "ops",
+    "WeightTokenizer",
+    "D2NWGError",
+    "BackendUnavailableError",
+    "ConfigError",
+    "DeviceError",
+    "DTypeError",
+    "FileFormatError",
+    "KeyMismatchError",
+    "NonFiniteError",
+    "ShapeError",
+]

@@ -1,0 +1,55 @@
+"""The compiled extension ``d2nwg._C``, if it was built, and what it was built with."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+try:  # importing registers the C++/CUDA ops under torch.ops.d2nwg
+    from d2nwg import _C  # type: ignore[attr-defined]
+
+    IMPORT_ERROR: str | None = None
+except ImportError as exc:  # not built: the torch and Triton backends still work
+    _C = None
+    IMPORT_ERROR = f"d2nwg._C is not built ({exc}); run `make build` or reinstall d2nwg"
+
+
+@functools.lru_cache(maxsize=None)
+def build_info() -> dict[str, Any]:
+    """What the extension was compiled with: {"with_cuda", "cuda_archs", "torch"}."""
+    if _C is None:
+        return {"with_cuda": False, "cuda_archs": [], "torch": None}
+    info = dict(_C.build_info())
+    info["cuda_archs"] = [a for a in str(info.get("cuda_archs", "")).split(";") if a]
+    return info
+
+
+def cpp_reason() -> str | None:
+    """Why the C++ CPU ops cannot run, or None."""
+    return IMPORT_ERROR
+
+
+def cuda_reason(device_index: int | None = None) -> str | None:
+    """Why the CUDA ops cannot run on this device, or None."""
+    if _C is None:
+        return IMPORT_ERROR
+    info = build_info()
+    if not info["with_cuda"]:
+        return "d2nwg._C was built without CUDA (set FORCE_CUDA=1 or TORCH_CUDA_ARCH_LIST and rebuild)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    major, minor = torch.cuda.get_device_capability(device_index)
+    compiled = info["cuda_archs"]
+    # Machine code for sm_XY runs on compute capability X.Z with Z >= Y; +PTX JITs forward.
+    for arch in compiled:
+        num = arch.replace("+PTX", "").replace("a", "")
+        a_major, _, a_minor = num.partition(".")
+        if not a_major.isdigit() or not a_minor.isdigit():
+            continue
+        same_major = int(a_major) == major and int(a_minor) <= minor
+        ptx_forward = arch.endswith("+PTX") and (int(a_major), int(a_minor)) <= (major, minor)
+        if same_major or ptx_forward:
+            return None
+    return f"d2nwg._C has no code for compute capability {major}.{minor} (compiled for {';'.join(compiled)})"

@@ -1,0 +1,102 @@
+"""Backend selection for d2nwg's ops (the xformers "not supported reasons" pattern).
+
+Every op lists its backends in order of preference. Each backend says, for the given inputs,
+why it cannot run (a string) or that it can (None). Dispatch picks the first that can; a
+forced backend (the ``backend=`` keyword, or the ``D2NWG_BACKEND`` environment variable) runs
+or fails with every backend's reason listed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from d2nwg.errors import BackendUnavailableError, ConfigError
+
+ENV_VAR = "D2NWG_BACKEND"
+BACKEND_NAMES = ("torch", "cpp", "cuda", "triton", "xformers")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of an op: ``why_not(*inputs)`` returns None when it can run."""
+
+    name: str
+    run: Callable
+    why_not: Callable[..., str | None]
+
+
+def triton_reason(tensors: Iterable[torch.Tensor]) -> str | None:
+    """Why Triton kernels cannot run on these tensors, or None."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not importable ({exc})"
+    devices = {t.device.type for t in tensors}
+    if devices - {"cuda", "cpu"}:
+        return f"triton runs on CUDA tensors, got {sorted(devices)}"
+    if "cpu" in devices and os.environ.get("TRITON_INTERPRET") != "1":
+        return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+    if "cpu" in devices and "cuda" in devices:
+        return "tensors are on both CPU and CUDA"
+    return None
+
+
+def requested_backend(backend: str | None) -> tuple[str | None, bool]:
+    """The forced backend and whether it was forced by keyword (strict) or env (lenient)."""
+    if backend is not None:
+        return backend, True
+    env = os.environ.get(ENV_VAR, "").strip()
+    return (env or None), False
+
+
+def select(op: str, backends: Sequence[Backend], *inputs, backend: str | None = None) -> Backend:
+    """Pick the backend that runs ``op`` on ``inputs``.
+
+    A ``backend=`` keyword is strict: it runs or raises. ``D2NWG_BACKEND`` is applied to the
+    ops that implement that backend and ignored by the others (an attention op has no C++
+    backend, for example), so one variable can steer a whole program.
+    """
+    forced, strict = requested_backend(backend)
+    names = [b.name for b in backends]
+    if forced is not None and forced not in BACKEND_NAMES:
+        raise ConfigError(f"unknown backend {forced!r} for {op}; choose from {names}")
+    if forced is not None and forced not in names:
+        if strict:
+            raise BackendUnavailableError(f"{op} has no {forced!r} backend; it has {names}")
+        forced = None
+    on_cpu = any(t.device.type == "cpu" for t in _tensors(inputs))
+    reasons: dict[str, str] = {}
+    for b in backends:
+        if forced is not None and b.name != forced:
+            continue
+        if forced is None and b.name == "triton" and on_cpu:
+            reasons[b.name] = "the Triton interpreter is for tests; force backend='triton' to use it"
+            continue
+        reason = b.why_not(*inputs)
+        if reason is None:
+            return b
+        reasons[b.name] = reason
+    if forced is not None:  # list every backend's reason, not just the forced one's
+        reasons = {b.name: (b.why_not(*inputs) or "can run") for b in backends}
+    lines = "\n".join(f"  {name}: {why}" for name, why in reasons.items())
+    head = f"backend {forced!r} cannot run {op}" if forced else f"no backend can run {op}"
+    raise BackendUnavailableError(f"{head}:\n{lines}")
+
+
+def _tensors(inputs) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor):
+            found.append(x)
+        elif isinstance(x, (list, tuple)):
+            found.extend(_tensors(x))
+    return found
+
+
+def reasons(backends: Sequence[Backend], *inputs) -> dict[str, str | None]:
+    """Every backend's reason (None = can run) for these inputs; used by `d2nwg info`."""
+    return {b.name: b.why_not(*inputs) for b in backends}

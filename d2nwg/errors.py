@@ -1,0 +1,47 @@
+"""Exceptions raised by d2nwg.
+
+Every error the library raises on bad input is a :class:`D2NWGError`. The subclasses also
+derive from the matching builtin (``KeyError``, ``ValueError``, ``TypeError``) so that code
+written against plain PyTorch conventions keeps catching them.
+"""
+
+from __future__ import annotations
+
+
+class D2NWGError(Exception):
+    """Base class of every error raised by d2nwg."""
+
+
+class KeyMismatchError(D2NWGError, KeyError):
+    """A state dict has missing or unexpected keys."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ShapeError(D2NWGError, ValueError):
+    """A tensor has the wrong shape or rank."""
+
+
+class DTypeError(D2NWGError, TypeError):
+    """A tensor has an unsupported or mismatched dtype."""
+
+
+class DeviceError(D2NWGError, ValueError):
+    """Tensors that must share a device do not."""
+
+
+class NonFiniteError(D2NWGError, ValueError):
+    """A tensor holds NaN or Inf where finite values are required."""
+
+
+class ConfigError(D2NWGError, ValueError):
+    """An argument or configuration value is out of range or unknown."""
+
+
+class FileFormatError(D2NWGError, ValueError):
+    """A file is missing, truncated, of a newer format version, or does not match."""
+
+
+class BackendUnavailableError(D2NWGError, RuntimeError):
+    """No backend (or not the forced one) can run an op on the given inputs."""

@@ -1,0 +1,5 @@
+"""Fused ops with torch / cpp / cuda / triton backends (see d2nwg.backends for dispatch)."""
+
+from d2nwg.ops.tokenize import ChunkPlan, detokenize, tokenize
+
+__all__ = ["ChunkPlan", "tokenize", "detokenize"]

@@ -1,0 +1,205 @@
+"""Fused chunk tokenization: many parameter tensors of many models <-> one token tensor.
+
+A :class:`ChunkPlan` says where each of S parameter tensors ("segments") lives in the flat
+``[T * C]`` token row of one model: segment s fills ``numel[s]`` elements from ``offset[s]``
+and owns ``span[s] >= numel[s]`` elements, the rest being zero padding. The spans tile the
+row exactly, so tokenization writes every token element exactly once.
+
+Arithmetic (identical in every backend, so they agree to the last bit):
+
+    tokenize:    y = fp32((x - mean) * rstd)          in float64, then cast to the token dtype
+    detokenize:  x = fp32(y * std + mean)             in float64, then cast to the weight dtype
+                 (no fused multiply-add; a float64 destination skips the fp32 step)
+
+``rstd = 1 / std`` is computed once in float64; layers without normalization use mean 0,
+std 1, for which both directions are exact. Files of this op: this one (reference, checks,
+dispatch, public functions), ``kernels/tokenize.py`` (Triton), ``csrc/tokenize_cpu.cpp`` and
+``csrc/tokenize_cuda.cu`` (C++ and CUDA, registered in ``csrc/registration.cpp``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from d2nwg import _ext
+from d2nwg.backends import Backend, select, triton_reason
+from d2nwg.errors import DeviceError, DTypeError, ShapeError
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Placement of S segments in a token row of ``num_tokens * chunk_size`` elements."""
+
+    numel: tuple[int, ...]
+    offset: tuple[int, ...]
+    span: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_tokens: int
+    chunk_size: int
+    rstd: tuple[float, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rstd", tuple(1.0 / s for s in self.std))
+
+    @property
+    def row_size(self) -> int:
+        return self.num_tokens * self.chunk_size
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.numel)
+
+
+# ----------------------------------------------------------------------------------------
+# Reference (PyTorch): the oracle for every backend.
+# ----------------------------------------------------------------------------------------
+def _round_to(x64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 -> dtype through float32 (the rounding every backend uses)."""
+    return x64 if dtype == torch.float64 else x64.float().to(dtype)
+
+
+def tokenize_ref(out: torch.Tensor, sources: Sequence[torch.Tensor], plan: ChunkPlan) -> None:
+    """Fill ``out`` [N, T*C] from ``sources`` (N*S tensors, model-major)."""
+    S = plan.num_segments
+    out.zero_()
+    for i, src in enumerate(sources):
+        n, s = divmod(i, S)
+        x = src.reshape(-1).double()
+        y = (x - plan.mean[s]) * plan.rstd[s]
+        out[n, plan.offset[s] : plan.offset[s] + plan.numel[s]] = _round_to(y, out.dtype)
+
+
+def detokenize_ref(tokens: torch.Tensor, dests: Sequence[torch.Tensor], plan: ChunkPlan) -> None:
+    """Write ``tokens`` [N, T*C] into ``dests`` (N*S tensors, model-major), de-normalized."""
+    S = plan.num_segments
+    for i, dst in enumerate(dests):
+        n, s = divmod(i, S)
+        y = tokens[n, plan.offset[s] : plan.offset[s] + plan.numel[s]].double()
+        x = y * plan.std[s] + plan.mean[s]
+        dst.copy_(_round_to(x, dst.dtype).view(dst.shape))
+
+
+# ----------------------------------------------------------------------------------------
+# Compiled backends (csrc/): registered as torch.ops.d2nwg.{tokenize_,detokenize_}.
+# ----------------------------------------------------------------------------------------
+def _tokenize_compiled(out, sources, plan: ChunkPlan) -> None:
+    torch.ops.d2nwg.tokenize_(out, list(sources), list(plan.offset), list(plan.span),
+                              list(plan.mean), list(plan.rstd))
+
+
+def _detokenize_compiled(tokens, dests, plan: ChunkPlan) -> None:
+    torch.ops.d2nwg.detokenize_(tokens, list(dests), list(plan.offset), list(plan.mean),
+                                list(plan.std))
+
+
+def _tokenize_triton(out, sources, plan: ChunkPlan) -> None:
+    from d2nwg.kernels.tokenize import tokenize_triton
+
+    tokenize_triton(out, sources, plan)
+
+
+def _detokenize_triton(tokens, dests, plan: ChunkPlan) -> None:
+    from d2nwg.kernels.tokenize import detokenize_triton
+
+    detokenize_triton(tokens, dests, plan)
+
+
+def _on(device_type: str):
+    def check(x: torch.Tensor, tensors, plan) -> str | None:
+        if x.device.type != device_type:
+            return f"needs {device_type.upper()} tensors, got {x.device.type}"
+        return _ext.cuda_reason(x.device.index) if device_type == "cuda" else _ext.cpp_reason()
+
+    return check
+
+
+def _ref_reason(*_) -> None:
+    return None
+
+
+def _triton_why_not(x, tensors, plan) -> str | None:
+    return triton_reason([x])
+
+
+TOKENIZE_BACKENDS = (
+    Backend("cuda", _tokenize_compiled, _on("cuda")),
+    Backend("triton", _tokenize_triton, _triton_why_not),
+    Backend("cpp", _tokenize_compiled, _on("cpu")),
+    Backend("torch", tokenize_ref, _ref_reason),
+)
+DETOKENIZE_BACKENDS = (
+    Backend("cuda", _detokenize_compiled, _on("cuda")),
+    Backend("triton", _detokenize_triton, _triton_why_not),
+    Backend("cpp", _detokenize_compiled, _on("cpu")),
+    Backend("torch", detokenize_ref, _ref_reason),
+)
+
+
+# ----------------------------------------------------------------------------------------
+# Checks and public functions.
+# ----------------------------------------------------------------------------------------
+def _check_segments(tensors: Sequence[torch.Tensor], plan: ChunkPlan, device: torch.device,
+                    what: str) -> None:
+    S = plan.num_segments
+    if S == 0 or len(tensors) % S:
+        raise ShapeError(f"{what}: got {len(tensors)} tensors, expected a multiple of {S} segments")
+    for i, t in enumerate(tensors):
+        s = i % S
+        if t.numel() != plan.numel[s]:
+            raise ShapeError(f"{what}[{i}] (segment {s}) has {t.numel()} elements, "
+                             f"the plan expects {plan.numel[s]}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise DTypeError(f"{what}[{i}] (segment {s}) has dtype {t.dtype}; "
+                             f"expected one of {FLOAT_DTYPES}")
+        if t.device != device:
+            raise DeviceError(f"{what}[{i}] (segment {s}) is on {t.device}, tokens on {device}")
+
+
+def tokenize(sources: Sequence[torch.Tensor], plan: ChunkPlan, *, num_models: int | None = None,
+             dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
+             backend: str | None = None) -> torch.Tensor:
+    """Normalize, cast, pad and pack N*S tensors (model-major) into tokens ``[N, T, C]``.
+
+    Each weight is read once and each token element written once (padding included).
+    """
+    n = len(sources) // max(plan.num_segments, 1) if num_models is None else num_models
+    device = sources[0].device if len(sources) else torch.device("cpu")
+    _check_segments(sources, plan, device, "sources")
+    if out is None:
+        if dtype not in FLOAT_DTYPES:
+            raise DTypeError(f"token dtype {dtype} is not one of {FLOAT_DTYPES}")
+        out = torch.empty(n, plan.num_tokens, plan.chunk_size, dtype=dtype, device=device)
+    elif out.shape != (n, plan.num_tokens, plan.chunk_size) or not out.is_contiguous():
+        raise ShapeError(f"out has shape {tuple(out.shape)}, expected contiguous "
+                         f"{(n, plan.num_tokens, plan.chunk_size)}")
+    sources = [t if t.is_contiguous() else t.contiguous() for t in sources]
+    rows = out.view(n, plan.row_size)
+    select("tokenize", TOKENIZE_BACKENDS, rows, sources, plan, backend=backend).run(rows, sources, plan)
+    return out
+
+
+def detokenize(tokens: torch.Tensor, dests: Sequence[torch.Tensor], plan: ChunkPlan, *,
+               backend: str | None = None) -> None:
+    """De-normalize tokens ``[N, T, C]`` and scatter them into N*S tensors, in place."""
+    if tokens.dim() != 3 or tokens.shape[1:] != (plan.num_tokens, plan.chunk_size):
+        raise ShapeError(f"tokens have shape {tuple(tokens.shape)}, expected "
+                         f"[N, {plan.num_tokens}, {plan.chunk_size}]")
+    if tokens.dtype not in FLOAT_DTYPES:
+        raise DTypeError(f"tokens have dtype {tokens.dtype}; expected one of {FLOAT_DTYPES}")
+    _check_segments(dests, plan, tokens.device, "dests")
+    if len(dests) != tokens.shape[0] * plan.num_segments:
+        raise ShapeError(f"{len(dests)} destination tensors for {tokens.shape[0]} models of "
+                         f"{plan.num_segments} segments")
+    rows = tokens.contiguous().view(tokens.shape[0], plan.row_size)
+    direct = [d if d.is_contiguous() else torch.empty_like(d, memory_format=torch.contiguous_format)
+              for d in dests]
+    select("detokenize", DETOKENIZE_BACKENDS, rows, direct, plan, backend=backend).run(rows, direct, plan)
+    for d, w in zip(dests, direct):
+        if w is not d:
+            d.copy_(w)
