@@ -1,0 +1,288 @@
+"""WeightTokenizer: layout, statistics, round trips, files and bad input."""
+
+import os
+
+import pytest
+import torch
+
+import d2nwg
+from d2nwg import WeightTokenizer
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def make_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 5, 3), torch.nn.BatchNorm2d(5), torch.nn.Flatten(),
+        torch.nn.Linear(7, 11), torch.nn.LayerNorm(11), torch.nn.Linear(11, 1))
+
+
+def random_sd(template, gen, dtype=None, mean=0.0):
+    return {k: (torch.randn(v.shape, generator=gen, dtype=torch.float64) * 0.5 + mean).to(dtype or v.dtype)
+            if v.is_floating_point() else v.clone() for k, v in template.items()}
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance in units in the last place between float32 tensors of the same sign."""
+    ia, ib = a.float().view(torch.int32).long(), b.float().view(torch.int32).long()
+    return (ia - ib).abs()
+
+
+@pytest.mark.parametrize("granularity", ["layer", "model"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_layout_mask_positions(granularity, chunk_size):
+    sd = make_model(0).state_dict()
+    tok = WeightTokenizer.from_state_dict(sd, chunk_size=chunk_size, granularity=granularity)
+    names = [k for k in sd if "running" not in k and "num_batches" not in k]
+    assert tok.layer_names == names
+    assert tok.num_params == sum(sd[k].numel() for k in names)
+    assert tok.mask.shape == (tok.num_tokens, chunk_size)
+    assert int(tok.mask.sum()) == tok.num_params
+    if granularity == "layer":
+        expected_tokens = sum(-(-sd[k].numel() // chunk_size) for k in names)
+        # Every layer starts on a token boundary, chunk indices count up within a layer.
+        for i, k in enumerate(names):
+            rows = (tok.positions[:, 0] == i).nonzero().flatten()
+            assert len(rows) == -(-sd[k].numel() // chunk_size)
+            assert torch.equal(tok.positions[rows, 1], torch.arange(len(rows)))
+    else:
+        expected_tokens = -(-tok.num_params // chunk_size)
+        assert torch.equal(tok.positions[:, 1], torch.arange(tok.num_tokens))
+        assert bool(tok.mask.flatten()[:tok.num_params].all())
+    assert tok.num_tokens == expected_tokens
+    assert tok.kinds.shape == (tok.num_tokens,)
+    assert int(tok.kinds.max()) < len(tok.kind_names)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("granularity", ["layer", "model"])
+def test_round_trip_bit_exact_without_normalization(dtype, granularity, gen):
+    template = make_model(0).to(dtype).state_dict()
+    tok = WeightTokenizer.from_state_dict(template, chunk_size=6, granularity=granularity, normalize=None)
+    sds = [random_sd(template, gen) for _ in range(3)]
+    token_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    tokens = tok.tokenize(sds, dtype=token_dtype)
+    assert tokens.shape == (3, tok.num_tokens, 6)
+    assert bool((tokens[:, ~tok.mask] == 0).all()), "padding must be zero"
+    for sd, back in zip(sds, tok.detokenize(tokens)):
+        assert list(back) == tok.layer_names
+        for k, v in back.items():
+            assert v.dtype == sd[k].dtype and v.shape == sd[k].shape
+            assert torch.equal(v, sd[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_round_trip_normalized_16bit_exact(dtype, gen):
+    template = make_model(1).to(dtype).state_dict()
+    zoo = [random_sd(template, gen, mean=0.3) for _ in range(4)]
+    tok = WeightTokenizer.from_state_dict(template, chunk_size=5).fit(zoo)
+    for sd, back in zip(zoo, tok.detokenize(tok.tokenize(zoo))):
+        for k in back:
+            assert torch.equal(back[k], sd[k]), k
+
+
+def test_round_trip_normalized_fp32_within_2ulp(gen):
+    """float32 weights through float32 tokens: within 2 ulp at the scale of the weight.
+
+    A float32 token keeps 24 bits of (x - mean) / std, so the error is relative to
+    max(|x|, |x - mean|): a weight far smaller than its layer's mean cannot come back to
+    within 2 ulp of itself (no float32 token format could). float64 tokens are exact.
+    """
+    template = make_model(2).state_dict()
+    zoo = [random_sd(template, gen, mean=0.01) for _ in range(4)]
+    tok = WeightTokenizer.from_state_dict(template, chunk_size=16).fit(zoo)
+    tokens = tok.tokenize(zoo)
+    # Normalized tokens are standardized per layer over the zoo.
+    assert abs(float(tokens[:, tok.mask].mean())) < 0.1
+    for sd, back in zip(zoo, tok.detokenize(tokens)):
+        for i, k in enumerate(tok.layer_names):
+            x = sd[k].double()
+            scale = torch.maximum(x.abs(), (x - tok.mean[i]).abs())
+            ulp = torch.exp2(torch.floor(torch.log2(scale)) - 23)
+            assert bool(((back[k].double() - x).abs() <= 2 * ulp).all()), k
+            close = (x - tok.mean[i]).abs() <= x.abs()  # the usual case: |mean| small
+            assert bool((ulp_distance(back[k][close], sd[k][close]) <= 2).all()), k
+    for sd, back in zip(zoo, tok.detokenize(tok.tokenize(zoo, dtype=torch.float64))):
+        for k in back:
+            assert torch.equal(back[k], sd[k]), k
+
+
+def test_fit_streams_and_matches_float64_statistics(gen):
+    template = make_model(3).state_dict()
+    zoo = [random_sd(template, gen, mean=float(i)) for i in range(5)]
+    tok = WeightTokenizer.from_state_dict(template, chunk_size=8)
+    tok.fit(iter(zoo))  # a one-shot iterator: fit must not need the zoo twice
+    for i, name in enumerate(tok.layer_names):
+        values = torch.cat([sd[name].double().flatten() for sd in zoo])
+        expected_std = values.std(correction=0)
+        if expected_std == 0:
+            expected_std = torch.tensor(1.0, dtype=torch.float64)
+        torch.testing.assert_close(tok.mean[i], values.mean(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(tok.std[i], expected_std, rtol=1e-10, atol=1e-12)
+
+
+def test_constant_layer_gets_unit_std():
+    template = make_model(0).state_dict()
+    tok = WeightTokenizer.from_state_dict(template, chunk_size=4).fit([template, template])
+    ln = tok.layer_names.index("4.weight")  # LayerNorm weight: all ones in every model
+    assert float(tok.std[ln]) == 1.0 and float(tok.mean[ln]) == 1.0
+    back = tok.detokenize(tok.tokenize(template))[0]
+    assert torch.equal(back["4.weight"], template["4.weight"])
+
+
+def test_default_selection_and_globs():
+    sd = make_model(0).state_dict()
+    tok = WeightTokenizer.from_state_dict(sd, chunk_size=4)
+    assert not any("running" in n or "num_batches" in n for n in tok.layer_names)
+    tok = WeightTokenizer.from_state_dict(sd, chunk_size=4, include=["*.weight"], exclude=["0.*"])
+    assert tok.layer_names == ["1.weight", "3.weight", "4.weight", "5.weight"]
+    # Ignored names may still be present in later state dicts.
+    tok.tokenize(sd)
+
+
+def test_tied_tensors_tokenized_once_and_restored_to_every_name(gen):
+    emb = torch.nn.Embedding(9, 4)
+    head = torch.nn.Linear(4, 9, bias=False)
+    head.weight = emb.weight  # tied
+    model = torch.nn.ModuleDict({"emb": emb, "mid": torch.nn.Linear(4, 4), "head": head})
+    sd = model.state_dict()
+    tok = WeightTokenizer.from_state_dict(sd, chunk_size=8, normalize=None)
+    assert tok.layer_names == ["emb.weight", "mid.weight", "mid.bias"]
+    assert tok.layers[0].aliases == ("head.weight",)
+    assert tok.num_params == 36 + 16 + 4
+    back = tok.detokenize(tok.tokenize(sd))[0]
+    assert set(back) == set(sd)
+    assert back["head.weight"] is back["emb.weight"]
+    # A zoo member saved without the tied copy (safetensors drops shared tensors) is fine too.
+    untied = {k: v for k, v in sd.items() if k != "head.weight"}
+    assert torch.equal(tok.tokenize(untied), tok.tokenize(sd))
+
+    fresh = torch.nn.ModuleDict({"emb": torch.nn.Embedding(9, 4), "mid": torch.nn.Linear(4, 4),
+                                 "head": torch.nn.Linear(4, 9, bias=False)})  # untied copy
+    tok.detokenize_into(fresh, tok.tokenize(sd)[0])
+    assert torch.equal(fresh.head.weight, sd["emb.weight"])
+    assert torch.equal(fresh.emb.weight, sd["emb.weight"])
+
+
+@pytest.mark.parametrize("target_dtype", [torch.float32, torch.bfloat16])
+def test_detokenize_into_module_and_state_dict_in_place(target_dtype, gen):
+    template = make_model(4).state_dict()
+    zoo = [random_sd(template, gen) for _ in range(2)]
+    tok = WeightTokenizer.from_state_dict(template, chunk_size=9).fit(zoo)
+    tokens = tok.tokenize(zoo)
+    model = make_model(5).to(target_dtype)
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    tok.detokenize_into(model, tokens[1])
+    expected = tok.detokenize(tokens)
+    for name, p in model.named_parameters():
+        assert p.data_ptr() == ptrs[name], "must write in place"
+        assert torch.equal(p.detach(), expected[1][name].to(target_dtype)), name
+    target = {k: torch.zeros_like(v) for k, v in template.items()}
+    tok.detokenize_into(target, tokens[0])
+    for name in tok.layer_names:
+        assert torch.equal(target[name], expected[0][name])
+
+
+def test_save_load_round_trip(tmp_path, gen):
+    template = make_model(6).state_dict()
+    zoo = [random_sd(template, gen) for _ in range(3)]
+    tok = WeightTokenizer.from_state_dict(template, chunk_size=13, granularity="model").fit(zoo)
+    path = tmp_path / "sub" / "tok.safetensors"
+    tok.save(path)
+    assert sorted(os.listdir(path.parent)) == ["tok.safetensors"], "no temporary file left"
+    loaded = WeightTokenizer.load(path)
+    assert loaded.layers == tok.layers and loaded.ignored == tok.ignored
+    assert torch.equal(loaded.mean, tok.mean) and torch.equal(loaded.std, tok.std)
+    assert torch.equal(loaded.tokenize(zoo), tok.tokenize(zoo))
+
+
+def test_load_errors_name_the_file(tmp_path):
+    tok = WeightTokenizer.from_state_dict(make_model(0).state_dict(), chunk_size=4)
+    path = tmp_path / "tok.safetensors"
+    with pytest.raises(d2nwg.FileFormatError, match="no such"):
+        WeightTokenizer.load(path)
+    tok.save(path)
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(d2nwg.FileFormatError, match="truncated.safetensors"):
+        WeightTokenizer.load(truncated)
+
+    from safetensors.torch import save_file
+
+    layout = tok._layout()
+    newer = tmp_path / "newer.safetensors"
+    layout["version"] = 99
+    import json
+
+    save_file({"mean": tok.mean, "std": tok.std}, newer, metadata={"d2nwg": json.dumps(layout)})
+    with pytest.raises(d2nwg.FileFormatError, match="newer"):
+        WeightTokenizer.load(newer)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(2)}, foreign)
+    with pytest.raises(d2nwg.FileFormatError, match="foreign.safetensors"):
+        WeightTokenizer.load(foreign)
+    bad_stats = tmp_path / "bad.safetensors"
+    layout["version"] = 1
+    save_file({"mean": torch.zeros(2, dtype=torch.float64), "std": torch.ones(2, dtype=torch.float64)},
+              bad_stats, metadata={"d2nwg": json.dumps(layout)})
+    with pytest.raises(d2nwg.FileFormatError, match="bad.safetensors"):
+        WeightTokenizer.load(bad_stats)
+
+
+def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
+    tok = WeightTokenizer.from_state_dict(make_model(0).state_dict(), chunk_size=4)
+    import safetensors.torch
+
+    def broken(*args, **kwargs):
+        open(args[1], "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError):
+        tok.save(tmp_path / "tok.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_input_is_named(gen):
+    template = make_model(0).state_dict()
+    tok = WeightTokenizer.from_state_dict(template, chunk_size=4)
+    missing = {k: v for k, v in template.items() if k != "3.weight"}
+    with pytest.raises(d2nwg.KeyMismatchError, match=r"missing keys \['3.weight'\]"):
+        tok.tokenize(missing)
+    with pytest.raises(d2nwg.KeyMismatchError, match="unexpected keys.*'extra'"):
+        tok.tokenize({**template, "extra": torch.zeros(1)})
+    with pytest.raises(d2nwg.ShapeError, match="'3.weight'.*shape"):
+        tok.tokenize({**template, "3.weight": torch.zeros(11, 8)})
+    with pytest.raises(d2nwg.DTypeError, match="'3.weight'.*dtype"):
+        tok.tokenize({**template, "3.weight": template["3.weight"].half()})
+    bad = dict(template)
+    bad["5.bias"] = torch.tensor([float("nan")])
+    with pytest.raises(d2nwg.NonFiniteError, match="'5.bias'"):
+        tok.tokenize(bad)
+    with pytest.raises(d2nwg.NonFiniteError, match="'5.bias'"):
+        tok.fit([bad])
+    lenient = WeightTokenizer.from_state_dict(template, chunk_size=4, allow_nonfinite=True)
+    assert bool(lenient.tokenize(bad).isnan().any())
+    big = {**template, "3.weight": torch.full((11, 7), 1e6)}
+    with pytest.raises(d2nwg.NonFiniteError, match="overflow"):
+        tok.tokenize(big, dtype=torch.float16)
+    with pytest.raises(d2nwg.ConfigError, match="chunk_size"):
+        WeightTokenizer.from_state_dict(template, chunk_size=0)
+    with pytest.raises(d2nwg.ConfigError, match="no floating tensor"):
+        WeightTokenizer.from_state_dict(template, include=["nothing*"])
+    with pytest.raises(d2nwg.DTypeError, match="num_batches_tracked"):
+        WeightTokenizer.from_state_dict(template, include=["*num_batches_tracked"], exclude=[])
+    with pytest.raises(d2nwg.ConfigError, match="granularity"):
+        WeightTokenizer.from_state_dict(template, granularity="tensor")
+    tokens = tok.tokenize(template)
+    with pytest.raises(d2nwg.ShapeError, match=r"expected \[N, "):
+        tok.detokenize(tokens[0])
+    with pytest.raises(d2nwg.ShapeError, match="tokens have shape"):
+        tok.detokenize(tokens[:, :-1])
+    with pytest.raises(d2nwg.ShapeError, match="tokens have shape"):
+        tok.detokenize_into(make_model(1), tokens)
+    with pytest.raises(d2nwg.ShapeError, match="'3.weight'"):
+        tok.detokenize_into({**template, "3.weight": torch.zeros(3)}, tokens[0])
+    assert isinstance(d2nwg.KeyMismatchError("x"), KeyError)  # catchable the builtin way too
