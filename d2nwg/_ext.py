@@ -5,13 +5,19 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-try:  # importing registers the C++/CUDA ops under torch.ops.d2nwg
-    from d2nwg import _C  # type: ignore[attr-defined]
+import importlib
+import importlib.util
 
-    IMPORT_ERROR: str | None = None
-except ImportError as exc:  # not built: the torch and Triton backends still work
+IMPORT_ERROR: str | None = None
+if importlib.util.find_spec("d2nwg._C") is None:  # not built: torch and Triton still work
     _C = None
-    IMPORT_ERROR = f"d2nwg._C is not built ({exc}); run `make build` or reinstall d2nwg"
+    IMPORT_ERROR = "d2nwg._C is not built (run `make build`, or reinstall d2nwg with a compiler)"
+else:
+    try:  # importing registers the C++/CUDA ops under torch.ops.d2nwg
+        _C = importlib.import_module("d2nwg._C")
+    except ImportError as exc:  # e.g. built against another torch
+        _C = None
+        IMPORT_ERROR = f"d2nwg._C failed to import ({exc}); rebuild it for this torch"
 
 
 @functools.lru_cache(maxsize=None)

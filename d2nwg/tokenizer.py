@@ -41,6 +41,7 @@ FORMAT_VERSION = 1
 # BatchNorm running statistics are state, not learned weights.
 DEFAULT_EXCLUDE = ("*running_mean", "*running_var", "*num_batches_tracked")
 StateDict = Mapping[str, torch.Tensor]
+CENTER_THRESHOLD = 0.5  # center a layer when |mean| >= this * std
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,23 @@ def _storage_key(t: torch.Tensor) -> tuple:
             t.stride(), t.dtype)
 
 
+def normalization(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (shift, scale) each layer is normalized with, from its zoo mean and std.
+
+    Chosen so that round trips stay exact where a float32 token can hold the weight:
+    - scale is std rounded to a power of two, so dividing by it is exact;
+    - a layer is centered only where its mean matters (|mean| >= std / 2, e.g. norm weights
+      around 1); elsewhere shift = 0 and x -> x / scale -> x is exact in every dtype;
+    - shift keeps 8 significant bits (bfloat16's), so x - shift is exact for 16-bit weights
+      within 2^15 of it in magnitude, and a zero weight comes back as exactly zero.
+    Tokens still have per-layer mean ~0 and std in [0.7, 1.4].
+    """
+    scale = torch.exp2(torch.round(torch.log2(std)))
+    centered = mean.abs() >= CENTER_THRESHOLD * std
+    shift = torch.where(centered, mean.to(torch.bfloat16).double(), torch.zeros_like(mean))
+    return shift, scale
+
+
 class WeightTokenizer:
     """Cuts the weights of a fixed architecture into normalized chunk tokens and back.
 
@@ -87,6 +105,8 @@ class WeightTokenizer:
         positions: ``[T, 2]`` long, (layer index, chunk index within the layer; within the
             model for ``granularity="model"``).
         kinds: ``[T]`` long, index into ``kind_names`` of the token's (first) layer.
+        mean, std: ``[S]`` float64 per-layer statistics over the zoo (from :meth:`fit`);
+            tokens are ``(x - shift) / scale`` with (shift, scale) = normalization(mean, std).
     """
 
     def __init__(self, layers: Sequence[LayerSpec], chunk_size: int, granularity: str = "layer",
@@ -191,8 +211,9 @@ class WeightTokenizer:
 
     @property
     def plan(self) -> ChunkPlan:
-        return ChunkPlan(self._numel, self._offsets, self._spans, tuple(self.mean.tolist()),
-                         tuple(self.std.tolist()), self.num_tokens, self.chunk_size)
+        shift, scale = normalization(self.mean, self.std)
+        return ChunkPlan(self._numel, self._offsets, self._spans, tuple(shift.tolist()),
+                         tuple(scale.tolist()), self.num_tokens, self.chunk_size)
 
     @property
     def layer_names(self) -> list[str]:
