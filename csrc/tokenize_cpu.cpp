@@ -1,0 +1,280 @@
+// Fused chunk tokenization on CPU: many parameter tensors of many models <-> one token tensor.
+//
+// Mirrors kernels/tokenize.py; the reference and the exact arithmetic are in
+// d2nwg/ops/tokenize.py:
+//   tokenize:    y = dst((float)((double(x) - mean) * rstd))     (float64 tokens skip the float cast)
+//   detokenize:  x = dst((float)(double(y) * std + mean))        (float64 weights skip it too)
+// setup.py compiles with -ffp-contract=off, so `y * std + mean` stays a multiply and an add
+// (no FMA) and every backend rounds the same way.
+//
+// Work is cut into pieces of at most kPiece elements of one (model, segment); at::parallel_for
+// spreads the pieces over threads. Each piece runs one inner loop picked once per piece for its
+// (source dtype, destination dtype) pair, so the loop body has no switch and vectorizes. The
+// loops are compiled for AVX-512, AVX2 and baseline x86-64 (GCC target_clones) because the
+// extension itself is built for baseline x86-64, where float<->double conversions are 2-wide.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "ops.h"
+
+namespace d2nwg {
+namespace {
+
+constexpr int64_t kPiece = int64_t{1} << 15;  // elements per work item: 64-256 KiB of traffic
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define D2NWG_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define D2NWG_CLONES
+#endif
+#define D2NWG_INLINE inline __attribute__((always_inline))
+
+// ---- exact conversions (bit-identical to c10::Half / c10::BFloat16, written branch-free so
+// that they vectorize; float <-> double are plain casts, round-to-nearest-even) ----
+D2NWG_INLINE uint32_t bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+D2NWG_INLINE float from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// IEEE half -> float (c10's fp16_ieee_to_fp32_value without F16C).
+D2NWG_INLINE float half_to_float(uint16_t h) {
+  const uint32_t w = uint32_t{h} << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = from_bits((two_w >> 4) + (0xE0u << 23)) * from_bits(0x7800000u);  // 2^-112
+  const float denormalized = from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t r = two_w < (1u << 27) ? bits(denormalized) : bits(normalized);
+  return from_bits(sign | r);
+}
+
+// float -> IEEE half, round to nearest even (c10's fp16_ieee_from_fp32_value without F16C).
+D2NWG_INLINE uint16_t float_to_half(float f) {
+  const float scale_to_inf = from_bits(239u << 23);   // 2^112
+  const float scale_to_zero = from_bits(17u << 23);   // 2^-110
+  float base = (__builtin_fabsf(f) * scale_to_inf) * scale_to_zero;
+  const uint32_t w = bits(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  base = from_bits((bias >> 1) + 0x07800000u) + base;
+  const uint32_t b = bits(base);
+  const uint32_t nonsign = ((b >> 13) & 0x7C00u) + (b & 0x0FFFu);
+  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+D2NWG_INLINE float bf16_to_float(uint16_t h) { return from_bits(uint32_t{h} << 16); }
+
+// float -> bfloat16, round to nearest even; NaN -> 0x7FC0 (as c10::BFloat16).
+D2NWG_INLINE uint16_t float_to_bf16(float f) {
+  const uint32_t u = bits(f);
+  const uint32_t rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+  return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
+}
+
+// Storage types: half and bfloat16 are raw 16-bit patterns, tagged so overloads differ.
+struct F16 { uint16_t x; };
+struct BF16 { uint16_t x; };
+
+D2NWG_INLINE double load(float v) { return v; }
+D2NWG_INLINE double load(double v) { return v; }
+D2NWG_INLINE double load(F16 v) { return half_to_float(v.x); }
+D2NWG_INLINE double load(BF16 v) { return bf16_to_float(v.x); }
+
+// float64 -> destination, through float32 (the rounding every backend uses).
+D2NWG_INLINE void store(float* p, double v) { *p = static_cast<float>(v); }
+D2NWG_INLINE void store(double* p, double v) { *p = v; }
+D2NWG_INLINE void store(F16* p, double v) { p->x = float_to_half(static_cast<float>(v)); }
+D2NWG_INLINE void store(BF16* p, double v) { p->x = float_to_bf16(static_cast<float>(v)); }
+
+template <typename S, typename D>
+D2NWG_INLINE void tokenize_body(const S* __restrict x, D* __restrict y, int64_t n, double mean,
+                                double rstd) {
+  for (int64_t i = 0; i < n; ++i) store(y + i, (load(x[i]) - mean) * rstd);
+}
+
+template <typename S, typename D>
+D2NWG_INLINE void detokenize_body(const S* __restrict y, D* __restrict x, int64_t n, double std,
+                                  double mean) {
+  for (int64_t i = 0; i < n; ++i) store(x + i, load(y[i]) * std + mean);
+}
+
+// One ISA-dispatched loop per (source, destination) dtype pair.
+using Loop = void (*)(const void*, void*, int64_t, double, double);
+enum Code : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
+
+// target_clones does not apply to templates, so the 16 pairs are spelled out by a macro.
+#define D2NWG_PAIR(NAME, BODY, SN, ST, DN, DT)                                              \
+  D2NWG_CLONES void NAME##_##SN##_##DN(const void* x, void* y, int64_t n, double a,         \
+                                       double b) {                                          \
+    BODY<ST, DT>(static_cast<const ST*>(x), static_cast<DT*>(y), n, a, b);                  \
+  }
+#define D2NWG_ROW(NAME, BODY, SN, ST)            \
+  D2NWG_PAIR(NAME, BODY, SN, ST, f32, float)    \
+  D2NWG_PAIR(NAME, BODY, SN, ST, f16, F16)      \
+  D2NWG_PAIR(NAME, BODY, SN, ST, bf16, BF16)    \
+  D2NWG_PAIR(NAME, BODY, SN, ST, f64, double)
+#define D2NWG_TABLE(NAME, BODY)                   \
+  D2NWG_ROW(NAME, BODY, f32, float)               \
+  D2NWG_ROW(NAME, BODY, f16, F16)                 \
+  D2NWG_ROW(NAME, BODY, bf16, BF16)               \
+  D2NWG_ROW(NAME, BODY, f64, double)              \
+  const Loop NAME##_loops[4][4] = {                                                        \
+      {NAME##_f32_f32, NAME##_f32_f16, NAME##_f32_bf16, NAME##_f32_f64},                   \
+      {NAME##_f16_f32, NAME##_f16_f16, NAME##_f16_bf16, NAME##_f16_f64},                   \
+      {NAME##_bf16_f32, NAME##_bf16_f16, NAME##_bf16_bf16, NAME##_bf16_f64},               \
+      {NAME##_f64_f32, NAME##_f64_f16, NAME##_f64_bf16, NAME##_f64_f64}};
+
+D2NWG_TABLE(tok, tokenize_body)
+D2NWG_TABLE(detok, detokenize_body)
+
+int code_of(const at::Tensor& t, const char* what, size_t i) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kF32;
+    case at::kHalf: return kF16;
+    case at::kBFloat16: return kBF16;
+    case at::kDouble: return kF64;
+    default:
+      TORCH_CHECK(false, "d2nwg tokenize: ", what, "[", i, "] has dtype ", t.scalar_type(),
+                  "; expected float32, float16, bfloat16 or float64");
+  }
+  return kF32;
+}
+
+// A run of elements of one (model, segment): n values from x to y, then `pad` zeros.
+struct Piece {
+  const char* x;
+  char* y;
+  int64_t n, pad;
+  double a, b;
+  Loop loop;
+};
+
+// Run the pieces on all threads; pieces are of similar size, so contiguous ranges balance.
+void run_pieces(const std::vector<Piece>& pieces, int64_t elements, int64_t dst_itemsize) {
+  auto work = [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const Piece& w = pieces[p];
+      if (w.n > 0) w.loop(w.x, w.y, w.n, w.a, w.b);
+      if (w.pad > 0) std::memset(w.y + w.n * dst_itemsize, 0, w.pad * dst_itemsize);  // +0.0
+    }
+  };
+  if (elements < 2 * kPiece) {  // thread start-up would cost more than the copy
+    work(0, static_cast<int64_t>(pieces.size()));
+  } else {
+    at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, work);
+  }
+}
+
+void check_rows(const at::Tensor& rows, const char* name) {
+  TORCH_CHECK(rows.dim() == 2, "d2nwg tokenize: ", name, " must be [N, T*C], got ", rows.sizes());
+  TORCH_CHECK(rows.is_contiguous(), "d2nwg tokenize: ", name, " must be contiguous");
+  TORCH_CHECK(rows.device().is_cpu(), "d2nwg tokenize: ", name, " must be on the CPU");
+}
+
+}  // namespace
+
+void tokenize_cpu(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<int64_t> offsets,
+                  c10::ArrayRef<int64_t> spans, c10::ArrayRef<double> mean,
+                  c10::ArrayRef<double> rstd) {
+  check_rows(out, "out");
+  const int64_t S = static_cast<int64_t>(offsets.size());
+  const int64_t N = out.size(0), R = out.size(1);
+  TORCH_CHECK(S > 0, "d2nwg tokenize: the plan has no segments");
+  TORCH_CHECK(static_cast<int64_t>(spans.size()) == S && static_cast<int64_t>(mean.size()) == S &&
+                  static_cast<int64_t>(rstd.size()) == S,
+              "d2nwg tokenize: offsets, spans, mean and rstd must have one entry per segment, got ",
+              offsets.size(), ", ", spans.size(), ", ", mean.size(), ", ", rstd.size());
+  TORCH_CHECK(static_cast<int64_t>(sources.size()) == N * S, "d2nwg tokenize: got ",
+              sources.size(), " sources for ", N, " models of ", S, " segments");
+  // The spans must tile the row: then every output element is written exactly once, and
+  // pieces of different threads never overlap.
+  std::vector<int64_t> order(S);
+  for (int64_t s = 0; s < S; ++s) order[s] = s;
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return offsets[a] < offsets[b]; });
+  int64_t covered = 0;
+  for (int64_t s : order) {
+    TORCH_CHECK(spans[s] >= 0 && offsets[s] == covered, "d2nwg tokenize: the spans do not tile the row of ",
+                R, " elements (segment ", s, " at offset ", offsets[s], ", expected ", covered, ")");
+    covered += spans[s];
+  }
+  TORCH_CHECK(covered == R, "d2nwg tokenize: the spans cover ", covered, " elements, the row has ", R);
+
+  const int dst_code = code_of(out, "out", 0);
+  const int64_t dst_size = out.element_size();
+  char* out_base = static_cast<char*>(out.data_ptr());
+  std::vector<Piece> pieces;
+  int64_t elements = 0;
+  for (int64_t i = 0; i < N * S; ++i) {
+    const at::Tensor& src = sources[i];
+    const int64_t n = i / S, s = i % S, numel = src.numel();
+    TORCH_CHECK(src.device() == out.device(), "d2nwg tokenize: sources[", i, "] is on ", src.device(),
+                ", out on ", out.device());
+    TORCH_CHECK(src.is_contiguous(), "d2nwg tokenize: sources[", i, "] must be contiguous");
+    TORCH_CHECK(numel <= spans[s], "d2nwg tokenize: sources[", i, "] has ", numel,
+                " elements, more than the span ", spans[s], " of segment ", s);
+    const Loop loop = tok_loops[code_of(src, "sources", i)][dst_code];
+    const char* x = static_cast<const char*>(src.data_ptr());
+    char* y = out_base + (n * R + offsets[s]) * dst_size;
+    for (int64_t start = 0; start < spans[s]; start += kPiece) {
+      const int64_t stop = std::min(start + kPiece, spans[s]);
+      const int64_t real = std::max<int64_t>(0, std::min(stop, numel) - start);
+      pieces.push_back({x + start * src.element_size(), y + start * dst_size, real,
+                        stop - start - real, mean[s], rstd[s], loop});
+    }
+    elements += spans[s];
+  }
+  run_pieces(pieces, elements, dst_size);
+}
+
+void detokenize_cpu(const at::Tensor& tokens, at::TensorList dests, c10::ArrayRef<int64_t> offsets,
+                    c10::ArrayRef<double> mean, c10::ArrayRef<double> std) {
+  check_rows(tokens, "tokens");
+  const int64_t S = static_cast<int64_t>(offsets.size());
+  const int64_t N = tokens.size(0), R = tokens.size(1);
+  TORCH_CHECK(S > 0, "d2nwg detokenize: the plan has no segments");
+  TORCH_CHECK(static_cast<int64_t>(mean.size()) == S && static_cast<int64_t>(std.size()) == S,
+              "d2nwg detokenize: offsets, mean and std must have one entry per segment, got ",
+              offsets.size(), ", ", mean.size(), ", ", std.size());
+  TORCH_CHECK(static_cast<int64_t>(dests.size()) == N * S, "d2nwg detokenize: got ", dests.size(),
+              " destinations for ", N, " models of ", S, " segments");
+
+  const int src_code = code_of(tokens, "tokens", 0);
+  const int64_t src_size = tokens.element_size();
+  const char* tok_base = static_cast<const char*>(tokens.data_ptr());
+  std::vector<Piece> pieces;
+  int64_t elements = 0;
+  for (int64_t i = 0; i < N * S; ++i) {
+    const at::Tensor& dst = dests[i];
+    const int64_t n = i / S, s = i % S, numel = dst.numel();
+    TORCH_CHECK(dst.device() == tokens.device(), "d2nwg detokenize: dests[", i, "] is on ",
+                dst.device(), ", tokens on ", tokens.device());
+    TORCH_CHECK(dst.is_contiguous(), "d2nwg detokenize: dests[", i, "] must be contiguous");
+    TORCH_CHECK(offsets[s] >= 0 && offsets[s] + numel <= R, "d2nwg detokenize: dests[", i, "] (",
+                numel, " elements at offset ", offsets[s], ") overruns the row of ", R);
+    const Loop loop = detok_loops[src_code][code_of(dst, "dests", i)];
+    const char* y = tok_base + (n * R + offsets[s]) * src_size;
+    char* x = static_cast<char*>(dst.data_ptr());
+    for (int64_t start = 0; start < numel; start += kPiece) {
+      const int64_t stop = std::min(start + kPiece, numel);
+      pieces.push_back({y + start * src_size, x + start * dst.element_size(), stop - start, 0,
+                        std[s], mean[s], loop});
+    }
+    elements += numel;
+  }
+  run_pieces(pieces, elements, 1);
+}
+
+}  // namespace d2nwg

@@ -1,0 +1,382 @@
+// Fused chunk tokenization on CUDA: many parameter tensors of many models <-> one token tensor,
+// in one launch per call.
+//
+// Mirrors kernels/tokenize.py; the reference and the exact arithmetic are in
+// d2nwg/ops/tokenize.py:
+//   tokenize:    y = dst(fp32((double(x) - mean) * rstd))      (float64 tokens skip fp32)
+//   detokenize:  x = dst(fp32(double(y) * std + mean))         (float64 weights skip fp32)
+// The float64 operations are spelled with __dsub_rn/__dmul_rn/__dadd_rn so that no
+// multiply-add is ever fused (setup.py also passes --fmad=false).
+//
+// Layout of one launch: the host builds a table of work items, one per (model, segment) with
+// its pointer, element counts, statistics and dtype code, and a table mapping each CUDA block
+// to its item; both go to the device in one copy. Each block handles a tile of kTile
+// elements of one item, so the dtype switch is uniform per block (no divergence) and the
+// kernel is templated only on the dtype shared by the whole call (the token dtype).
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "ops.h"
+
+namespace d2nwg {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kVec = 8;                                // elements per thread per step
+constexpr int kSteps = 8;                              // steps per tile
+constexpr int64_t kTile = kThreads * kVec * kSteps;    // 16384 elements per block
+
+enum Code : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
+
+// Storage types: half and bfloat16 are raw 16-bit patterns, tagged so overloads differ.
+struct F16 { uint16_t x; };
+struct BF16 { uint16_t x; };
+
+__device__ __forceinline__ double to_f64(float v) { return static_cast<double>(v); }
+__device__ __forceinline__ double to_f64(double v) { return v; }
+__device__ __forceinline__ double to_f64(F16 v) {
+  return static_cast<double>(__half2float(__ushort_as_half(v.x)));
+}
+__device__ __forceinline__ double to_f64(BF16 v) {
+  return static_cast<double>(__uint_as_float(static_cast<uint32_t>(v.x) << 16));
+}
+
+// float64 -> destination through float32, round to nearest even at each step (as the reference).
+__device__ __forceinline__ void from_f64(double v, float& o) { o = __double2float_rn(v); }
+__device__ __forceinline__ void from_f64(double v, double& o) { o = v; }
+__device__ __forceinline__ void from_f64(double v, F16& o) {
+  o.x = __half_as_ushort(__float2half_rn(__double2float_rn(v)));
+}
+__device__ __forceinline__ void from_f64(double v, BF16& o) {
+  o.x = __bfloat16_as_ushort(__float2bfloat16_rn(__double2float_rn(v)));
+}
+
+// kVec elements as 16-byte words: 1 (16-bit types), 2 (float) or 4 (double) vector accesses.
+template <typename T>
+union Pack {
+  static constexpr int kWords = sizeof(T) * kVec / 16;
+  uint4 w[kWords];
+  T v[kVec];
+};
+
+template <typename T>
+__device__ __forceinline__ void load_pack(const T* p, Pack<T>& pk) {
+  const uint4* q = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int i = 0; i < Pack<T>::kWords; ++i) pk.w[i] = q[i];
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T>& pk) {
+  uint4* q = reinterpret_cast<uint4*>(p);
+#pragma unroll
+  for (int i = 0; i < Pack<T>::kWords; ++i) q[i] = pk.w[i];
+}
+
+// ---- tokenize: item = one (model, segment); writes its whole span (values, then zeros) ----
+struct TokItem {
+  const void* src;
+  int64_t dst;       // element offset of the segment in out: n * T*C + offset[s]
+  int64_t numel;
+  int64_t span;
+  double mean;
+  double rstd;
+  int32_t code;      // source dtype
+  int32_t aligned;   // src and out + dst both 16-byte aligned: vector accesses allowed
+  int64_t first_tile;
+};
+
+template <typename S, typename D>
+__device__ __forceinline__ void tokenize_tile(const S* __restrict__ x, D* __restrict__ y,
+                                              int64_t start, const TokItem& w) {
+  const double mean = w.mean, rstd = w.rstd;
+#pragma unroll 2
+  for (int step = 0; step < kSteps; ++step) {
+    const int64_t e = start + (static_cast<int64_t>(step) * kThreads + threadIdx.x) * kVec;
+    if (e >= w.span) break;
+    if (w.aligned && e + kVec <= w.numel) {  // full vector of weights
+      Pack<S> in;
+      Pack<D> out;
+      load_pack(x + e, in);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k)
+        from_f64(__dmul_rn(__dsub_rn(to_f64(in.v[k]), mean), rstd), out.v[k]);
+      store_pack(y + e, out);
+    } else if (w.aligned && e >= w.numel && e + kVec <= w.span) {  // full vector of padding
+      Pack<D> out;
+#pragma unroll
+      for (int i = 0; i < Pack<D>::kWords; ++i) out.w[i] = make_uint4(0, 0, 0, 0);
+      store_pack(y + e, out);
+    } else {  // ragged edge or unaligned tensors
+      for (int k = 0; k < kVec && e + k < w.span; ++k) {
+        D o;
+        from_f64(e + k < w.numel ? __dmul_rn(__dsub_rn(to_f64(x[e + k]), mean), rstd) : 0.0, o);
+        y[e + k] = o;
+      }
+    }
+  }
+}
+
+template <typename D>
+__global__ void __launch_bounds__(kThreads)
+    tokenize_kernel(D* __restrict__ out, const TokItem* __restrict__ items,
+                    const int32_t* __restrict__ tile_item) {
+  const TokItem w = items[tile_item[blockIdx.x]];
+  const int64_t start = (static_cast<int64_t>(blockIdx.x) - w.first_tile) * kTile;
+  D* y = out + w.dst;
+  switch (w.code) {  // uniform per block
+    case kF32: tokenize_tile(static_cast<const float*>(w.src), y, start, w); break;
+    case kF16: tokenize_tile(static_cast<const F16*>(w.src), y, start, w); break;
+    case kBF16: tokenize_tile(static_cast<const BF16*>(w.src), y, start, w); break;
+    default: tokenize_tile(static_cast<const double*>(w.src), y, start, w); break;
+  }
+}
+
+// ---- detokenize: item = one (model, segment); reads numel tokens, writes the tensor ----
+struct DetokItem {
+  void* dst;
+  int64_t src;       // element offset of the segment in tokens
+  int64_t numel;
+  double std;
+  double mean;
+  int32_t code;      // destination dtype
+  int32_t aligned;
+  int64_t first_tile;
+};
+
+template <typename S, typename D>
+__device__ __forceinline__ void detokenize_tile(const S* __restrict__ y, D* __restrict__ x,
+                                                int64_t start, const DetokItem& w) {
+  const double sd = w.std, mean = w.mean;
+#pragma unroll 2
+  for (int step = 0; step < kSteps; ++step) {
+    const int64_t e = start + (static_cast<int64_t>(step) * kThreads + threadIdx.x) * kVec;
+    if (e >= w.numel) break;
+    if (w.aligned && e + kVec <= w.numel) {
+      Pack<S> in;
+      Pack<D> out;
+      load_pack(y + e, in);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k)
+        from_f64(__dadd_rn(__dmul_rn(to_f64(in.v[k]), sd), mean), out.v[k]);
+      store_pack(x + e, out);
+    } else {
+      for (int k = 0; k < kVec && e + k < w.numel; ++k) {
+        D o;
+        from_f64(__dadd_rn(__dmul_rn(to_f64(y[e + k]), sd), mean), o);
+        x[e + k] = o;
+      }
+    }
+  }
+}
+
+template <typename S>
+__global__ void __launch_bounds__(kThreads)
+    detokenize_kernel(const S* __restrict__ tokens, const DetokItem* __restrict__ items,
+                      const int32_t* __restrict__ tile_item) {
+  const DetokItem w = items[tile_item[blockIdx.x]];
+  const int64_t start = (static_cast<int64_t>(blockIdx.x) - w.first_tile) * kTile;
+  const S* y = tokens + w.src;
+  switch (w.code) {
+    case kF32: detokenize_tile(y, static_cast<float*>(w.dst), start, w); break;
+    case kF16: detokenize_tile(y, static_cast<F16*>(w.dst), start, w); break;
+    case kBF16: detokenize_tile(y, static_cast<BF16*>(w.dst), start, w); break;
+    default: detokenize_tile(y, static_cast<double*>(w.dst), start, w); break;
+  }
+}
+
+// ---- host side ----
+int32_t code_of(const at::Tensor& t, const char* what, size_t i) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kF32;
+    case at::kHalf: return kF16;
+    case at::kBFloat16: return kBF16;
+    case at::kDouble: return kF64;
+    default:
+      TORCH_CHECK(false, "d2nwg tokenize: ", what, "[", i, "] has dtype ", t.scalar_type(),
+                  "; expected float32, float16, bfloat16 or float64");
+  }
+  return kF32;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+void check_rows(const at::Tensor& rows, const char* name) {
+  TORCH_CHECK(rows.dim() == 2, "d2nwg tokenize: ", name, " must be [N, T*C], got ", rows.sizes());
+  TORCH_CHECK(rows.is_contiguous(), "d2nwg tokenize: ", name, " must be contiguous");
+  TORCH_CHECK(rows.is_cuda(), "d2nwg tokenize: ", name, " must be a CUDA tensor");
+}
+
+// Items, then the block -> item map, in one device buffer (one host-to-device copy). The
+// buffer is freed through the caching allocator, which orders its reuse after this stream's
+// kernel.
+template <typename Item>
+std::pair<at::Tensor, int64_t> upload(const at::Tensor& like, const std::vector<Item>& items,
+                                      const std::vector<int32_t>& tile_item,
+                                      cudaStream_t stream) {
+  const int64_t item_bytes = static_cast<int64_t>(items.size() * sizeof(Item));
+  const int64_t map_at = (item_bytes + 15) / 16 * 16;
+  const int64_t total = map_at + static_cast<int64_t>(tile_item.size() * sizeof(int32_t));
+  std::vector<char> host(total);
+  std::memcpy(host.data(), items.data(), item_bytes);
+  std::memcpy(host.data() + map_at, tile_item.data(), tile_item.size() * sizeof(int32_t));
+  at::Tensor dev = like.new_empty({total}, like.options().dtype(at::kByte));
+  // From pageable memory: returns once `host` is staged, so it may be freed right after.
+  C10_CUDA_CHECK(cudaMemcpyAsync(dev.data_ptr(), host.data(), total, cudaMemcpyHostToDevice,
+                                 stream));
+  return {dev, map_at};
+}
+
+template <typename F>
+void with_dtype(const at::Tensor& t, F&& f) {
+  switch (t.scalar_type()) {
+    case at::kFloat: f(static_cast<float*>(nullptr)); break;
+    case at::kHalf: f(static_cast<F16*>(nullptr)); break;
+    case at::kBFloat16: f(static_cast<BF16*>(nullptr)); break;
+    case at::kDouble: f(static_cast<double*>(nullptr)); break;
+    default: TORCH_CHECK(false, "d2nwg tokenize: tokens have dtype ", t.scalar_type(),
+                         "; expected float32, float16, bfloat16 or float64");
+  }
+}
+
+}  // namespace
+
+void tokenize_cuda(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<int64_t> offsets,
+                   c10::ArrayRef<int64_t> spans, c10::ArrayRef<double> mean,
+                   c10::ArrayRef<double> rstd) {
+  check_rows(out, "out");
+  const int64_t S = static_cast<int64_t>(offsets.size());
+  const int64_t N = out.size(0), R = out.size(1);
+  TORCH_CHECK(S > 0, "d2nwg tokenize: the plan has no segments");
+  TORCH_CHECK(static_cast<int64_t>(spans.size()) == S && static_cast<int64_t>(mean.size()) == S &&
+                  static_cast<int64_t>(rstd.size()) == S,
+              "d2nwg tokenize: offsets, spans, mean and rstd must have one entry per segment, got ",
+              offsets.size(), ", ", spans.size(), ", ", mean.size(), ", ", rstd.size());
+  TORCH_CHECK(static_cast<int64_t>(sources.size()) == N * S, "d2nwg tokenize: got ",
+              sources.size(), " sources for ", N, " models of ", S, " segments");
+  // The spans must tile the row: every output element is written exactly once, by one block.
+  std::vector<int64_t> order(S);
+  for (int64_t s = 0; s < S; ++s) order[s] = s;
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return offsets[a] < offsets[b]; });
+  int64_t covered = 0;
+  for (int64_t s : order) {
+    TORCH_CHECK(spans[s] >= 0 && offsets[s] == covered, "d2nwg tokenize: the spans do not tile the row of ",
+                R, " elements (segment ", s, " at offset ", offsets[s], ", expected ", covered, ")");
+    covered += spans[s];
+  }
+  TORCH_CHECK(covered == R, "d2nwg tokenize: the spans cover ", covered, " elements, the row has ", R);
+
+  const int64_t dsize = out.element_size();
+  const char* out_base = static_cast<const char*>(out.data_ptr());
+  std::vector<TokItem> items;
+  std::vector<int32_t> tile_item;
+  items.reserve(N * S);
+  for (int64_t i = 0; i < N * S; ++i) {
+    const at::Tensor& src = sources[i];
+    const int64_t n = i / S, s = i % S;
+    TORCH_CHECK(src.device() == out.device(), "d2nwg tokenize: sources[", i, "] is on ", src.device(),
+                ", out on ", out.device());
+    TORCH_CHECK(src.is_contiguous(), "d2nwg tokenize: sources[", i, "] must be contiguous");
+    TORCH_CHECK(src.numel() <= spans[s], "d2nwg tokenize: sources[", i, "] has ", src.numel(),
+                " elements, more than the span ", spans[s], " of segment ", s);
+    const int64_t tiles = (spans[s] + kTile - 1) / kTile;
+    if (tiles == 0) continue;
+    const int64_t dst = n * R + offsets[s];
+    TokItem w;
+    w.src = src.data_ptr();
+    w.dst = dst;
+    w.numel = src.numel();
+    w.span = spans[s];
+    w.mean = mean[s];
+    w.rstd = rstd[s];
+    w.code = code_of(src, "sources", i);
+    w.aligned = aligned16(w.src) && aligned16(out_base + dst * dsize);
+    w.first_tile = static_cast<int64_t>(tile_item.size());
+    tile_item.insert(tile_item.end(), tiles, static_cast<int32_t>(items.size()));
+    items.push_back(w);
+  }
+  if (tile_item.empty()) return;
+  TORCH_CHECK(tile_item.size() < (size_t{1} << 31), "d2nwg tokenize: too many tiles");
+
+  const c10::cuda::CUDAGuard guard(out.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(out.device().index()).stream();
+  auto [table, map_at] = upload(out, items, tile_item, stream);
+  const auto* dev_items = reinterpret_cast<const TokItem*>(table.data_ptr());
+  const auto* dev_map = reinterpret_cast<const int32_t*>(static_cast<char*>(table.data_ptr()) + map_at);
+  const dim3 grid(static_cast<unsigned>(tile_item.size()));
+  with_dtype(out, [&](auto* tag) {
+    using D = std::remove_pointer_t<decltype(tag)>;
+    tokenize_kernel<D><<<grid, kThreads, 0, stream>>>(static_cast<D*>(out.data_ptr()), dev_items,
+                                                      dev_map);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void detokenize_cuda(const at::Tensor& tokens, at::TensorList dests,
+                     c10::ArrayRef<int64_t> offsets, c10::ArrayRef<double> mean,
+                     c10::ArrayRef<double> std) {
+  check_rows(tokens, "tokens");
+  const int64_t S = static_cast<int64_t>(offsets.size());
+  const int64_t N = tokens.size(0), R = tokens.size(1);
+  TORCH_CHECK(S > 0, "d2nwg detokenize: the plan has no segments");
+  TORCH_CHECK(static_cast<int64_t>(mean.size()) == S && static_cast<int64_t>(std.size()) == S,
+              "d2nwg detokenize: offsets, mean and std must have one entry per segment, got ",
+              offsets.size(), ", ", mean.size(), ", ", std.size());
+  TORCH_CHECK(static_cast<int64_t>(dests.size()) == N * S, "d2nwg detokenize: got ", dests.size(),
+              " destinations for ", N, " models of ", S, " segments");
+
+  const int64_t ssize = tokens.element_size();
+  const char* tok_base = static_cast<const char*>(tokens.data_ptr());
+  std::vector<DetokItem> items;
+  std::vector<int32_t> tile_item;
+  items.reserve(N * S);
+  for (int64_t i = 0; i < N * S; ++i) {
+    const at::Tensor& dst = dests[i];
+    const int64_t n = i / S, s = i % S, numel = dst.numel();
+    TORCH_CHECK(dst.device() == tokens.device(), "d2nwg detokenize: dests[", i, "] is on ",
+                dst.device(), ", tokens on ", tokens.device());
+    TORCH_CHECK(dst.is_contiguous(), "d2nwg detokenize: dests[", i, "] must be contiguous");
+    TORCH_CHECK(offsets[s] >= 0 && offsets[s] + numel <= R, "d2nwg detokenize: dests[", i, "] (",
+                numel, " elements at offset ", offsets[s], ") overruns the row of ", R);
+    const int64_t tiles = (numel + kTile - 1) / kTile;
+    if (tiles == 0) continue;
+    const int64_t src = n * R + offsets[s];
+    DetokItem w;
+    w.dst = dst.data_ptr();
+    w.src = src;
+    w.numel = numel;
+    w.std = std[s];
+    w.mean = mean[s];
+    w.code = code_of(dst, "dests", i);
+    w.aligned = aligned16(w.dst) && aligned16(tok_base + src * ssize);
+    w.first_tile = static_cast<int64_t>(tile_item.size());
+    tile_item.insert(tile_item.end(), tiles, static_cast<int32_t>(items.size()));
+    items.push_back(w);
+  }
+  if (tile_item.empty()) return;
+  TORCH_CHECK(tile_item.size() < (size_t{1} << 31), "d2nwg detokenize: too many tiles");
+
+  const c10::cuda::CUDAGuard guard(tokens.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(tokens.device().index()).stream();
+  auto [table, map_at] = upload(tokens, items, tile_item, stream);
+  const auto* dev_items = reinterpret_cast<const DetokItem*>(table.data_ptr());
+  const auto* dev_map = reinterpret_cast<const int32_t*>(static_cast<char*>(table.data_ptr()) + map_at);
+  const dim3 grid(static_cast<unsigned>(tile_item.size()));
+  with_dtype(tokens, [&](auto* tag) {
+    using S = std::remove_pointer_t<decltype(tag)>;
+    detokenize_kernel<S><<<grid, kThreads, 0, stream>>>(static_cast<const S*>(tokens.data_ptr()),
+                                                        dev_items, dev_map);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace d2nwg
