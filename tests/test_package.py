@@ -1,0 +1,98 @@
+"""The package as a user meets it: imports from outside the tree, the CLI, backend dispatch."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import d2nwg
+from d2nwg.backends import Backend, select
+from d2nwg.cli import main
+
+
+def run_outside(code: str, tmp_path) -> subprocess.CompletedProcess:
+    """Run Python in an empty directory, so nothing is imported from the source tree."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_kernels_import_as_d2nwg_kernels_not_top_level(tmp_path):
+    res = run_outside(
+        "import importlib.util, d2nwg.kernels, d2nwg.kernels.tokenize as k\n"
+        "print(importlib.util.find_spec('kernels'))\n"
+        "print(k.__name__)\n", tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["None", "d2nwg.kernels.tokenize"]
+
+
+def test_info_lists_every_backend_with_a_reason(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"d2nwg {d2nwg.__version__}" in out and torch.__version__ in out
+    for name in ("torch", "cpp", "cuda", "triton", "xformers"):
+        assert f"  {name}" in out
+    assert "tokenize" in out and "CUDA archs" in out or "not built" in out
+    if not torch.cuda.is_available():
+        assert "cuda      unavailable:" in out
+
+
+def test_demo_round_trip_is_exact(capsys):
+    assert main(["demo", "--hidden", "64", "--layers", "1", "--intermediate", "96",
+                 "--vocab", "50", "--chunk-size", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "bit-exact" in out and "GB/s" in out
+
+
+def test_errors_exit_with_message(capsys):
+    assert main(["demo", "--hidden", "64", "--layers", "1", "--vocab", "50",
+                 "--intermediate", "96", "--backend", "cuda"]) == 2
+    err = capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert "backend 'cuda' cannot run tokenize" in err and "torch: can run" in err
+
+
+def test_select_forced_backend_lists_every_reason(monkeypatch):
+    x = torch.zeros(3)
+    backends = (Backend("cuda", lambda x: "cuda", lambda x: "needs CUDA tensors"),
+                Backend("cpp", lambda x: "cpp", lambda x: "not built"),
+                Backend("torch", lambda x: "torch", lambda x: None))
+    assert select("op", backends, x).name == "torch"
+    with pytest.raises(d2nwg.BackendUnavailableError) as info:
+        select("op", backends, x, backend="cpp")
+    message = str(info.value)
+    assert "cuda: needs CUDA tensors" in message and "cpp: not built" in message
+    assert "torch: can run" in message
+    with pytest.raises(d2nwg.ConfigError, match="unknown backend"):
+        select("op", backends, x, backend="tpu")
+    with pytest.raises(d2nwg.BackendUnavailableError, match="no 'triton' backend"):
+        select("op", backends, x, backend="triton")
+    # The environment variable steers the ops that have that backend and is ignored by others.
+    monkeypatch.setenv("D2NWG_BACKEND", "triton")
+    assert select("op", backends, x).name == "torch"
+    monkeypatch.setenv("D2NWG_BACKEND", "cpp")
+    with pytest.raises(d2nwg.BackendUnavailableError, match="cpp: not built"):
+        select("op", backends, x)
+
+
+def test_triton_interpreter_only_when_forced():
+    backends = (Backend("triton", lambda x: "triton", lambda x: None),
+                Backend("torch", lambda x: "torch", lambda x: None))
+    assert select("op", backends, torch.zeros(2)).name == "torch"
+    assert select("op", backends, torch.zeros(2), backend="triton").name == "triton"
+
+
+def test_gpu_suite_runs_tiny_on_cpu(tmp_path):
+    """The GPU suite is known to work before a GPU is at hand."""
+    suite = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "bench", "gpu_suite.py")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, suite, "--tiny", "--no-build", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    written = sorted(os.listdir(tmp_path))
+    assert [f.rsplit(".", 1)[-1] for f in written] == ["json", "md"], written
+    table = open(os.path.join(tmp_path, written[1])).read()
+    assert "| tokenize |" in table and "FAIL" not in table
