@@ -1,0 +1,185 @@
+"""Latent attention: non-causal multi-head attention over latent tokens, with key padding.
+
+``latent_attention(q, k, v, mask=None)`` computes, per batch element and head,
+
+    out = softmax(q k^T / sqrt(D) + log(mask)) v
+
+with ``q [B, H, Lq, D]``, ``k, v [B, H, Lk, D]`` and ``mask [B, Lk]`` bool (True = attend).
+Self-attention has Lq = Lk; cross-attention to condition tokens has any Lk. A query row
+whose keys are all masked (a batch element without any real key) returns zeros, not NaN,
+and passes zero gradients. Differentiable in q, k and v.
+
+Backends, in order of preference: ``triton`` (``kernels/latent_attention.py``, flash-style
+forward and backward; CUDA, or CPU under ``TRITON_INTERPRET=1`` for tests; head dims
+16/32/64/128; fp32/bf16/fp16), ``torch`` (``F.scaled_dot_product_attention``; any head dim,
+float64 too), ``xformers`` (``memory_efficient_attention``, when importable and on CUDA).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from d2nwg.backends import Backend, select, triton_reason
+from d2nwg.errors import ConfigError, DeviceError, DTypeError, ShapeError
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+
+
+# ----------------------------------------------------------------------------------------
+# Reference (PyTorch, float64-capable): the oracle.
+# ----------------------------------------------------------------------------------------
+def _safe_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask with fully masked rows opened up, [B] 'has any key'); the caller zeroes those rows."""
+    has_key = mask.any(-1)
+    return mask | ~has_key[:, None], has_key
+
+
+def latent_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """Plain PyTorch attention in the inputs' dtype (pass float64 for an exact oracle)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask is None:
+        return torch.matmul(s.softmax(-1), v)
+    safe, has_key = _safe_mask(mask)
+    s = s.masked_fill(~safe[:, None, None, :], float("-inf"))
+    out = torch.matmul(s.softmax(-1), v)
+    return out * has_key[:, None, None, None].to(out.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Backends.
+# ----------------------------------------------------------------------------------------
+def _torch_sdpa(q, k, v, mask=None, scale=None) -> torch.Tensor:
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    safe, has_key = _safe_mask(mask)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe[:, None, None, :], scale=scale)
+    return out * has_key[:, None, None, None].to(out.dtype)
+
+
+def _triton(q, k, v, mask=None, scale=None) -> torch.Tensor:
+    from d2nwg.kernels.latent_attention import latent_attention_triton
+
+    return latent_attention_triton(q, k, v, mask, scale)
+
+
+def _xformers(q, k, v, mask=None, scale=None) -> torch.Tensor:
+    import xformers.ops as xops
+
+    B, H, LQ, D = q.shape
+    LK = k.shape[2]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # xformers wants [B, L, H, D]
+    bias = None
+    has_key = None
+    if mask is not None:
+        safe, has_key = _safe_mask(mask)
+        # The additive bias must be allocated with its last dim padded to a multiple of 8.
+        pad = (LK + 7) // 8 * 8
+        storage = torch.zeros(B, H, LQ, pad, dtype=q.dtype, device=q.device)
+        bias = storage[..., :LK]
+        bias.masked_fill_(~safe[:, None, None, :], float("-inf"))
+    out = xops.memory_efficient_attention(qt, kt, vt, attn_bias=bias, scale=scale).transpose(1, 2)
+    if has_key is not None:
+        out = out * has_key[:, None, None, None].to(out.dtype)
+    return out
+
+
+def _torch_why_not(q, k, v, mask=None, scale=None) -> str | None:
+    return None
+
+
+def _triton_why_not(q, k, v, mask=None, scale=None) -> str | None:
+    reason = triton_reason([q, k, v])
+    if reason is not None:
+        return reason
+    if q.shape[-1] not in TRITON_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} is not one of {TRITON_HEAD_DIMS}"
+    if q.dtype not in DTYPES:
+        return f"dtype {q.dtype} is not one of {DTYPES}"
+    return None
+
+
+def _xformers_why_not(q, k, v, mask=None, scale=None) -> str | None:
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken build raising anything else
+        return f"xformers is not importable ({type(exc).__name__}: {exc})"
+    if q.device.type != "cuda":
+        return f"xformers needs CUDA tensors, got {q.device.type}"
+    if q.dtype not in DTYPES:
+        return f"dtype {q.dtype} is not one of {DTYPES}"
+    return None
+
+
+LATENT_ATTENTION_BACKENDS = (
+    Backend("triton", _triton, _triton_why_not),
+    Backend("torch", _torch_sdpa, _torch_why_not),
+    Backend("xformers", _xformers, _xformers_why_not),
+)
+
+
+# ----------------------------------------------------------------------------------------
+# Checks and the public function.
+# ----------------------------------------------------------------------------------------
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise DTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ShapeError(f"{name} must have rank 4 [B, H, L, D], got shape {tuple(t.shape)}")
+        if t.dtype not in DTYPES + (torch.float64,):
+            raise DTypeError(f"{name} has dtype {t.dtype}; expected one of {DTYPES} "
+                             "(float64 on the torch backend)")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise DTypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+        if t.device != q.device:
+            raise DeviceError(f"{name} is on {t.device} but q is on {q.device}")
+        if t.shape[0] != q.shape[0]:
+            raise ShapeError(f"{name} has batch size {t.shape[0]} but q has {q.shape[0]}")
+        if t.shape[1] != q.shape[1]:
+            raise ShapeError(f"{name} has {t.shape[1]} heads but q has {q.shape[1]}")
+        if t.shape[3] != q.shape[3]:
+            raise ShapeError(f"{name} has head dim {t.shape[3]} but q has {q.shape[3]}")
+    if v.shape[2] != k.shape[2]:
+        raise ShapeError(f"v has {v.shape[2]} keys (dim 2) but k has {k.shape[2]}")
+    if q.shape[3] == 0:
+        raise ShapeError("q has head dim 0")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise DTypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise DTypeError(f"mask has dtype {mask.dtype}; expected torch.bool (True = attend)")
+        if tuple(mask.shape) != (k.shape[0], k.shape[2]):
+            raise ShapeError(f"mask has shape {tuple(mask.shape)}; expected [B, Lk] = "
+                             f"{[k.shape[0], k.shape[2]]}")
+        if mask.device != q.device:
+            raise DeviceError(f"mask is on {mask.device} but q is on {q.device}")
+
+
+def latent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None = None, *, scale: float | None = None,
+                     backend: str | None = None) -> torch.Tensor:
+    """Attention ``softmax(q k^T * scale) v`` with an optional key-padding mask.
+
+    Args:
+        q: queries ``[B, H, Lq, D]``.
+        k, v: keys and values ``[B, H, Lk, D]`` (same dtype and device as q).
+        mask: ``[B, Lk]`` bool, True where a key may be attended; None attends to all.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        backend: force ``"triton"``, ``"torch"`` or ``"xformers"`` (else ``D2NWG_BACKEND``
+            or the first that can run: triton on CUDA, torch otherwise).
+
+    Returns:
+        ``[B, H, Lq, D]`` in the dtype of q. Rows without any attended key are zeros.
+    """
+    _check(q, k, v, mask)
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ConfigError(f"scale must be a finite float or None, got {scale!r}")
+    impl = select("latent_attention", LATENT_ATTENTION_BACKENDS, q, k, v, mask, backend=backend)
+    return impl.run(q, k, v, mask, scale)

@@ -1,0 +1,387 @@
+"""Flash-style latent attention in Triton (forward and backward), installed as
+``d2nwg.kernels.latent_attention``.
+
+Non-causal attention ``softmax(q k^T * scale) v`` over ``q [B, H, Lq, D]`` and
+``k, v [B, H, Lk, D]`` with an optional key-padding mask ``[B, Lk]`` (nonzero = attend).
+
+* Forward: one program per (query block, batch*head). Keys are streamed in blocks with an
+  online softmax (running max ``m`` and sum ``l`` in base 2), so no ``[Lq, Lk]`` matrix is ever
+  materialized. The per-row log-sum-exp (base 2, of the scaled scores) is saved for backward.
+* Backward: ``delta = rowsum(dO * O)`` (preprocess), then one kernel that owns a key block and
+  streams the queries (dK, dV), and one that owns a query block and streams the keys (dQ).
+  Probabilities are recomputed from the saved log-sum-exp; no atomics.
+* Any length: out-of-range rows and columns are masked. A fully masked query row (every key
+  padded) returns zeros and gets zero gradients (its log-sum-exp is stored as +inf).
+* Inputs may be strided (only the head dimension must be contiguous), fp32 / bf16 / fp16;
+  all accumulation is fp32. fp32 inputs use IEEE fp32 dot products (no TF32) unless
+  ``torch.backends.cuda.matmul.allow_tf32`` is set.
+
+Under ``TRITON_INTERPRET=1`` block sizes are fixed (no autotuning); on a GPU a fixed choice per
+head dimension is used (see ``_fwd_config`` / ``_bwd_config``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels.
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` accumulated in fp32. UPCAST (interpreter + bf16 only): the Triton interpreter's
+    bf16 ``tl.dot`` is wrong, so the (already bf16-rounded) operands are widened first, which
+    gives the same products as a bf16 MMA with fp32 accumulation."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, MASK,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_maskb,
+    H, LQ, LK, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < LQ
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :]
+    v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, LK, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < LK
+        if HAS_MASK:
+            keep = tl.load(MASK + b * stride_maskb + cols, mask=col_ok, other=0)
+            col_ok = col_ok & (keep != 0)
+        # Masked keys are never read: NaN/Inf in padding cannot leak into the output.
+        k = tl.load(k_base + cols[:, None] * stride_kn, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn, mask=col_ok[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all keys so far masked
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + pid_bh * LQ + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    H, LQ,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < LQ
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh * LQ + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, MASK,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_maskb,
+    H, LQ, LK, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_range = offs_n < LK
+    col_ok = in_range
+    if HAS_MASK:
+        keep = tl.load(MASK + b * stride_maskb + offs_n, mask=in_range, other=0)
+        col_ok = col_ok & (keep != 0)
+
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    q_base = Q + b * stride_qb + h * stride_qh + offs_d[None, :]
+    do_base = DO + b * stride_dob + h * stride_doh + offs_d[None, :]
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for start_m in range(0, LQ, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < LQ
+        q = tl.load(q_base + rows[:, None] * stride_qm, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dom, mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + pid_bh * LQ + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + pid_bh * LQ + rows, mask=row_ok, other=0.0)
+        s_t = _dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale  # [N, M]
+        p_t = tl.exp2(s_t - lse[None, :])
+        p_t = tl.where(col_ok[:, None] & row_ok[None, :], p_t, 0.0)
+        dv += _dot(p_t.to(do.dtype), do, PRECISION, UPCAST)
+        dp_t = _dot(v, tl.trans(do), PRECISION, UPCAST)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, PRECISION, UPCAST)
+    dk = dk * sm_scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=in_range[:, None])
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=in_range[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, MASK,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_maskb,
+    H, LQ, LK, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < LQ
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + pid_bh * LQ + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh * LQ + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :]
+    v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :]
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, LK, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < LK
+        if HAS_MASK:
+            keep = tl.load(MASK + b * stride_maskb + cols, mask=col_ok, other=0)
+            col_ok = col_ok & (keep != 0)
+        # Masked keys are never read: NaN/Inf in padding cannot leak into the output.
+        k = tl.load(k_base + cols[:, None] * stride_kn, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn, mask=col_ok[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers: block sizes, strides, grids.
+# ----------------------------------------------------------------------------------------
+def _fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """Block sizes and launch options for the forward kernel."""
+    if _interpreted():
+        return dict(BLOCK_M=32, BLOCK_N=32)
+    if dtype == torch.float32:  # fp32 tiles are twice as big in shared memory
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if head_dim <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+
+
+def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """Block sizes and launch options for the two backward kernels."""
+    if _interpreted():
+        return dict(BLOCK_M=32, BLOCK_N=32)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
+    if head_dim <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not _interpreted() and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and _interpreted()
+
+
+def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _mask_arg(mask: torch.Tensor | None, fallback: torch.Tensor):
+    if mask is None:
+        return fallback, 0, False
+    m = mask.contiguous()
+    if m.dtype == torch.bool:
+        m = m.view(torch.uint8)
+    return m, m.stride(0), True
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  mask: torch.Tensor | None, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output ``[B, H, Lq, D]`` (laid out as [B, Lq, H, D] in memory) and base-2 LSE [B, H, Lq]."""
+    B, H, LQ, D = q.shape
+    LK = k.shape[2]
+    q, k, v = (_lastdim_contiguous(t) for t in (q, k, v))
+    # [B, Lq, H, D] memory: the caller's transpose(1, 2).reshape(B, Lq, H*D) is then free.
+    o = torch.empty(B, LQ, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty(B, H, LQ, dtype=torch.float32, device=q.device)
+    if B * H * LQ == 0:
+        return o, lse
+    if LK == 0:
+        o.zero_()
+        lse.fill_(float("inf"))
+        return o, lse
+    m, stride_mb, has_mask = _mask_arg(mask, q)
+    cfg = _fwd_config(D, q.dtype)
+    grid = (triton.cdiv(LQ, cfg["BLOCK_M"]), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse, m,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        stride_mb, H, LQ, LK, sm_scale * LOG2E,
+        HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=_precision(q.dtype),
+        UPCAST=_upcast(q.dtype), **cfg,
+    )
+    return o, lse
+
+
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  o: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
+                  sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``dq, dk, dv`` from the output gradient and the saved LSE."""
+    B, H, LQ, D = q.shape
+    LK = k.shape[2]
+    q, k, v, o, do = (_lastdim_contiguous(t) for t in (q, k, v, o, do))
+    dq = torch.empty(B, LQ, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    dk = torch.empty(B, LK, H, D, dtype=k.dtype, device=k.device).transpose(1, 2)
+    dv = torch.empty(B, LK, H, D, dtype=v.dtype, device=v.device).transpose(1, 2)
+    if B * H == 0 or LQ == 0 or LK == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    m, stride_mb, has_mask = _mask_arg(mask, q)
+    cfg = _bwd_config(D, q.dtype)
+    precision = _precision(q.dtype)
+    delta = torch.empty(B, H, LQ, dtype=torch.float32, device=q.device)
+    pre_block = 32 if _interpreted() else 64
+    _attn_bwd_preprocess[(triton.cdiv(LQ, pre_block), B * H)](
+        o, do, delta,
+        o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        H, LQ, HEAD_DIM=D, BLOCK_M=pre_block,
+    )
+    common = (stride_mb, H, LQ, LK, sm_scale * LOG2E, sm_scale)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(LK, cfg["BLOCK_N"]), B * H)](
+        q, k, v, do, dk, dv, lse, delta, m,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        *common, HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=precision,
+        UPCAST=_upcast(q.dtype), **cfg,
+    )
+    _attn_bwd_dq_kernel[(triton.cdiv(LQ, cfg["BLOCK_M"]), B * H)](
+        q, k, v, do, dq, lse, delta, m,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        *common, HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=precision,
+        UPCAST=_upcast(q.dtype), **cfg,
+    )
+    return dq, dk, dv
+
+
+class LatentAttentionFunction(torch.autograd.Function):
+    """``torch.autograd.Function`` around the Triton forward and backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, sm_scale):
+        o, lse = attention_fwd(q, k, v, mask, sm_scale)
+        ctx.save_for_backward(q, k, v, o, lse, mask)
+        ctx.sm_scale = sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, mask = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, mask, ctx.sm_scale)
+        return dq, dk, dv, None, None
+
+
+def latent_attention_triton(q, k, v, mask=None, sm_scale: float | None = None) -> torch.Tensor:
+    """Triton attention (inputs are assumed checked by ``d2nwg.ops.latent_attention``)."""
+    if sm_scale is None:
+        sm_scale = q.shape[-1] ** -0.5
+    return LatentAttentionFunction.apply(q, k, v, mask, float(sm_scale))
