@@ -1,0 +1,284 @@
+"""Triton kernels of fused chunk tokenization (reference, checks: d2nwg/ops/tokenize.py).
+
+Multi-tensor: the N*S parameter tensors are reached through a table of their base addresses
+(an int64 tensor of ``data_ptr()`` values) that each program loads and casts with
+``.to(tl.pointer_type(DTYPE))``. This works on GPU and under ``TRITON_INTERPRET=1`` (checked
+with Triton 3.8: the interpreter's pointers are plain host addresses), so the same kernel is
+tested on CPU. A pointer type is a compile-time property, so tensors are grouped by the dtype
+that varies (sources for tokenize, destinations for detokenize): one launch per dtype present.
+
+Work layout of a launch: program ``pid`` handles BLOCK elements of one item (one model's
+segment). ``item_of_block[pid]`` names the item and ``first_block[item]`` where its blocks
+start; these tables depend only on the plan and the dtypes, so they are cached per plan.
+
+Arithmetic, identical to the reference and the C++/CUDA kernels:
+    tokenize:    fp32((x - mean) * rstd) in float64, then the token dtype (float64: no fp32 step)
+    detokenize:  fp32(y * std + mean) in float64, then the weight dtype
+launched with ``enable_fp_fusion=False`` so ``y * std + mean`` is never contracted to an FMA.
+
+Blocks that lie wholly inside the data take an unmasked path: with the ALIGNED hints (all
+base addresses 16-byte aligned) the compiler can then use vector loads and stores even though
+the item sizes are runtime values.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_GPU = 4096   # elements per program on a GPU (8 warps: 16 elements per thread)
+BLOCK_CPU = 64     # under the interpreter: small, so that tests cross block edges cheaply
+NUM_WARPS = 8
+
+_TL_DTYPE = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float64: tl.float64,
+}
+
+
+@triton.jit
+def _to_f64(x, DTYPE: tl.constexpr):
+    """DTYPE -> float64, exactly. bfloat16 widens through its bits: the interpreter's
+    bfloat16 <-> float32 casts are not exact (truncation, no carry), the bit form is exact
+    everywhere."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        return bits.to(tl.float32, bitcast=True).to(tl.float64)
+    else:
+        return x.to(tl.float64)
+
+
+@triton.jit
+def _to_dtype(y, DTYPE: tl.constexpr):
+    """float64 -> DTYPE through float32, round to nearest even at each step (the reference)."""
+    if DTYPE == tl.float64:
+        return y
+    elif DTYPE == tl.bfloat16:  # round to nearest even on the bits (as c10::BFloat16), NaN kept
+        f = y.to(tl.float32)
+        u = f.to(tl.uint32, bitcast=True)
+        r = (u + (((u >> 16) & 1) + 0x7FFF)) >> 16
+        r = tl.where(f != f, 0x7FC0, r)
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return y.to(tl.float32).to(DTYPE)
+
+
+@triton.jit
+def _tokenize_kernel(
+    out_ptr,            # *OUT [N * T*C] tokens
+    src_addr_ptr,       # *int64 [items] base addresses of the sources
+    item_of_block_ptr,  # *int32 [blocks]
+    first_block_ptr,    # *int32 [items]
+    dst_ptr,            # *int64 [items] element offset of the item in out: n*T*C + offset[s]
+    numel_ptr,          # *int64 [items]
+    span_ptr,           # *int64 [items]
+    mean_ptr,           # *float64 [items]
+    rstd_ptr,           # *float64 [items]
+    SRC: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    item = tl.load(item_of_block_ptr + pid)
+    start = (pid - tl.load(first_block_ptr + item)).to(tl.int64) * BLOCK
+    numel = tl.load(numel_ptr + item)
+    span = tl.load(span_ptr + item)
+    mean = tl.load(mean_ptr + item)
+    rstd = tl.load(rstd_ptr + item)
+    src_addr = tl.load(src_addr_ptr + item)
+    dst = tl.load(dst_ptr + item)
+    if ALIGNED:  # the launcher checked: every base address is 16-byte aligned
+        src_addr = tl.multiple_of(src_addr, 16)
+        dst = tl.multiple_of(dst, 128 // out_ptr.dtype.element_ty.primitive_bitwidth)
+    src = src_addr.to(tl.pointer_type(SRC))
+    if ALIGNED:
+        src = tl.multiple_of(src, 16)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    out = out_ptr + dst
+    if start + BLOCK <= numel:  # whole block of weights: no masks, vector accesses
+        x = _to_f64(tl.load(src + offs), SRC)
+        tl.store(out + offs, _to_dtype((x - mean) * rstd, out_ptr.dtype.element_ty))
+    else:  # tail of the weights and/or padding (written as zeros)
+        real = offs < numel
+        x = _to_f64(tl.load(src + offs, mask=real, other=0.0), SRC)
+        y = tl.where(real, (x - mean) * rstd, 0.0)
+        tl.store(out + offs, _to_dtype(y, out_ptr.dtype.element_ty), mask=offs < span)
+
+
+@triton.jit
+def _detokenize_kernel(
+    tok_ptr,            # *TOK [N * T*C] tokens
+    dst_addr_ptr,       # *int64 [items] base addresses of the destinations
+    item_of_block_ptr,  # *int32 [blocks]
+    first_block_ptr,    # *int32 [items]
+    src_ptr,            # *int64 [items] element offset of the item in the tokens
+    numel_ptr,          # *int64 [items]
+    std_ptr,            # *float64 [items]
+    mean_ptr,           # *float64 [items]
+    DST: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    item = tl.load(item_of_block_ptr + pid)
+    start = (pid - tl.load(first_block_ptr + item)).to(tl.int64) * BLOCK
+    numel = tl.load(numel_ptr + item)
+    std = tl.load(std_ptr + item)
+    mean = tl.load(mean_ptr + item)
+    dst_addr = tl.load(dst_addr_ptr + item)
+    src = tl.load(src_ptr + item)
+    if ALIGNED:
+        dst_addr = tl.multiple_of(dst_addr, 16)
+        src = tl.multiple_of(src, 128 // tok_ptr.dtype.element_ty.primitive_bitwidth)
+    dst = dst_addr.to(tl.pointer_type(DST))
+    if ALIGNED:
+        dst = tl.multiple_of(dst, 16)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    tok = tok_ptr + src
+    if start + BLOCK <= numel:
+        y = _to_f64(tl.load(tok + offs), tok_ptr.dtype.element_ty)
+        tl.store(dst + offs, _to_dtype(y * std + mean, DST))
+    else:
+        mask = offs < numel
+        y = _to_f64(tl.load(tok + offs, mask=mask, other=0.0), tok_ptr.dtype.element_ty)
+        tl.store(dst + offs, _to_dtype(y * std + mean, DST), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers.
+# ----------------------------------------------------------------------------------------
+def _block_size(device: torch.device) -> int:
+    return BLOCK_CPU if device.type == "cpu" else BLOCK_GPU
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(plan, num_models: int, dtypes: tuple[torch.dtype, ...], block: int, padded: bool,
+            device: torch.device) -> list[tuple[torch.dtype, list[int], dict[str, torch.Tensor]]]:
+    """Per dtype group: (dtype, item indices, device tables). Depends on the plan only.
+
+    ``padded``: tokenize items cover their span (values then zeros); detokenize items cover
+    their numel. Items with nothing to do get no blocks.
+    """
+    S = plan.num_segments
+    R = plan.row_size
+    groups = []
+    for dtype in sorted(set(dtypes), key=str):
+        items = [i for i, d in enumerate(dtypes) if d == dtype]
+        item_of_block, first_block, offset, numel, span, mean, scale = [], [], [], [], [], [], []
+        kept = []
+        for i in items:
+            n, s = divmod(i, S)
+            length = plan.span[s] if padded else plan.numel[s]
+            blocks = triton.cdiv(length, block)
+            if blocks == 0:
+                continue
+            first_block.append(len(item_of_block))
+            item_of_block.extend([len(kept)] * blocks)
+            kept.append(i)
+            offset.append(n * R + plan.offset[s])
+            numel.append(plan.numel[s])
+            span.append(plan.span[s])
+            mean.append(plan.mean[s])
+            scale.append(plan.rstd[s] if padded else plan.std[s])
+        if not kept:
+            continue
+        i32 = dict(dtype=torch.int32, device=device)
+        i64 = dict(dtype=torch.int64, device=device)
+        f64 = dict(dtype=torch.float64, device=device)
+        tables = {
+            "item_of_block": torch.tensor(item_of_block, **i32),
+            "first_block": torch.tensor(first_block, **i32),
+            "offset": torch.tensor(offset, **i64),
+            "offset_list": offset,
+            "numel": torch.tensor(numel, **i64),
+            "span": torch.tensor(span, **i64),
+            "mean": torch.tensor(mean, **f64),
+            "scale": torch.tensor(scale, **f64),
+        }
+        groups.append((dtype, kept, tables))
+    return groups
+
+
+def _check_tiling(plan) -> None:
+    """Tokenize writes each span once; the spans must tile the row (no gap, no overlap)."""
+    covered = 0
+    for s in sorted(range(plan.num_segments), key=lambda s: plan.offset[s]):
+        if plan.offset[s] != covered or plan.span[s] < plan.numel[s]:
+            raise ValueError(f"the plan's spans do not tile the row: segment {s} at offset "
+                             f"{plan.offset[s]} (expected {covered}), span {plan.span[s]}, "
+                             f"numel {plan.numel[s]}")
+        covered += plan.span[s]
+    if covered != plan.row_size:
+        raise ValueError(f"the plan's spans cover {covered} elements, the row has {plan.row_size}")
+
+
+def _aligned(addresses: Sequence[int], base: int, offsets: Sequence[int], itemsize: int) -> bool:
+    return all(a % 16 == 0 for a in addresses) and all((base + o * itemsize) % 16 == 0
+                                                       for o in offsets)
+
+
+def tokenize_triton(out_rows: torch.Tensor, sources: Sequence[torch.Tensor], plan, *,
+                    block: int | None = None) -> None:
+    """Fill tokens ``out_rows`` [N, T*C] (contiguous) from N*S contiguous ``sources``.
+
+    Sources are model-major (``sources[n * S + s]`` is segment s of model n) and may mix
+    dtypes; one launch per source dtype.
+    """
+    if out_rows.numel() == 0:
+        return
+    if not out_rows.is_contiguous() or any(not t.is_contiguous() for t in sources):
+        raise ValueError("tokenize_triton needs contiguous tokens and sources")
+    _check_tiling(plan)
+    block = block or _block_size(out_rows.device)
+    dtypes = tuple(t.dtype for t in sources)
+    layout = _layout(plan, out_rows.shape[0], dtypes, block, True, out_rows.device)
+    for dtype, items, tab in layout:
+        addresses = [sources[i].data_ptr() for i in items]
+        aligned = _aligned(addresses, out_rows.data_ptr(), tab["offset_list"],
+                           out_rows.element_size())
+        src_addr = torch.tensor(addresses, dtype=torch.int64, device=out_rows.device)
+        grid = (tab["item_of_block"].numel(),)
+        _tokenize_kernel[grid](
+            out_rows, src_addr, tab["item_of_block"], tab["first_block"], tab["offset"],
+            tab["numel"], tab["span"], tab["mean"], tab["scale"],
+            SRC=_TL_DTYPE[dtype], ALIGNED=aligned, BLOCK=block,
+            num_warps=NUM_WARPS, enable_fp_fusion=False,
+        )
+
+
+def detokenize_triton(tokens_rows: torch.Tensor, dests: Sequence[torch.Tensor], plan, *,
+                      block: int | None = None) -> None:
+    """Write tokens ``tokens_rows`` [N, T*C] (contiguous) into N*S contiguous ``dests``.
+
+    Destinations are model-major and may mix dtypes; one launch per destination dtype.
+    """
+    if tokens_rows.numel() == 0 or not dests:
+        return
+    if not tokens_rows.is_contiguous() or any(not t.is_contiguous() for t in dests):
+        raise ValueError("detokenize_triton needs contiguous tokens and destinations")
+    block = block or _block_size(tokens_rows.device)
+    dtypes = tuple(t.dtype for t in dests)
+    layout = _layout(plan, tokens_rows.shape[0], dtypes, block, False, tokens_rows.device)
+    for dtype, items, tab in layout:
+        addresses = [dests[i].data_ptr() for i in items]
+        aligned = _aligned(addresses, tokens_rows.data_ptr(), tab["offset_list"],
+                           tokens_rows.element_size())
+        dst_addr = torch.tensor(addresses, dtype=torch.int64, device=tokens_rows.device)
+        grid = (tab["item_of_block"].numel(),)
+        _detokenize_kernel[grid](
+            tokens_rows, dst_addr, tab["item_of_block"], tab["first_block"], tab["offset"],
+            tab["numel"], tab["scale"], tab["mean"],
+            DST=_TL_DTYPE[dtype], ALIGNED=aligned, BLOCK=block,
+            num_warps=NUM_WARPS, enable_fp_fusion=False,
+        )
