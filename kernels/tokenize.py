@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 BLOCK_GPU = 4096   # elements per program on a GPU (8 warps: 16 elements per thread)
-BLOCK_CPU = 64     # under the interpreter: small, so that tests cross block edges cheaply
+BLOCK_CPU = 256    # under the interpreter: small enough that tests cross block edges
 NUM_WARPS = 8
 
 _TL_DTYPE = {

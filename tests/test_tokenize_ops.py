@@ -1,0 +1,335 @@
+"""Fused chunk tokenization ops: every backend bit-exact against tokenize_ref/detokenize_ref.
+
+Backends that cannot run here are skipped with their reason (cuda without a GPU); the Triton
+kernels run under TRITON_INTERPRET=1 on CPU (tests/conftest.py sets it when no GPU is visible).
+Plans are built directly (no WeightTokenizer), with odd sizes on purpose: empty and
+one-element segments, segments shorter than a chunk, chunk sizes that are not powers of two.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import d2nwg
+from d2nwg import _ext
+from d2nwg.backends import select, triton_reason
+from d2nwg.ops.tokenize import (
+    DETOKENIZE_BACKENDS,
+    TOKENIZE_BACKENDS,
+    ChunkPlan,
+    detokenize,
+    detokenize_ref,
+    tokenize,
+    tokenize_ref,
+)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+BACKENDS = ["torch", "cpp", "triton", "cuda"]
+HAS_CUDA = torch.cuda.is_available()
+
+
+def backend_device(backend: str) -> torch.device:
+    """Where a backend runs in this test session; skips with the reason when it cannot."""
+    if backend == "cuda":
+        if not HAS_CUDA:
+            pytest.skip("cuda backend: no CUDA device on this machine")
+        reason = _ext.cuda_reason(0)
+        if reason:
+            pytest.skip(f"cuda backend: {reason}")
+        return torch.device("cuda")
+    if backend == "triton":
+        device = torch.device("cuda" if HAS_CUDA else "cpu")
+        reason = triton_reason([torch.empty(0, device=device)])
+        if reason:
+            pytest.skip(f"triton backend: {reason}")
+        return device
+    if backend == "cpp" and _ext.cpp_reason():
+        pytest.skip(f"cpp backend: {_ext.cpp_reason()}")
+    return torch.device("cpu")
+
+
+def make_plan(numels: list[int], chunk_size: int, granularity: str, normalize: bool,
+              gen: torch.Generator) -> ChunkPlan:
+    """Layer granularity: spans = ceil(numel/C)*C. Model: spans = numel, the last segment
+    carries the tail padding."""
+    C = chunk_size
+    if granularity == "layer":
+        spans = [-(-n // C) * C for n in numels]
+    else:
+        spans = list(numels)
+        spans[-1] += -sum(numels) % C
+    offsets = [sum(spans[:i]) for i in range(len(spans))]
+    S = len(numels)
+    if normalize:
+        mean = (torch.randn(S, generator=gen, dtype=torch.float64) * 0.1).tolist()
+        std = (torch.rand(S, generator=gen, dtype=torch.float64) * 2 + 0.05).tolist()
+    else:
+        mean, std = [0.0] * S, [1.0] * S
+    return ChunkPlan(tuple(numels), tuple(offsets), tuple(spans), tuple(mean), tuple(std),
+                     sum(spans) // C, C)
+
+
+def odd_numels(gen: torch.Generator, chunk_size: int, count: int = 7) -> list[int]:
+    """Empty, one-element, shorter-than-a-chunk and multi-chunk segments, shuffled."""
+    fixed = [0, 1, max(chunk_size - 1, 1), chunk_size, 2 * chunk_size + 3]
+    extra = torch.randint(0, 5 * chunk_size + 2, (count,), generator=gen).tolist()
+    numels = fixed + extra
+    order = torch.randperm(len(numels), generator=gen).tolist()
+    return [numels[i] for i in order]
+
+
+def random_sources(plan: ChunkPlan, num_models: int, gen: torch.Generator,
+                   dtypes: list[torch.dtype]) -> list[torch.Tensor]:
+    """N*S tensors, model-major, with dtypes drawn from `dtypes` (mixed within one call)."""
+    out = []
+    for n in range(num_models):
+        for s, numel in enumerate(plan.numel):
+            dtype = dtypes[int(torch.randint(len(dtypes), (1,), generator=gen))]
+            x = torch.randn(numel, generator=gen, dtype=torch.float64) * plan.std[s] * 3 + plan.mean[s]
+            out.append(x.to(dtype))
+    return out
+
+
+def nan_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan"))
+
+
+# ----------------------------------------------------------------------------------------
+# Against the reference.
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("granularity", ["layer", "model"])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("chunk_size", [7, 100, 16])
+def test_tokenize_matches_reference(backend, granularity, normalize, chunk_size, gen):
+    device = backend_device(backend)
+    plan = make_plan(odd_numels(gen, chunk_size), chunk_size, granularity, normalize, gen)
+    sources = random_sources(plan, 3, gen, DTYPES)
+    for token_dtype in DTYPES:
+        ref = torch.empty(3, plan.num_tokens, plan.chunk_size, dtype=token_dtype)
+        tokenize_ref(ref.view(3, -1), sources, plan)
+        # NaN-filled output: an element the kernel does not write would show.
+        out = nan_like(ref).to(device)
+        got = tokenize([s.to(device) for s in sources], plan, out=out, backend=backend)
+        assert got is out
+        assert torch.equal(got.cpu(), ref), f"{backend}: tokens differ for {token_dtype}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("granularity", ["layer", "model"])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("chunk_size", [7, 100])
+def test_detokenize_matches_reference(backend, granularity, normalize, chunk_size, gen):
+    device = backend_device(backend)
+    plan = make_plan(odd_numels(gen, chunk_size), chunk_size, granularity, normalize, gen)
+    shapes = random_sources(plan, 2, gen, DTYPES)  # dtypes of the destinations, mixed
+    for token_dtype in DTYPES:
+        tokens = torch.randn(2, plan.num_tokens, plan.chunk_size, generator=gen,
+                             dtype=torch.float64).to(token_dtype)
+        ref = [nan_like(t) for t in shapes]
+        detokenize_ref(tokens.view(2, -1), ref, plan)
+        got = [nan_like(t).to(device) for t in shapes]
+        detokenize(tokens.to(device), got, plan, backend=backend)
+        for i, (g, r) in enumerate(zip(got, ref)):
+            assert g.dtype == r.dtype
+            assert torch.equal(g.cpu(), r), f"{backend}: dests[{i}] differ ({token_dtype} tokens)"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("source_dtype", DTYPES)
+def test_each_dtype_pair(backend, source_dtype, gen):
+    """Every (source dtype, token dtype) pair alone, one model, normalized, C = 5."""
+    device = backend_device(backend)
+    plan = make_plan([1, 13, 0, 40], 5, "layer", True, gen)
+    sources = random_sources(plan, 1, gen, [source_dtype])
+    for token_dtype in DTYPES:
+        ref = torch.empty(1, plan.num_tokens, 5, dtype=token_dtype)
+        tokenize_ref(ref.view(1, -1), sources, plan)
+        got = tokenize([s.to(device) for s in sources], plan, dtype=token_dtype, backend=backend)
+        assert torch.equal(got.cpu(), ref)
+        back_ref = [nan_like(s) for s in sources]
+        detokenize_ref(ref.view(1, -1), back_ref, plan)
+        back = [nan_like(s).to(device) for s in sources]
+        detokenize(got, back, plan, backend=backend)
+        assert all(torch.equal(b.cpu(), r) for b, r in zip(back, back_ref))
+
+
+# ----------------------------------------------------------------------------------------
+# Round trips, padding, layouts of the tensors.
+# ----------------------------------------------------------------------------------------
+def lossless_token_dtypes(source: torch.dtype) -> list[torch.dtype]:
+    """Token dtypes that hold every value of `source` exactly."""
+    wider = [torch.float64] if source == torch.float64 else [torch.float32, torch.float64]
+    return sorted({source, *wider}, key=str)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("granularity", ["layer", "model"])
+@pytest.mark.parametrize("source_dtype", DTYPES)
+def test_round_trip_bit_exact_without_normalization(backend, granularity, source_dtype, gen):
+    device = backend_device(backend)
+    plan = make_plan(odd_numels(gen, 7, count=3), 7, granularity, False, gen)
+    sources = [s.to(device) for s in random_sources(plan, 2, gen, [source_dtype])]
+    for token_dtype in lossless_token_dtypes(source_dtype):
+        tokens = tokenize(sources, plan, dtype=token_dtype, backend=backend)
+        back = [nan_like(s) for s in sources]
+        detokenize(tokens, back, plan, backend=backend)
+        for s, b in zip(sources, back):
+            assert torch.equal(s, b), f"{backend}: round trip through {token_dtype} not exact"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("granularity", ["layer", "model"])
+def test_padding_is_positive_zero(backend, granularity, gen):
+    device = backend_device(backend)
+    plan = make_plan([3, 0, 1, 9, 2], 4, granularity, True, gen)  # mean != 0: padding is not x
+    sources = [s.to(device) for s in random_sources(plan, 2, gen, DTYPES)]
+    mask = torch.zeros(plan.row_size, dtype=torch.bool)
+    for o, n in zip(plan.offset, plan.numel):
+        mask[o:o + n] = True
+    for token_dtype in DTYPES:
+        out = tokenize(sources, plan, out=torch.full((2, plan.num_tokens, 4), float("nan"),
+                                                     dtype=token_dtype, device=device),
+                       backend=backend).cpu().view(2, -1)
+        pad = out[:, ~mask]
+        assert pad.numel() > 0
+        assert torch.equal(pad, torch.zeros_like(pad))
+        assert not torch.signbit(pad).any()
+        assert not out[:, mask].isnan().any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_and_misaligned_tensors(backend, gen):
+    """Transposed sources and destinations, and contiguous tensors at odd storage offsets."""
+    device = backend_device(backend)
+    plan = make_plan([12, 35, 1, 6], 8, "model", True, gen)
+    a = torch.randn(6, 2, generator=gen).t()                       # [2, 6], non-contiguous
+    b = torch.randn(7, 5, generator=gen, dtype=torch.float64).to(torch.bfloat16).t()
+    c = torch.randn(9, generator=gen).half()[3:4]                  # offset 3 * 2 bytes
+    d = torch.randn(12, generator=gen)[::2]                        # strided
+    sources = [t.to(device) for t in (a, b, c, d)]
+    ref = torch.empty(1, plan.num_tokens, 8)
+    tokenize_ref(ref.view(1, -1), [a, b, c, d], plan)
+    assert torch.equal(tokenize(sources, plan, backend=backend).cpu(), ref)
+
+    dests = [torch.empty(6, 2, device=device).t(), torch.empty(7, 5, device=device).t().to(torch.bfloat16),
+             torch.empty(9, device=device, dtype=torch.float16)[3:4], torch.empty(12, device=device)[::2]]
+    assert not dests[0].is_contiguous() and not dests[3].is_contiguous()
+    want = [torch.empty_like(t, device="cpu") for t in dests]
+    detokenize_ref(ref.view(1, -1), want, plan)
+    detokenize(ref.to(device), dests, plan, backend=backend)
+    for got, exp in zip(dests, want):
+        assert torch.equal(got.cpu(), exp)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_misaligned_contiguous_views(backend, gen):
+    """Contiguous views at odd element offsets take the kernels' unaligned paths."""
+    device = backend_device(backend)
+    plan = make_plan([300, 17, 129], 64, "layer", True, gen)
+    buf = torch.randn(500, generator=gen).to(device)
+    sources = [buf[1:301], buf[303:320], buf[321:450]]
+    assert all(s.is_contiguous() for s in sources)
+    ref = torch.empty(1, plan.num_tokens, 64)
+    tokenize_ref(ref.view(1, -1), [s.cpu() for s in sources], plan)
+    tokens = tokenize(sources, plan, backend=backend)
+    assert torch.equal(tokens.cpu(), ref)
+    out = torch.full((500,), float("nan"), device=device)
+    dests = [out[1:301], out[303:320], out[321:450]]
+    detokenize(tokens, dests, plan, backend=backend)
+    want = [torch.empty(n) for n in plan.numel]
+    detokenize_ref(ref.view(1, -1), want, plan)
+    assert all(torch.equal(g.cpu(), w) for g, w in zip(dests, want))
+
+
+# ----------------------------------------------------------------------------------------
+# Dispatch: keyword, environment variable, reasons.
+# ----------------------------------------------------------------------------------------
+def small_case(gen):
+    plan = make_plan([5, 9], 4, "layer", True, gen)
+    return plan, random_sources(plan, 1, gen, [torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_env_var_forces_backend(backend, gen, monkeypatch):
+    backend_device(backend)
+    plan, sources = small_case(gen)
+    monkeypatch.setenv("D2NWG_BACKEND", backend)
+    rows = torch.empty(1, plan.row_size)
+    assert select("tokenize", TOKENIZE_BACKENDS, rows, sources, plan).name == backend
+    assert select("detokenize", DETOKENIZE_BACKENDS, rows, sources, plan).name == backend
+    # And the public function really runs it: spy on the chosen implementation.
+    calls = []
+    if backend == "triton":
+        import d2nwg.kernels.tokenize as kt
+
+        real = kt.tokenize_triton
+        monkeypatch.setattr(kt, "tokenize_triton", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    elif backend == "cpp":
+        real_op = torch.ops.d2nwg.tokenize_
+
+        class Spy:
+            def __call__(self, *a):
+                calls.append(1)
+                return real_op(*a)
+
+        monkeypatch.setattr(torch.ops.d2nwg, "tokenize_", Spy())
+    ref = torch.empty(1, plan.num_tokens, 4)
+    tokenize_ref(ref.view(1, -1), sources, plan)
+    assert torch.equal(tokenize(sources, plan), ref)
+    if backend != "torch":
+        assert calls, f"D2NWG_BACKEND={backend} did not run the {backend} kernel"
+
+
+def test_default_dispatch_on_cpu_prefers_cpp(gen, monkeypatch):
+    monkeypatch.delenv("D2NWG_BACKEND", raising=False)
+    plan, sources = small_case(gen)
+    rows = torch.empty(1, plan.row_size)
+    chosen = select("tokenize", TOKENIZE_BACKENDS, rows, sources, plan).name
+    assert chosen == ("cpp" if _ext.cpp_reason() is None else "torch")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error raised where CUDA cannot run")
+@pytest.mark.parametrize("how", ["keyword", "env"])
+def test_forcing_cuda_here_lists_every_reason(how, gen, monkeypatch):
+    plan, sources = small_case(gen)
+    kwargs = {}
+    if how == "keyword":
+        kwargs["backend"] = "cuda"
+    else:
+        monkeypatch.setenv("D2NWG_BACKEND", "cuda")
+    with pytest.raises(d2nwg.BackendUnavailableError) as err:
+        tokenize(sources, plan, **kwargs)
+    message = str(err.value)
+    for name in ("cuda", "triton", "cpp", "torch"):
+        assert f"  {name}:" in message, message
+    assert "needs CUDA tensors" in message
+    with pytest.raises(d2nwg.BackendUnavailableError):
+        detokenize(torch.zeros(1, plan.num_tokens, 4), [torch.empty_like(s) for s in sources],
+                   plan, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------
+# The compiled op's own checks (called directly, bypassing the Python checks).
+# ----------------------------------------------------------------------------------------
+def test_compiled_op_rejects_bad_arguments(gen):
+    backend_device("cpp")
+    plan, sources = small_case(gen)
+    out = torch.empty(1, plan.row_size)
+    args = (list(plan.offset), list(plan.span), list(plan.mean), list(plan.rstd))
+    torch.ops.d2nwg.tokenize_(out, sources, *args)  # fine
+    with pytest.raises(RuntimeError, match="tile"):
+        torch.ops.d2nwg.tokenize_(out, sources, [0, 4], list(plan.span), *args[2:])
+    with pytest.raises(RuntimeError, match="sources"):
+        torch.ops.d2nwg.tokenize_(out, sources[:1], *args)
+    with pytest.raises(RuntimeError, match="one entry per segment"):
+        torch.ops.d2nwg.tokenize_(out, sources, *args[:3], [1.0])
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.d2nwg.tokenize_(out, [sources[0], torch.randn(3, 3).t()], *args)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.d2nwg.tokenize_(out, [sources[0], torch.ones(9, dtype=torch.int32)], *args)
+    dests = [torch.empty(5), torch.empty(9)]
+    with pytest.raises(RuntimeError, match="overruns"):
+        torch.ops.d2nwg.detokenize_(out, dests, [0, out.shape[1] - 4], list(plan.mean),
+                                    list(plan.std))
