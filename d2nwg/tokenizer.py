@@ -257,8 +257,13 @@ class WeightTokenizer:
         return out
 
     def _check_finite(self, state_dicts: Sequence[StateDict], tokens: torch.Tensor) -> None:
-        """One reduction over the tokens; only on failure find the layer to blame."""
-        if self.allow_nonfinite or bool(torch.isfinite(tokens).all()):
+        """One cheap reduction over the tokens; only on failure find the layer to blame."""
+        if self.allow_nonfinite:
+            return
+        # A sum is NaN/Inf if any element is (and ~20x faster than isfinite().all() on CPU);
+        # if the sum merely overflowed, the exact check below clears it.
+        total = tokens.sum(dtype=torch.float64 if tokens.dtype == torch.float64 else torch.float32)
+        if math.isfinite(float(total)) or bool(torch.isfinite(tokens).all()):
             return
         for n, sd in enumerate(state_dicts):
             for spec in self.layers:
