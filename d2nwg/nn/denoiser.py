@@ -1,0 +1,274 @@
+"""LatentDenoiser: a DiT-style transformer over the latent tokens of one model (or window).
+
+``model(x_t [B, T, d], t [B], cond) -> prediction [B, T, d]``, where the prediction means
+epsilon, v or x0 according to ``config.prediction_type`` (the network is the same; the
+sampler and the training loss read the field).
+
+* Input: ``x_t`` projected to ``hidden_dim``, plus a fixed 2-D sinusoidal embedding of each
+  token's position ``(layer index, chunk index)`` (half of the channels each), plus a learned
+  embedding of the token's layer kind (``num_layer_kinds > 0``; e.g. conv / linear / norm / bias).
+* Blocks (adaLN-Zero): ``c = t_emb(t) + pooled_emb(cond.pooled)`` produces shift / scale /
+  gate for self-attention and for the MLP; between them a residual cross-attention to the
+  condition tokens (``cond.mask`` pads them). Modulations, the cross-attention output and
+  the final projection start at zero, so an untrained model predicts 0.
+* Attention is :func:`d2nwg.ops.latent_attention` (Triton on CUDA); self-attention honours a
+  token mask ``[B, T]`` (True = real token) so padding tokens never affect real ones.
+
+Layout: ``positions [T, 2]`` (or ``[B, T, 2]``) and ``layer_kinds [T]`` (or ``[B, T]``) come
+from :class:`d2nwg.WeightTokenizer` (``tok.positions``). Set them once with
+:meth:`LatentDenoiser.set_layout` (kept as non-persistent buffers) or pass them to
+``forward``, which takes precedence. Without either, positions are ``(0, token index)``
+and every kind is 0.
+
+Conditioning: ``cond`` is a :class:`Condition`, a ``(tokens, pooled[, mask])`` tuple, or None
+(the model's learned null condition, ``model.null_condition(B)``, i.e. the unconditional
+branch of classifier-free guidance). With ``cond_dim == 0`` the model is unconditional.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from d2nwg.errors import ConfigError, DTypeError, ShapeError
+from d2nwg.nn.conditioners import Condition, NullConditioner
+from d2nwg.nn.io import JSONConfig, seeded
+from d2nwg.nn.layers import MLP, Attention, set_attention_backend, sinusoidal
+
+PREDICTION_TYPES = ("epsilon", "v", "x0")
+
+
+@dataclass
+class LatentDenoiserConfig(JSONConfig):
+    latent_dim: int = 32          # d: width of a latent token (ChunkVAE latent_dim)
+    hidden_dim: int = 384         # transformer width (divisible by 4 and by num_heads)
+    depth: int = 8
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    cond_dim: int = 0             # E: condition width; 0 = unconditional
+    cross_attention: bool = True  # cross-attend to condition tokens (when cond_dim > 0)
+    num_null_tokens: int = 1      # tokens of the learned null condition
+    max_cond_slots: int = 0       # >0: learned embedding of condition slot k (class k)
+    num_layer_kinds: int = 0      # >0: learned layer-kind embedding
+    prediction_type: str = "epsilon"
+    qk_norm: bool = True          # RMSNorm on queries and keys (bf16 stability)
+    timestep_freq_dim: int = 256
+    max_period: float = 10000.0   # of the timestep and position sinusoids
+
+    def __post_init__(self) -> None:
+        for name in ("latent_dim", "hidden_dim", "depth", "num_heads", "timestep_freq_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"LatentDenoiserConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_dim % 4 or self.hidden_dim % self.num_heads:
+            raise ConfigError(f"LatentDenoiserConfig.hidden_dim={self.hidden_dim} must be divisible "
+                              f"by 4 and by num_heads={self.num_heads}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(f"LatentDenoiserConfig.prediction_type={self.prediction_type!r}; "
+                              f"choose from {PREDICTION_TYPES}")
+        for name in ("cond_dim", "max_cond_slots", "num_layer_kinds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"LatentDenoiserConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, cond_dim: int | None, qk_norm: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads, qk_norm=qk_norm)
+        self.cross = None
+        if cond_dim:
+            self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
+            self.cross = Attention(dim, heads, context_dim=cond_dim, qk_norm=qk_norm)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, mask=None, context=None, context_mask=None):
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
+        x = x + g1[:, None] * self.attn(_modulate(self.norm1(x), sh1, sc1), mask=mask)
+        if self.cross is not None and context is not None:
+            x = x + self.cross(self.norm_cross(x), context, context_mask)
+        return x + g2[:, None] * self.mlp(_modulate(self.norm2(x), sh2, sc2))
+
+
+class LatentDenoiser(nn.Module):
+    """DiT-style denoiser of latent token sequences (see the module docstring)."""
+
+    config_class = LatentDenoiserConfig
+
+    def __init__(self, config: LatentDenoiserConfig | None = None, seed: int | None = None,
+                 positions: torch.Tensor | None = None, layer_kinds: torch.Tensor | None = None):
+        super().__init__()
+        self.config = c = config or LatentDenoiserConfig()
+        W = c.hidden_dim
+        cross_dim = c.cond_dim if (c.cond_dim and c.cross_attention) else None
+        with seeded(seed):
+            self.x_embed = nn.Linear(c.latent_dim, W)
+            self.t_embed = MLP(c.timestep_freq_dim, W, W)
+            self.kind_embed = nn.Embedding(c.num_layer_kinds, W) if c.num_layer_kinds else None
+            if c.cond_dim:
+                self.pooled_embed = MLP(c.cond_dim, W, W)
+                self.null = NullConditioner(c.cond_dim, c.num_null_tokens)
+                self.slot_embed = (nn.Embedding(c.max_cond_slots, c.cond_dim)
+                                   if (c.max_cond_slots and cross_dim) else None)
+            else:
+                self.pooled_embed = self.null = self.slot_embed = None
+            self.blocks = nn.ModuleList(
+                DiTBlock(W, c.num_heads, c.mlp_ratio, cross_dim, c.qk_norm) for _ in range(c.depth))
+            self.final_norm = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
+            self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(W, 2 * W))
+            self.final = nn.Linear(W, c.latent_dim)
+            self._init_weights()
+        self.register_buffer("positions", None, persistent=False)
+        self.register_buffer("layer_kinds", None, persistent=False)
+        if positions is not None or layer_kinds is not None:
+            self.set_layout(positions, layer_kinds)
+        self._attention_backend: str | None = None
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.normal_(self.t_embed.fc1.weight, std=0.02)
+        nn.init.normal_(self.t_embed.fc2.weight, std=0.02)
+        zero = [self.final_ada[1], self.final]
+        for blk in self.blocks:
+            zero.append(blk.ada[1])
+            if blk.cross is not None:
+                zero.append(blk.cross.out)
+        for lin in zero:  # adaLN-Zero: every residual branch and the output start at 0
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    # -- configuration ----------------------------------------------------------------------
+    @property
+    def prediction_type(self) -> str:
+        return self.config.prediction_type
+
+    @property
+    def attention_backend(self) -> str | None:
+        return self._attention_backend
+
+    @attention_backend.setter
+    def attention_backend(self, backend: str | None) -> None:
+        """Force an attention backend ("triton", "torch", "xformers") or None (dispatch)."""
+        self._attention_backend = backend
+        set_attention_backend(self, backend)
+
+    def set_layout(self, positions: torch.Tensor | None, layer_kinds: torch.Tensor | None = None) -> None:
+        """Store the token layout: positions ``[T, 2]`` (layer, chunk) and layer kinds ``[T]``."""
+        if positions is not None:
+            self._check_positions(positions, None, None)
+            self.positions = positions.detach().to(torch.long)
+        if layer_kinds is not None:
+            self._check_kinds(layer_kinds, None, None)
+            self.layer_kinds = layer_kinds.detach().to(torch.long)
+
+    def null_condition(self, batch_size: int, device: torch.device | None = None) -> Condition:
+        """The learned null condition (unconditional branch of classifier-free guidance)."""
+        if self.null is None:
+            raise ConfigError("this LatentDenoiser is unconditional (cond_dim=0)")
+        return self.null(batch_size, device)
+
+    # -- checks -----------------------------------------------------------------------------
+    @staticmethod
+    def _check_positions(p, B, T) -> None:
+        if not isinstance(p, torch.Tensor) or p.dim() not in (2, 3) or p.shape[-1] != 2:
+            raise ShapeError(f"positions must be [T, 2] or [B, T, 2], got "
+                             f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
+        if T is not None and (p.shape[-2] != T or (p.dim() == 3 and p.shape[0] != B)):
+            raise ShapeError(f"positions have shape {tuple(p.shape)}, expected [{T}, 2] or [{B}, {T}, 2]")
+
+    def _check_kinds(self, k, B, T) -> None:
+        if not isinstance(k, torch.Tensor) or k.dim() not in (1, 2):
+            raise ShapeError(f"layer_kinds must be [T] or [B, T], got "
+                             f"{tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__}")
+        if k.is_floating_point() or k.dtype == torch.bool:
+            raise DTypeError(f"layer_kinds must be integers, got {k.dtype}")
+        if T is not None and (k.shape[-1] != T or (k.dim() == 2 and k.shape[0] != B)):
+            raise ShapeError(f"layer_kinds have shape {tuple(k.shape)}, expected [{T}] or [{B}, {T}]")
+        n = self.config.num_layer_kinds
+        if k.numel() and (int(k.min()) < 0 or int(k.max()) >= max(n, 1)):
+            raise ShapeError(f"layer_kinds must lie in [0, {max(n, 1)}) (num_layer_kinds={n}), got "
+                             f"[{int(k.min())}, {int(k.max())}]")
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None, *,
+                positions: torch.Tensor | None = None, layer_kinds: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict epsilon / v / x0 ``[B, T, d]`` from noisy latents ``x_t [B, T, d]`` at steps ``t [B]``.
+
+        ``mask [B, T]`` or ``[T]`` (bool, True = real token) keeps padding tokens out of
+        self-attention; their outputs are meaningless.
+        """
+        c = self.config
+        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 3 or x_t.shape[-1] != c.latent_dim:
+            raise ShapeError(f"x_t must be [B, T, {c.latent_dim}], got "
+                             f"{tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__}")
+        if not x_t.is_floating_point():
+            raise DTypeError(f"x_t must be floating point, got {x_t.dtype}")
+        B, T, _ = x_t.shape
+        if not isinstance(t, torch.Tensor):
+            t = torch.as_tensor(t, device=x_t.device)
+        if t.dim() == 0:
+            t = t.expand(B)
+        if t.shape != (B,):
+            raise ShapeError(f"t must be [B] = [{B}], got {tuple(t.shape)}")
+        if t.dtype == torch.bool or t.is_complex():
+            raise DTypeError(f"t must be an integer (or float) tensor, got {t.dtype}")
+        if mask is not None:
+            if mask.dtype != torch.bool:
+                raise DTypeError(f"mask must be bool (True = real token), got {mask.dtype}")
+            if mask.dim() == 1:
+                mask = mask.expand(B, -1)
+            if tuple(mask.shape) != (B, T):
+                raise ShapeError(f"mask has shape {tuple(mask.shape)}, expected [{B}, {T}] or [{T}]")
+
+        positions = self.positions if positions is None else positions
+        if positions is None:
+            pos = torch.arange(T, device=x_t.device)
+            positions = torch.stack([torch.zeros_like(pos), pos], dim=-1)
+        self._check_positions(positions, B, T)
+        half = c.hidden_dim // 2
+        pos = positions.to(x_t.device)
+        pos_emb = torch.cat([sinusoidal(pos[..., 0], half, c.max_period),
+                             sinusoidal(pos[..., 1], half, c.max_period)], dim=-1)
+        h = self.x_embed(x_t) + pos_emb.to(x_t.dtype)
+        if self.kind_embed is not None:
+            kinds = self.layer_kinds if layer_kinds is None else layer_kinds
+            if kinds is not None:
+                self._check_kinds(kinds, B, T)
+                h = h + self.kind_embed(kinds.to(x_t.device))
+
+        emb = self.t_embed(sinusoidal(t, c.timestep_freq_dim, c.max_period).to(x_t.dtype))
+        context = context_mask = None
+        if self.null is not None:
+            cond = Condition.coerce(cond)
+            if cond is None:
+                cond = self.null(B, device=x_t.device)
+            if cond.batch_size != B or cond.dim != c.cond_dim:
+                raise ShapeError(f"cond has batch {cond.batch_size} and width {cond.dim}; "
+                                 f"expected batch {B} and cond_dim {c.cond_dim}")
+            emb = emb + self.pooled_embed(cond.pooled.to(x_t.dtype))
+            context, context_mask = cond.tokens.to(x_t.dtype), cond.mask
+            if self.slot_embed is not None:
+                K = context.shape[1]
+                if K > c.max_cond_slots:
+                    raise ShapeError(f"cond has {K} tokens but max_cond_slots={c.max_cond_slots}")
+                context = context + self.slot_embed.weight[:K].to(context.dtype)
+        elif cond is not None:
+            raise ConfigError("this LatentDenoiser is unconditional (cond_dim=0); pass cond=None")
+
+        for blk in self.blocks:
+            h = blk(h, emb, mask, context, context_mask)
+        shift, scale = self.final_ada(emb).chunk(2, dim=-1)
+        return self.final(_modulate(self.final_norm(h), shift, scale))
