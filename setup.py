@@ -81,7 +81,8 @@ def extensions():
     cap_max_jobs()
     cuda, why = want_cuda(torch)
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno"]
+    # No -std: torch adds the standard its headers need (C++17 up to 2.12, C++20 after).
+    cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
     define = [("TORCH_EXTENSION_NAME", "_C")]
     if not cuda:
         print(f"d2nwg: building the C++ CPU ops only ({why})")
@@ -99,7 +100,7 @@ def extensions():
         f"{major}.{minor}" for major, minor in
         {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
     print(f"d2nwg: building C++ and CUDA ops for {archs} with the toolkit in {cuda_home}")
-    nvcc = ["-O3", "-std=c++17", "--fmad=false", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc = ["-O3", "--fmad=false", "--expt-relaxed-constexpr", "-lineinfo"]
     define += [("D2NWG_WITH_CUDA", "1"), ("D2NWG_CUDA_ARCHS", f'"{archs}"')]
     ext = cpp_extension.CUDAExtension(
         "d2nwg._C", cpp_sources + sorted(glob.glob("csrc/*.cu")),
