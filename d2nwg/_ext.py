@@ -59,3 +59,35 @@ def cuda_reason(device_index: int | None = None) -> str | None:
         if same_major or ptx_forward:
             return None
     return f"d2nwg._C has no code for compute capability {major}.{minor} (compiled for {';'.join(compiled)})"
+
+
+FATBIN_MAGIC = b"\x50\xed\x55\xba"  # 0xBA55ED50, little-endian
+
+
+@functools.lru_cache(maxsize=None)
+def machine_code_archs() -> list[str]:
+    """The GPU code really inside d2nwg._C, read from its fat binaries: ["sm_80", "ptx_90"].
+
+    Parses the CUDA fatbin headers (header: magic, version, header size, payload size;
+    each entry: kind 1 = PTX / 2 = ELF, header size, payload size, and the arch at byte 28),
+    so `d2nwg info` reports what was compiled, not what was asked for.
+    """
+    import struct
+
+    if _C is None or not getattr(_C, "__file__", None):
+        return []
+    data = open(_C.__file__, "rb").read()
+    found: set[tuple[str, int]] = set()
+    pos = data.find(FATBIN_MAGIC)
+    while pos != -1 and pos + 16 <= len(data):
+        _, _, header_size, fat_size = struct.unpack_from("<IHHQ", data, pos)
+        entry, end = pos + header_size, pos + header_size + fat_size
+        while entry + 32 <= min(end, len(data)):
+            kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, entry)
+            if entry_header == 0:
+                break
+            arch = struct.unpack_from("<I", data, entry + 28)[0]
+            found.add(("ptx" if kind == 1 else "sm", arch))
+            entry += entry_header + payload
+        pos = data.find(FATBIN_MAGIC, max(end, pos + 4))
+    return [f"{kind}_{arch}" for kind, arch in sorted(found, key=lambda k: (k[1], k[0]))]

@@ -67,7 +67,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if _ext.IMPORT_ERROR is None:
         archs = ";".join(info["cuda_archs"]) or "-"
         print(f"  CUDA ops: {'yes' if info['with_cuda'] else 'no'}; CUDA archs compiled in: "
-              f"{archs}; built against torch {info['torch']}")
+              f"{archs} (GPU code in the binary: {', '.join(_ext.machine_code_archs()) or '-'}); "
+              f"built against torch {info['torch']}")
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.append(torch.device("cuda", torch.cuda.current_device()))

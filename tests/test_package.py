@@ -39,6 +39,22 @@ def test_info_lists_every_backend_with_a_reason(capsys):
         assert "cuda      unavailable:" in out
 
 
+def test_extension_carries_the_gpu_code_it_claims():
+    """With CUDA ops built (make test does, for 8.0;9.0), the binary holds that machine code."""
+    from d2nwg import _ext
+
+    if _ext.IMPORT_ERROR is not None:
+        pytest.skip(_ext.IMPORT_ERROR)
+    info = _ext.build_info()
+    found = _ext.machine_code_archs()
+    if not info["with_cuda"]:
+        assert found == []
+        return
+    for arch in info["cuda_archs"]:
+        digits = arch.replace("+PTX", "").replace(".", "")
+        assert f"sm_{digits}" in found, (arch, found)
+
+
 def test_demo_round_trip_is_exact(capsys):
     assert main(["demo", "--hidden", "64", "--layers", "1", "--intermediate", "96",
                  "--vocab", "50", "--chunk-size", "100"]) == 0
