@@ -262,9 +262,10 @@ def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not _interpreted() and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """tl.dot input precision: exact fp32 unless TF32 is allowed; the default for 16-bit."""
+    if dtype != torch.float32:
+        return "tf32"  # Triton's default; it only affects fp32 operands
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not _interpreted() else "ieee"
 
 
 def _upcast(dtype: torch.dtype) -> bool:

@@ -152,6 +152,48 @@ def test_dataset_encoder_class_slots_and_shot_padding(gen):
     assert torch.allclose(c5.pooled[0], c1.pooled[1], atol=1e-5)
 
 
+def test_vae_loss_ignores_padding(gen):
+    vae = ChunkVAE(VAE_CFG, seed=0).eval()  # eval: no noise, z = mu
+    x = torch.randn(3, 7, 64, generator=gen)
+    mask = torch.ones(7, 64, dtype=torch.bool)
+    mask[6, 20:] = False  # last token partly padded
+    mask[5] = False       # a token that is all padding
+    x = x * mask
+    recon, mu, logvar = vae(x)
+    w = mask.expand_as(x)
+    want_rec = (recon - x).square()[w].mean()
+    kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).mean(-1)[:, mask.any(-1)].mean()
+    got = vae.loss(x, mask)
+    assert torch.allclose(got["recon"], want_rec, rtol=1e-5)
+    assert torch.allclose(got["kl"], kl, rtol=1e-5)
+    assert torch.allclose(got["loss"], want_rec + VAE_CFG.kl_weight * kl, rtol=1e-5)
+    assert torch.allclose(vae.loss(x, mask.expand(3, -1, -1))["loss"], got["loss"])
+    # The decoder's outputs at padded entries get no gradient from the loss.
+    vae.train()
+    recon_grad = []
+
+    def hook(module, inputs, out):
+        out.register_hook(recon_grad.append)
+
+    h = vae.decoder.register_forward_hook(hook)
+    vae.loss(x, mask, generator=gen)["loss"].backward()
+    h.remove()
+    assert torch.equal(recon_grad[0][:, ~mask], torch.zeros_like(recon_grad[0][:, ~mask]))
+
+
+def test_condition_helpers(gen):
+    a = Condition(torch.randn(2, 3, E, generator=gen), torch.randn(2, E, generator=gen))
+    b = Condition(torch.randn(1, 5, E, generator=gen), torch.randn(1, E, generator=gen),
+                  torch.tensor([[True, True, False, True, False]]))
+    c = Condition.cat([a, b])
+    assert c.tokens.shape == (3, 5, E) and c.mask.tolist()[0] == [True] * 3 + [False] * 2
+    r = a.repeat_interleave(3)
+    assert r.batch_size == 6 and torch.equal(r.tokens[1], a.tokens[0])
+    assert Condition.coerce((a.tokens, a.pooled)).batch_size == 2
+    with pytest.raises(DTypeError):
+        Condition.coerce("text")
+
+
 def test_drop_condition_and_null(gen):
     null = NullConditioner(E, num_tokens=2, seed=0)
     cond = Condition(torch.randn(8, 3, E, generator=gen), torch.randn(8, E, generator=gen))
