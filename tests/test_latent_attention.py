@@ -75,6 +75,17 @@ def test_fully_masked_row_gives_zeros_and_finite_grads(backend, gen, device):
         assert max_abs_err(a, b) <= 1e-5 + 1e-4 * b.abs().max().item()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_keys_and_queries(backend, gen, device):
+    q = torch.randn(1, 2, 3, 16, generator=gen).to(device).requires_grad_()
+    empty = torch.zeros(1, 2, 0, 16, device=device, requires_grad=True)
+    out = latent_attention(q, empty, empty, torch.zeros(1, 0, dtype=torch.bool, device=device),
+                           backend=backend)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(q.grad, torch.zeros_like(q))
+    assert latent_attention(empty, q, q, backend=backend).shape == (1, 2, 0, 16)
+
+
 def test_masked_keys_do_not_matter(gen, device):
     q, k, v, do, mask = _inputs(gen, 2, 1, 20, 45, 32, torch.float32, device, True)
     out = latent_attention(q, k, v, mask, backend="triton")
