@@ -272,6 +272,15 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and _interpreted()
 
 
+MAX_GRID_Y = 65535  # CUDA's limit on grid dim 1, where (batch, head) pairs go
+
+
+def _batch_slices(B: int, H: int, limit: int | None = None):
+    """Batch slices with at most ``limit`` (batch, head) pairs each (one launch per slice)."""
+    per = max(1, (limit or MAX_GRID_Y) // H)
+    return [slice(b0, min(B, b0 + per)) for b0 in range(0, B, per)]
+
+
 def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -302,17 +311,19 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return o, lse
     m, stride_mb, has_mask = _mask_arg(mask, q)
     cfg = _fwd_config(D, q.dtype)
-    grid = (triton.cdiv(LQ, cfg["BLOCK_M"]), B * H)
-    _attn_fwd_kernel[grid](
-        q, k, v, o, lse, m,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
-        stride_mb, H, LQ, LK, sm_scale * LOG2E,
-        HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=_precision(q.dtype),
-        UPCAST=_upcast(q.dtype), **cfg,
-    )
+    for sl in _batch_slices(B, H):
+        Bs = sl.stop - sl.start
+        qs, ks, vs, os_ = q[sl], k[sl], v[sl], o[sl]
+        _attn_fwd_kernel[(triton.cdiv(LQ, cfg["BLOCK_M"]), Bs * H)](
+            qs, ks, vs, os_, lse[sl], m[sl] if has_mask else qs,
+            qs.stride(0), qs.stride(1), qs.stride(2),
+            ks.stride(0), ks.stride(1), ks.stride(2),
+            vs.stride(0), vs.stride(1), vs.stride(2),
+            os_.stride(0), os_.stride(1), os_.stride(2),
+            stride_mb, H, LQ, LK, sm_scale * LOG2E,
+            HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=_precision(q.dtype),
+            UPCAST=_upcast(q.dtype), **cfg,
+        )
     return o, lse
 
 
@@ -333,34 +344,39 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     precision = _precision(q.dtype)
     delta = torch.empty(B, H, LQ, dtype=torch.float32, device=q.device)
     pre_block = 32 if _interpreted() else 64
-    _attn_bwd_preprocess[(triton.cdiv(LQ, pre_block), B * H)](
-        o, do, delta,
-        o.stride(0), o.stride(1), o.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        H, LQ, HEAD_DIM=D, BLOCK_M=pre_block,
-    )
-    common = (stride_mb, H, LQ, LK, sm_scale * LOG2E, sm_scale)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(LK, cfg["BLOCK_N"]), B * H)](
-        q, k, v, do, dk, dv, lse, delta, m,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        *common, HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=precision,
-        UPCAST=_upcast(q.dtype), **cfg,
-    )
-    _attn_bwd_dq_kernel[(triton.cdiv(LQ, cfg["BLOCK_M"]), B * H)](
-        q, k, v, do, dq, lse, delta, m,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        *common, HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=precision,
-        UPCAST=_upcast(q.dtype), **cfg,
-    )
+    for sl in _batch_slices(B, H):
+        BH = (sl.stop - sl.start) * H
+        qs, ks, vs, os_, dos = q[sl], k[sl], v[sl], o[sl], do[sl]
+        dqs, dks, dvs, lses, deltas = dq[sl], dk[sl], dv[sl], lse[sl], delta[sl]
+        ms = m[sl] if has_mask else qs
+        _attn_bwd_preprocess[(triton.cdiv(LQ, pre_block), BH)](
+            os_, dos, deltas,
+            os_.stride(0), os_.stride(1), os_.stride(2),
+            dos.stride(0), dos.stride(1), dos.stride(2),
+            H, LQ, HEAD_DIM=D, BLOCK_M=pre_block,
+        )
+        common = (stride_mb, H, LQ, LK, sm_scale * LOG2E, sm_scale)
+        _attn_bwd_dkdv_kernel[(triton.cdiv(LK, cfg["BLOCK_N"]), BH)](
+            qs, ks, vs, dos, dks, dvs, lses, deltas, ms,
+            qs.stride(0), qs.stride(1), qs.stride(2),
+            ks.stride(0), ks.stride(1), ks.stride(2),
+            vs.stride(0), vs.stride(1), vs.stride(2),
+            dos.stride(0), dos.stride(1), dos.stride(2),
+            dks.stride(0), dks.stride(1), dks.stride(2),
+            dvs.stride(0), dvs.stride(1), dvs.stride(2),
+            *common, HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=precision,
+            UPCAST=_upcast(q.dtype), **cfg,
+        )
+        _attn_bwd_dq_kernel[(triton.cdiv(LQ, cfg["BLOCK_M"]), BH)](
+            qs, ks, vs, dos, dqs, lses, deltas, ms,
+            qs.stride(0), qs.stride(1), qs.stride(2),
+            ks.stride(0), ks.stride(1), ks.stride(2),
+            vs.stride(0), vs.stride(1), vs.stride(2),
+            dos.stride(0), dos.stride(1), dos.stride(2),
+            dqs.stride(0), dqs.stride(1), dqs.stride(2),
+            *common, HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=precision,
+            UPCAST=_upcast(q.dtype), **cfg,
+        )
     return dq, dk, dv
 
 
