@@ -24,4 +24,18 @@ void detokenize_cuda(const at::Tensor& tokens, at::TensorList dests,
 
 // ---- further ops: declare here, define schemas and impls in registration.cpp ----
 
+// ---- fused sampler step (mirrors kernels/sampler_step.py; reference in d2nwg/ops/sampler_step.py) ----
+void check_sampler_step_args(const at::Tensor& x, const at::Tensor& model_out,
+                             const at::Tensor& table, const at::Tensor& step,
+                             const std::optional<at::Tensor>& noise,
+                             const std::optional<at::Tensor>& prev_x0, bool guided);
+void sampler_step_cpu(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& table,
+                      const at::Tensor& step, const std::optional<at::Tensor>& noise,
+                      const std::optional<at::Tensor>& prev_x0, bool guided);
+#ifdef D2NWG_WITH_CUDA
+void sampler_step_cuda(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& table,
+                       const at::Tensor& step, const std::optional<at::Tensor>& noise,
+                       const std::optional<at::Tensor>& prev_x0, bool guided);
+#endif
+
 }  // namespace d2nwg

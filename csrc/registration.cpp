@@ -15,17 +15,23 @@ TORCH_LIBRARY(d2nwg, m) {
   // dests (N*S tensors) <- de-normalized, cast tokens[N, T*C].
   m.def("detokenize_(Tensor tokens, Tensor(a!)[] dests, int[] offsets, float[] mean, "
         "float[] std) -> ()");
+  // x[B, N] <- one fused diffusion sampler step (guidance mix, prediction conversion, update,
+  // noise); prev_x0 <- this step's x0. Coefficients: table[step] ([S, 10] or [S, B, 10]).
+  m.def("sampler_step_(Tensor(a!) x, Tensor model_out, Tensor table, Tensor step, "
+        "Tensor? noise, Tensor(b!)? prev_x0, bool guided) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(d2nwg, CPU, m) {
   m.impl("tokenize_", &d2nwg::tokenize_cpu);
   m.impl("detokenize_", &d2nwg::detokenize_cpu);
+  m.impl("sampler_step_", &d2nwg::sampler_step_cpu);
 }
 
 #ifdef D2NWG_WITH_CUDA
 TORCH_LIBRARY_IMPL(d2nwg, CUDA, m) {
   m.impl("tokenize_", &d2nwg::tokenize_cuda);
   m.impl("detokenize_", &d2nwg::detokenize_cuda);
+  m.impl("sampler_step_", &d2nwg::sampler_step_cuda);
 }
 #endif
 

@@ -1,0 +1,164 @@
+// The fused sampler step on CPU (mirrors kernels/sampler_step.py; reference and the meaning of
+// the coefficient columns in d2nwg/ops/sampler_step.py). In place on x [B, N] (and prev_x0).
+// Arithmetic in float (double for double x), in the reference's order (-ffp-contract=off);
+// the inner loops are branch-free and contiguous so that the compiler vectorizes them.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+
+#include "ops.h"
+
+namespace d2nwg {
+namespace {
+
+constexpr int kG = 0, kAX = 1, kAO = 2, kEX = 3, kEO = 4, kCX = 5, kC0 = 6, kCE = 7, kCP = 8,
+              kCZ = 9, kK = 10;
+
+template <typename acc_t>
+struct Coef {
+  acc_t g, ax, ao, ex, eo, cx, c0, ce, cp, cz;
+};
+
+template <typename acc_t, typename tab_t>
+Coef<acc_t> load_coef(const tab_t* r) {
+  return {acc_t(r[kG]),  acc_t(r[kAX]), acc_t(r[kAO]), acc_t(r[kEX]), acc_t(r[kEO]),
+          acc_t(r[kCX]), acc_t(r[kC0]), acc_t(r[kCE]), acc_t(r[kCP]), acc_t(r[kCZ])};
+}
+
+// Elements [lo, hi) of one row; all pointers already offset to the row start.
+template <typename scalar_t, typename acc_t, bool GUIDED, bool NOISE, bool PREV>
+void step_row(scalar_t* __restrict x, const scalar_t* __restrict m,
+              const scalar_t* __restrict u, const scalar_t* __restrict z,
+              scalar_t* __restrict prev, const Coef<acc_t> c, int64_t lo, int64_t hi) {
+  for (int64_t i = lo; i < hi; ++i) {
+    const acc_t xv = acc_t(x[i]);
+    acc_t o;
+    if constexpr (GUIDED) {
+      const acc_t uv = acc_t(u[i]);
+      o = uv + c.g * (acc_t(m[i]) - uv);
+    } else {
+      o = acc_t(m[i]);
+    }
+    const acc_t x0 = c.ax * xv + c.ao * o;
+    const acc_t eps = c.ex * xv + c.eo * o;
+    acc_t nxt = c.cx * xv + c.c0 * x0 + c.ce * eps;
+    if constexpr (PREV) {
+      nxt = nxt + c.cp * acc_t(prev[i]);
+      prev[i] = scalar_t(x0);
+    }
+    if constexpr (NOISE) nxt = nxt + c.cz * acc_t(z[i]);
+    x[i] = scalar_t(nxt);
+  }
+}
+
+template <typename scalar_t, typename tab_t, bool GUIDED, bool NOISE, bool PREV>
+void run(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& table, int64_t s,
+         const at::Tensor* noise, const at::Tensor* prev) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t B = x.size(0), N = x.size(1);
+  const int64_t stride_b = table.dim() == 3 ? kK : 0;
+  const tab_t* tab = table.const_data_ptr<tab_t>() + s * table.stride(0);
+  scalar_t* xp = x.mutable_data_ptr<scalar_t>();
+  const scalar_t* op = model_out.const_data_ptr<scalar_t>();
+  const scalar_t* zp = noise ? noise->const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* pp = prev ? prev->mutable_data_ptr<scalar_t>() : nullptr;
+  const int64_t total = B * N;
+  const int64_t grain = std::max<int64_t>(4096, 1);
+  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    while (i < end) {  // split [begin, end) at row boundaries
+      const int64_t b = i / N, lo = i - b * N;
+      const int64_t hi = std::min(N, lo + (end - i));
+      const Coef<acc_t> c = load_coef<acc_t>(tab + b * stride_b);
+      const int64_t r = b * N;
+      step_row<scalar_t, acc_t, GUIDED, NOISE, PREV>(
+          xp + r, op + r, GUIDED ? op + (B + b) * N : nullptr, zp ? zp + r : nullptr,
+          pp ? pp + r : nullptr, c, lo, hi);
+      i += hi - lo;
+    }
+  });
+}
+
+template <typename scalar_t, typename tab_t>
+void run_flags(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& table,
+               int64_t s, const at::Tensor* noise, const at::Tensor* prev, bool guided) {
+  const int code = (guided ? 4 : 0) | (noise ? 2 : 0) | (prev ? 1 : 0);
+  switch (code) {
+#define D2NWG_CASE(c, G, Z, P) \
+  case c: run<scalar_t, tab_t, G, Z, P>(x, model_out, table, s, noise, prev); break;
+    D2NWG_CASE(0, false, false, false)
+    D2NWG_CASE(1, false, false, true)
+    D2NWG_CASE(2, false, true, false)
+    D2NWG_CASE(3, false, true, true)
+    D2NWG_CASE(4, true, false, false)
+    D2NWG_CASE(5, true, false, true)
+    D2NWG_CASE(6, true, true, false)
+    D2NWG_CASE(7, true, true, true)
+#undef D2NWG_CASE
+  }
+}
+
+template <typename scalar_t>
+void run_table(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& table,
+               int64_t s, const at::Tensor* noise, const at::Tensor* prev, bool guided) {
+  if (table.scalar_type() == at::kDouble) {
+    run_flags<scalar_t, double>(x, model_out, table, s, noise, prev, guided);
+  } else {
+    run_flags<scalar_t, float>(x, model_out, table, s, noise, prev, guided);
+  }
+}
+
+}  // namespace
+
+void check_sampler_step_args(const at::Tensor& x, const at::Tensor& model_out,
+                             const at::Tensor& table, const at::Tensor& step,
+                             const std::optional<at::Tensor>& noise,
+                             const std::optional<at::Tensor>& prev_x0, bool guided) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "sampler_step_: x must be a contiguous [B, N] tensor");
+  const int64_t B = x.size(0), N = x.size(1);
+  TORCH_CHECK(model_out.is_contiguous() && model_out.dim() == 2 &&
+                  model_out.size(0) == (guided ? 2 * B : B) && model_out.size(1) == N,
+              "sampler_step_: model_out must be contiguous [", guided ? 2 * B : B, ", ", N, "]");
+  TORCH_CHECK(model_out.scalar_type() == x.scalar_type(), "sampler_step_: model_out dtype != x dtype");
+  TORCH_CHECK(table.is_contiguous() && table.size(0) > 0 &&
+                  ((table.dim() == 2 && table.size(1) == kK) ||
+                   (table.dim() == 3 && table.size(1) == B && table.size(2) == kK)),
+              "sampler_step_: table must be contiguous [S, 10] or [S, B, 10]");
+  TORCH_CHECK(table.scalar_type() == at::kFloat || table.scalar_type() == at::kDouble,
+              "sampler_step_: table must be float32 or float64");
+  TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kLong,
+              "sampler_step_: step must be a one-element int64 tensor");
+  for (const auto* t : {&noise, &prev_x0}) {
+    if (t->has_value()) {
+      TORCH_CHECK((*t)->is_contiguous() && (*t)->sizes() == x.sizes() &&
+                      (*t)->scalar_type() == x.scalar_type() && (*t)->device() == x.device(),
+                  "sampler_step_: noise / prev_x0 must be contiguous, shaped, typed and placed like x");
+    }
+  }
+  TORCH_CHECK(model_out.device() == x.device() && table.device() == x.device() &&
+                  step.device() == x.device(),
+              "sampler_step_: all tensors must be on x's device");
+}
+
+void sampler_step_cpu(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& table,
+                      const at::Tensor& step, const std::optional<at::Tensor>& noise,
+                      const std::optional<at::Tensor>& prev_x0, bool guided) {
+  check_sampler_step_args(x, model_out, table, step, noise, prev_x0, guided);
+  if (x.numel() == 0) return;
+  int64_t s = *step.const_data_ptr<int64_t>();
+  s = std::min<int64_t>(std::max<int64_t>(s, 0), table.size(0) - 1);
+  const at::Tensor* z = noise.has_value() ? &*noise : nullptr;
+  const at::Tensor* p = prev_x0.has_value() ? &*prev_x0 : nullptr;
+  switch (x.scalar_type()) {
+    case at::kFloat: run_table<float>(x, model_out, table, s, z, p, guided); break;
+    case at::kDouble: run_table<double>(x, model_out, table, s, z, p, guided); break;
+    case at::kHalf: run_table<c10::Half>(x, model_out, table, s, z, p, guided); break;
+    case at::kBFloat16: run_table<c10::BFloat16>(x, model_out, table, s, z, p, guided); break;
+    default: TORCH_CHECK(false, "sampler_step_: unsupported dtype ", x.scalar_type());
+  }
+}
+
+}  // namespace d2nwg

@@ -1,0 +1,221 @@
+"""The fused, batched diffusion sampler step: one kernel per denoising step.
+
+For sample ``b`` (row ``b`` of ``x`` viewed as ``[B, N]``) at step ``s`` (read from the device
+tensor ``step``, so that a captured CUDA graph replays with the right coefficients), with the
+coefficient row ``c = table[s]`` (shared, table ``[S, K]``) or ``c = table[s, b]`` (per
+sample, table ``[S, B, K]``), every backend computes, elementwise and in this order:
+
+    o    = u + c[G] * (m - u)        if guided: m = model_out[b] (cond), u = model_out[B + b]
+         = model_out[b]              otherwise
+    x0   = c[AX] * x + c[AO] * o     the prediction converted to data   (x_0-hat)
+    eps  = c[EX] * x + c[EO] * o     the prediction converted to noise  (eps-hat)
+    next = c[CX] * x + c[C0] * x0 + c[CE] * eps  [+ c[CP] * prev]  [+ c[CZ] * noise]
+    x    <- next                     (in place)
+    prev <- x0                       (when a previous-x0 buffer is given: DPM-Solver++(2M))
+
+The bracketed terms are present only when ``prev_x0`` / ``noise`` are given. Arithmetic runs
+in float32 (float64 for float64 ``x``); the result is rounded once to ``x.dtype``. The
+samplers (DDPM, DDIM, DPM-Solver++) differ only in their tables, built by
+:mod:`d2nwg.sampling`. Files of this op: this one (reference, checks, dispatch, public
+functions), ``kernels/sampler_step.py`` (Triton), ``csrc/sampler_step_cpu.cpp`` and
+``csrc/sampler_step_cuda.cu`` (registered in ``csrc/registration.cpp``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from d2nwg import _ext
+from d2nwg.backends import Backend, select, triton_reason
+from d2nwg.errors import DeviceError, DTypeError, ShapeError
+
+# Columns of a coefficient table row.
+G, AX, AO, EX, EO, CX, C0, CE, CP, CZ = range(10)
+K = 10
+COLUMNS = ("G", "AX", "AO", "EX", "EO", "CX", "C0", "CE", "CP", "CZ")
+X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+TABLE_DTYPES = (torch.float32, torch.float64)
+STEP_DTYPES = (torch.int64,)
+
+
+# ----------------------------------------------------------------------------------------
+# Reference (PyTorch): the oracle for every backend.
+# ----------------------------------------------------------------------------------------
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every backend computes in for ``x`` of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sampler_step_ref(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor,
+                     step: torch.Tensor, noise: torch.Tensor | None = None,
+                     prev_x0: torch.Tensor | None = None, guided: bool = False,
+                     compute_dtype: torch.dtype | None = None) -> None:
+    """In place on ``x`` [B, N] (and ``prev_x0``); see the module docstring.
+
+    ``compute_dtype`` (tests only) overrides the float32/float64 arithmetic, e.g. to measure
+    PyTorch's own error when it computes in bfloat16.
+    """
+    B = x.shape[0]
+    acc = compute_dtype or acc_dtype(x.dtype)
+    s = step.reshape(1).long().clamp(0, table.shape[0] - 1)
+    row = table.index_select(0, s)[0].to(acc)                    # [K] or [B, K]
+    c = row.view(1, K).expand(B, K) if row.dim() == 1 else row   # [B, K]
+    col = [c[:, j : j + 1] for j in range(K)]                    # each [B, 1]
+    xa = x.to(acc)
+    if guided:
+        m, u = model_out[:B].to(acc), model_out[B:].to(acc)
+        o = u + col[G] * (m - u)
+    else:
+        o = model_out.to(acc)
+    x0 = col[AX] * xa + col[AO] * o
+    eps = col[EX] * xa + col[EO] * o
+    nxt = col[CX] * xa + col[C0] * x0 + col[CE] * eps
+    if prev_x0 is not None:
+        nxt = nxt + col[CP] * prev_x0.to(acc)
+    if noise is not None:
+        nxt = nxt + col[CZ] * noise.to(acc)
+    x.copy_(nxt)
+    if prev_x0 is not None:
+        prev_x0.copy_(x0)
+
+
+# ----------------------------------------------------------------------------------------
+# Compiled backends (csrc/): registered as torch.ops.d2nwg.sampler_step_.
+# ----------------------------------------------------------------------------------------
+def _compiled(x, model_out, table, step, noise, prev_x0, guided) -> None:
+    torch.ops.d2nwg.sampler_step_.default(x, model_out, table, step, noise, prev_x0, guided)
+
+
+def _triton(x, model_out, table, step, noise, prev_x0, guided) -> None:
+    from d2nwg.kernels.sampler_step import sampler_step_triton
+
+    sampler_step_triton(x, model_out, table, step, noise, prev_x0, guided)
+
+
+def _on(device_type: str):
+    def check(x: torch.Tensor, *_) -> str | None:
+        if x.device.type != device_type:
+            return f"needs {device_type.upper()} tensors, got {x.device.type}"
+        reason = _ext.cuda_reason(x.device.index) if device_type == "cuda" else _ext.cpp_reason()
+        if reason is None and not hasattr(torch.ops.d2nwg, "sampler_step_"):
+            return "d2nwg._C was built without sampler_step_ (rebuild it)"
+        return reason
+
+    return check
+
+
+def _triton_why_not(x, *_) -> str | None:
+    return triton_reason([x])
+
+
+def _ref_reason(*_) -> None:
+    return None
+
+
+SAMPLER_STEP_BACKENDS = (
+    Backend("cuda", _compiled, _on("cuda")),
+    Backend("triton", _triton, _triton_why_not),
+    Backend("cpp", _compiled, _on("cpu")),
+    Backend("torch", sampler_step_ref, _ref_reason),
+)
+
+if _ext._C is not None and hasattr(torch.ops.d2nwg, "sampler_step_"):
+    try:  # lets torch.compile trace through the in-place op (it returns nothing)
+        @torch.library.register_fake("d2nwg::sampler_step_")
+        def _fake(x, model_out, table, step, noise, prev_x0, guided):
+            return None
+    except (RuntimeError, AttributeError):  # already registered (module reloaded) or old torch
+        pass
+
+
+# ----------------------------------------------------------------------------------------
+# Checks and public functions.
+# ----------------------------------------------------------------------------------------
+def _check(x, model_out, table, step, noise, prev_x0, guided) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ShapeError(f"x must be a [B, N] tensor, got {getattr(x, 'shape', type(x))}")
+    B, N = x.shape
+    if x.dtype not in X_DTYPES:
+        raise DTypeError(f"x has dtype {x.dtype}; expected one of {X_DTYPES}")
+    if not x.is_contiguous():
+        raise ShapeError("x must be contiguous (it is updated in place)")
+    want = (2 * B, N) if guided else (B, N)
+    if tuple(model_out.shape) != want:
+        raise ShapeError(f"model_out has shape {tuple(model_out.shape)}, expected {want}"
+                         + (" (cond rows, then uncond rows)" if guided else ""))
+    if model_out.dtype != x.dtype:
+        raise DTypeError(f"model_out has dtype {model_out.dtype}, x has {x.dtype}")
+    if table.dtype not in TABLE_DTYPES:
+        raise DTypeError(f"table has dtype {table.dtype}; expected one of {TABLE_DTYPES}")
+    if not (table.dim() == 2 and table.shape[1] == K) and \
+            not (table.dim() == 3 and table.shape[1] == B and table.shape[2] == K):
+        raise ShapeError(f"table has shape {tuple(table.shape)}, expected [S, {K}] or [S, {B}, {K}]")
+    if table.shape[0] == 0:
+        raise ShapeError("table has no steps")
+    if step.dtype not in STEP_DTYPES or step.numel() != 1:
+        raise DTypeError(f"step must be a one-element int64 tensor, got {step.dtype} "
+                         f"with {step.numel()} elements")
+    for name, t in (("noise", noise), ("prev_x0", prev_x0)):
+        if t is None:
+            continue
+        if tuple(t.shape) != (B, N):
+            raise ShapeError(f"{name} has shape {tuple(t.shape)}, expected {(B, N)}")
+        if t.dtype != x.dtype:
+            raise DTypeError(f"{name} has dtype {t.dtype}, x has {x.dtype}")
+    for name, t in (("model_out", model_out), ("table", table), ("step", step), ("noise", noise),
+                    ("prev_x0", prev_x0)):
+        if t is not None and t.device != x.device:
+            raise DeviceError(f"{name} is on {t.device}, x on {x.device}")
+    if step.device.type == "cpu" and not 0 <= int(step.reshape(-1)[0]) < table.shape[0]:
+        raise ShapeError(f"step {int(step.reshape(-1)[0])} is out of range for a table of "
+                         f"{table.shape[0]} steps")
+
+
+def sampler_step_(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor,
+                  step: torch.Tensor, *, noise: torch.Tensor | None = None,
+                  prev_x0: torch.Tensor | None = None, guided: bool = False,
+                  backend: str | None = None, check: bool = True) -> torch.Tensor:
+    """One fused sampler step, in place on ``x`` ``[B, N]``; returns ``x``.
+
+    Args:
+        x: the current sample x_t, ``[B, N]``, contiguous (float32/16, bfloat16, float64).
+        model_out: the model's prediction, ``[B, N]``, or ``[2B, N]`` (cond rows, then uncond
+            rows) when ``guided``; same dtype as ``x``.
+        table: coefficients, ``[S, K]`` (shared) or ``[S, B, K]`` (per sample), float32 or
+            float64, columns :data:`COLUMNS` (see the module docstring).
+        step: one-element int64 tensor on ``x``'s device: the table row to use. On CUDA it is
+            not range-checked (that would synchronize); kernels clamp it to ``[0, S)``.
+        noise: standard normal noise ``[B, N]`` scaled by column CZ, or None.
+        prev_x0: the previous data prediction ``[B, N]``, read (column CP) then overwritten
+            with this step's x0 (DPM-Solver++(2M)); or None.
+        guided: mix classifier-free guidance from the two halves of ``model_out``.
+        backend: force "torch", "cpp", "cuda" or "triton" (else ``D2NWG_BACKEND`` / best).
+        check: validate the inputs (the sampler loop validates once, then passes False).
+    """
+    noise = noise.reshape(x.shape) if noise is not None and noise.dim() != 2 else noise
+    if check:
+        _check(x, model_out, table, step, noise, prev_x0, guided)
+        model_out = model_out.contiguous()
+        table = table.contiguous()
+        noise = noise.contiguous() if noise is not None else None
+        if prev_x0 is not None and not prev_x0.is_contiguous():
+            raise ShapeError("prev_x0 must be contiguous (it is updated in place)")
+    if x.numel() == 0:
+        return x
+    impl = select("sampler_step", SAMPLER_STEP_BACKENDS, x, model_out, table, step, noise,
+                  prev_x0, guided, backend=backend)
+    impl.run(x, model_out, table, step, noise, prev_x0, guided)
+    return x
+
+
+def sampler_step(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor,
+                 step: torch.Tensor, *, noise: torch.Tensor | None = None,
+                 prev_x0: torch.Tensor | None = None, guided: bool = False,
+                 backend: str | None = None) -> torch.Tensor:
+    """Out-of-place :func:`sampler_step_`: returns the next sample (``prev_x0`` is still
+    updated in place when given)."""
+    if not isinstance(x, torch.Tensor):
+        raise ShapeError(f"x must be a tensor, got {type(x).__name__}")
+    out = x.clone(memory_format=torch.contiguous_format)
+    return sampler_step_(out, model_out, table, step, noise=noise, prev_x0=prev_x0, guided=guided,
+                         backend=backend)

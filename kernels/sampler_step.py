@@ -1,0 +1,103 @@
+"""Triton kernel of the fused sampler step (reference and checks: d2nwg/ops/sampler_step.py).
+
+One program handles a tile of BLOCK_B samples x BLOCK_N elements (one row segment of 1024 for
+large samples, several short rows otherwise): it reads the step index from device memory,
+loads its samples' coefficient rows, then streams x, the model output (both halves when
+guided), noise and the previous x0 once and writes x (and x0) once.
+Fixed block size, no autotuning; runs under TRITON_INTERPRET=1 on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024          # elements per program on a GPU (BLOCK_B rows x BLOCK_N columns)
+NUM_WARPS = 4
+# Under TRITON_INTERPRET=1 (CPU) every program and every op costs Python time whatever its
+# size: one program covers up to this many elements instead.
+INTERPRET_BLOCK = 65536
+
+
+@triton.jit
+def _sampler_step_kernel(
+    x_ptr, out_ptr, tab_ptr, step_ptr, z_ptr, prev_ptr,
+    B, N, n_col_blocks, num_steps, stride_ts, stride_tb,
+    GUIDED: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_PREV: tl.constexpr,
+    F64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rb = pid // n_col_blocks
+    cb = pid % n_col_blocks
+    if F64:
+        acc_t = tl.float64
+    else:
+        acc_t = tl.float32
+    rows = rb * BLOCK_B + tl.arange(0, BLOCK_B)                  # samples of this tile
+    cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < B
+    mask = row_ok[:, None] & (cols < N)[None, :]
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    # The step index lives in device memory (graph replays read the current value); each
+    # row's coefficients come from table[s] (shared, stride_tb = 0) or table[s, b].
+    s = tl.load(step_ptr).to(tl.int64)
+    s = tl.minimum(tl.maximum(s, 0), num_steps - 1)
+    crow = tab_ptr + s * stride_ts + rows.to(tl.int64) * stride_tb   # [BLOCK_B] pointers
+    c_ax = tl.load(crow + 1, mask=row_ok, other=0.0).to(acc_t)[:, None]
+    c_ao = tl.load(crow + 2, mask=row_ok, other=0.0).to(acc_t)[:, None]
+    c_ex = tl.load(crow + 3, mask=row_ok, other=0.0).to(acc_t)[:, None]
+    c_eo = tl.load(crow + 4, mask=row_ok, other=0.0).to(acc_t)[:, None]
+    c_cx = tl.load(crow + 5, mask=row_ok, other=0.0).to(acc_t)[:, None]
+    c_c0 = tl.load(crow + 6, mask=row_ok, other=0.0).to(acc_t)[:, None]
+    c_ce = tl.load(crow + 7, mask=row_ok, other=0.0).to(acc_t)[:, None]
+
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
+    if GUIDED:
+        g = tl.load(crow + 0, mask=row_ok, other=0.0).to(acc_t)[:, None]
+        m = tl.load(out_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        u = tl.load(out_ptr + B * N + offs, mask=mask, other=0.0).to(acc_t)
+        o = u + g * (m - u)                          # classifier-free guidance
+    else:
+        o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(acc_t)
+    x0 = c_ax * x + c_ao * o                         # prediction -> data
+    eps = c_ex * x + c_eo * o                        # prediction -> noise
+    nxt = c_cx * x + c_c0 * x0 + c_ce * eps          # the sampler's update
+    if HAS_PREV:
+        c_cp = tl.load(crow + 8, mask=row_ok, other=0.0).to(acc_t)[:, None]
+        prev = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        nxt = nxt + c_cp * prev
+        tl.store(prev_ptr + offs, x0.to(prev_ptr.dtype.element_ty), mask=mask)
+    if HAS_NOISE:
+        c_cz = tl.load(crow + 9, mask=row_ok, other=0.0).to(acc_t)[:, None]
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        nxt = nxt + c_cz * z
+    tl.store(x_ptr + offs, nxt.to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def tile(B: int, N: int, interpret: bool) -> tuple[int, int]:
+    """(BLOCK_B, BLOCK_N): BLOCK elements per program, several short rows per program."""
+    total = INTERPRET_BLOCK if interpret else BLOCK
+    block_n = min(triton.next_power_of_2(max(N, 1)), total)
+    block_b = min(triton.next_power_of_2(max(B, 1)), total // block_n)
+    return max(block_b, 1), block_n
+
+
+def sampler_step_triton(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor,
+                        step: torch.Tensor, noise: torch.Tensor | None,
+                        prev_x0: torch.Tensor | None, guided: bool) -> None:
+    """Launch on checked, contiguous inputs (see d2nwg.ops.sampler_step.sampler_step_)."""
+    B, N = x.shape
+    if B == 0 or N == 0:
+        return
+    block_b, block_n = tile(B, N, x.device.type == "cpu")
+    n_col_blocks = triton.cdiv(N, block_n)
+    stride_tb = table.shape[2] if table.dim() == 3 else 0
+    grid = (triton.cdiv(B, block_b) * n_col_blocks,)
+    _sampler_step_kernel[grid](
+        x, model_out, table, step,
+        noise if noise is not None else x, prev_x0 if prev_x0 is not None else x,
+        B, N, n_col_blocks, table.shape[0], table.stride(0), stride_tb,
+        GUIDED=bool(guided), HAS_NOISE=noise is not None, HAS_PREV=prev_x0 is not None,
+        F64=x.dtype == torch.float64, BLOCK_B=block_b, BLOCK_N=block_n, num_warps=NUM_WARPS,
+    )

@@ -1,0 +1,204 @@
+"""The fused sampler step: every backend that runs here against the PyTorch reference."""
+
+import pytest
+import torch
+
+from d2nwg import _ext
+from d2nwg.errors import (BackendUnavailableError, ConfigError, D2NWGError, DeviceError,
+                          DTypeError, ShapeError)
+from d2nwg.ops.sampler_step import K, sampler_step, sampler_step_, sampler_step_ref
+
+
+BACKENDS = ["torch", "triton", "cpp", "cuda"]
+
+
+def _skip_unavailable(backend, device):
+    if backend == "cuda" and device.type != "cuda":
+        pytest.skip("cuda backend needs a GPU")
+    if backend == "cpp" and device.type != "cpu":
+        pytest.skip("cpp backend runs on CPU tensors")
+    if backend == "cpp" and _ext.cpp_reason() is not None:
+        pytest.fail(f"the cpp backend must be built for these tests: {_ext.cpp_reason()}")
+
+
+def _inputs(B, N, *, guided, noise, prev, per_sample, S=5, dtype=torch.float32,
+            table_dtype=torch.float32, gen, device):
+    def rnd(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dt)
+
+    x = rnd(B, N)
+    out = rnd(2 * B if guided else B, N)
+    table = rnd(*((S, B, K) if per_sample else (S, K)), dt=table_dtype)
+    step = torch.randint(0, S, (1,), generator=gen).to(device)
+    z = rnd(B, N) if noise else None
+    p = rnd(B, N) if prev else None
+    return x, out, table, step, z, p
+
+
+def _run(backend, x, out, table, step, z, p, guided):
+    """(next x, updated prev) of one backend, inputs untouched."""
+    p2 = p.clone() if p is not None else None
+    y = sampler_step(x, out, table, step, noise=z, prev_x0=p2, guided=guided, backend=backend)
+    return y, p2
+
+
+def _ref(x, out, table, step, z, p, guided, compute_dtype=None):
+    y = x.clone()
+    p2 = p.clone() if p is not None else None
+    sampler_step_ref(y, out, table, step, z, p2, guided, compute_dtype=compute_dtype)
+    return y, p2
+
+
+SHAPES = [(3, 37), (1, 1), (5, 1), (2, 1025), (4, 300)]
+FLAGS = [  # guided, noise, prev, per_sample
+    (False, False, False, False),
+    (True, False, False, False),
+    (False, True, False, False),
+    (False, False, True, False),
+    (True, True, True, True),
+    (False, True, True, True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("flags", FLAGS)
+def test_fp32_matches_reference(backend, shape, flags, gen, device):
+    _skip_unavailable(backend, device)
+    guided, noise, prev, per_sample = flags
+    args = _inputs(*shape, guided=guided, noise=noise, prev=prev, per_sample=per_sample, gen=gen,
+                   device=device)
+    y, p = _run(backend, *args, guided)
+    y_ref, p_ref = _ref(*args, guided)
+    scale = max(1.0, float(y_ref.abs().max()))
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5 * scale)
+    if prev:
+        torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp64_and_fp64_table(backend, gen, device):
+    _skip_unavailable(backend, device)
+    args = _inputs(3, 130, guided=True, noise=True, prev=True, per_sample=False,
+                   dtype=torch.float64, table_dtype=torch.float64, gen=gen, device=device)
+    y, p = _run(backend, *args, True)
+    y_ref, p_ref = _ref(*args, True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(p, p_ref, rtol=1e-12, atol=1e-12)
+    # float32 x with a float64 table: coefficients rounded to float32 first, as the reference
+    args32 = _inputs(3, 130, guided=False, noise=True, prev=False, per_sample=True,
+                     table_dtype=torch.float64, gen=gen, device=device)
+    torch.testing.assert_close(_run(backend, *args32, False)[0], _ref(*args32, False)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_rule(backend, dtype, gen, device):
+    """Error vs a float64 reference at most twice PyTorch's own error computing in dtype."""
+    _skip_unavailable(backend, device)
+    args = _inputs(4, 257, guided=True, noise=True, prev=True, per_sample=False, dtype=dtype,
+                   gen=gen, device=device)
+    x, out, table, step, z, p = args
+    hi = [t.double() if t is not None and t.is_floating_point() and t is not table else t
+          for t in args]
+    y64, p64 = _ref(*hi, True)
+    y, pk = _run(backend, *args, True)
+    y_t, p_t = _ref(*args, True, compute_dtype=dtype)          # PyTorch's own, in dtype
+    for got, own in ((y, y_t), (pk, p_t)):
+        ref = y64 if got is y else p64
+        err = (got.double() - ref).abs().max().item()
+        own_err = (own.double() - ref).abs().max().item()
+        assert err <= 2 * own_err + 1e-12, (err, own_err)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_index_is_read_from_the_tensor(backend, gen, device):
+    """Each row of the table is used at its step, shared and per-sample tables alike."""
+    _skip_unavailable(backend, device)
+    x, out, table, _, z, _ = _inputs(2, 33, guided=False, noise=True, prev=False,
+                                     per_sample=True, S=4, gen=gen, device=device)
+    for s in range(4):
+        step = torch.tensor([s], device=device)
+        y, _ = _run(backend, x, out, table, step, z, None, False)
+        y_ref, _ = _ref(x, out, table, step, z, None, False)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        one = table[s : s + 1]                                 # the same row as a 1-step table
+        y1, _ = _run(backend, x, out, one, torch.zeros(1, dtype=torch.long, device=device), z,
+                     None, False)
+        torch.testing.assert_close(y1, y_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_place_and_prev_buffer(backend, gen, device):
+    _skip_unavailable(backend, device)
+    x, out, table, step, z, p = _inputs(3, 50, guided=False, noise=False, prev=True,
+                                        per_sample=False, gen=gen, device=device)
+    y_ref, p_ref = _ref(x, out, table, step, None, p, False)
+    x_in, p_in = x.clone(), p.clone()
+    ret = sampler_step_(x_in, out, table, step, prev_x0=p_in, backend=backend)
+    assert ret is x_in
+    torch.testing.assert_close(x_in, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p_in, p_ref, rtol=1e-5, atol=1e-5)
+    x2 = x.clone()
+    sampler_step(x2, out, table, step, backend=backend)        # out of place
+    assert torch.equal(x2, x)
+
+
+def test_hand_computed_coefficients(device):
+    """The documented formula on one element, every column non-zero."""
+    c = torch.tensor([[1.5, 0.3, -0.2, 0.1, 0.9, 0.7, 0.4, 0.25, -0.5, 0.05]], dtype=torch.float64)
+    x = torch.tensor([[2.0]], dtype=torch.float64, device=device)
+    out = torch.tensor([[1.0], [-1.0]], dtype=torch.float64, device=device)  # cond, uncond
+    z = torch.tensor([[0.5]], dtype=torch.float64, device=device)
+    p = torch.tensor([[3.0]], dtype=torch.float64, device=device)
+    o = -1.0 + 1.5 * (1.0 - -1.0)
+    x0 = 0.3 * 2 - 0.2 * o
+    eps = 0.1 * 2 + 0.9 * o
+    want = 0.7 * 2 + 0.4 * x0 + 0.25 * eps - 0.5 * 3.0 + 0.05 * 0.5
+    y = sampler_step(x, out, c.to(device), torch.zeros(1, dtype=torch.long, device=device),
+                     noise=z, prev_x0=p, guided=True, backend="torch")
+    assert abs(y.item() - want) < 1e-12 and abs(p.item() - x0) < 1e-12
+
+
+def test_empty_and_dispatch(device):
+    x = torch.zeros(2, 0, device=device)
+    table = torch.zeros(1, K, device=device)
+    step = torch.zeros(1, dtype=torch.long, device=device)
+    assert sampler_step(x, torch.zeros(2, 0, device=device), table, step).shape == (2, 0)
+    with pytest.raises(ConfigError, match="backend"):
+        sampler_step(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, K), step.cpu(),
+                     backend="nope")
+    if device.type == "cpu":
+        with pytest.raises(BackendUnavailableError, match="cuda"):
+            sampler_step(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, K), step.cpu(),
+                         backend="cuda")
+
+
+def test_bad_input_names_the_argument():
+    x, out, table = torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(4, K)
+    step = torch.zeros(1, dtype=torch.long)
+    cases = [
+        (dict(x=torch.zeros(6)), ShapeError, "x"),
+        (dict(x=torch.zeros(2, 3, dtype=torch.int32), model_out=torch.zeros(2, 3, dtype=torch.int32)),
+         DTypeError, "x"),
+        (dict(model_out=torch.zeros(3, 3)), ShapeError, "model_out"),
+        (dict(model_out=torch.zeros(2, 3), guided=True), ShapeError, "model_out"),
+        (dict(model_out=torch.zeros(2, 3, dtype=torch.float64)), DTypeError, "model_out"),
+        (dict(table=torch.zeros(4, K - 1)), ShapeError, "table"),
+        (dict(table=torch.zeros(4, 3, K)), ShapeError, "table"),
+        (dict(table=torch.zeros(4, K, dtype=torch.float16)), DTypeError, "table"),
+        (dict(step=torch.zeros(1)), DTypeError, "step"),
+        (dict(step=torch.zeros(2, dtype=torch.long)), DTypeError, "step"),
+        (dict(step=torch.tensor([4])), ShapeError, "step"),
+        (dict(noise=torch.zeros(2, 4)), ShapeError, "noise"),
+        (dict(prev_x0=torch.zeros(2, 3, dtype=torch.float64)), DTypeError, "prev_x0"),
+        (dict(table=torch.zeros(4, K, device="meta")), DeviceError, "table"),
+    ]
+    for change, exc, name in cases:
+        kw = dict(x=x, model_out=out, table=table, step=step, noise=None, prev_x0=None,
+                  guided=False)
+        kw.update(change)
+        with pytest.raises(exc, match=name) as info:
+            sampler_step(kw.pop("x"), kw.pop("model_out"), kw.pop("table"), kw.pop("step"), **kw)
+        assert isinstance(info.value, D2NWGError)

@@ -1,0 +1,321 @@
+"""Samplers against closed forms.
+
+For Gaussian data x0 ~ N(mu, diag(sd^2)) the marginal of x_t = alpha x0 + sigma eps is
+N(alpha mu, alpha^2 sd^2 + sigma^2), the ideal noise predictor is
+E[eps | x_t] = sigma (x_t - alpha mu) / (alpha^2 sd^2 + sigma^2), and the probability-flow ODE
+maps x_T to mu + sd (x_T - alpha_T mu) / sqrt(alpha_T^2 sd^2 + sigma_T^2) exactly. Driven by
+that predictor, every sampler must map N(0, I) to (that image of) the data distribution.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from d2nwg import _ext
+from d2nwg.errors import ConfigError, D2NWGError, DTypeError, ShapeError
+from d2nwg.sampling import build_table, default_timesteps, sample
+from d2nwg.schedule import NoiseSchedule
+
+SCHED = NoiseSchedule.linear(1000)
+MU = torch.tensor([1.5, -1.0, 0.5], dtype=torch.float64)
+SD = torch.tensor([0.7, 1.3, 2.0], dtype=torch.float64)
+BACKENDS = ["torch", "cpp", "triton"]
+
+
+def _need(backend):
+    if backend == "cpp" and _ext.cpp_reason() is not None:
+        pytest.fail(f"the cpp backend must be built for these tests: {_ext.cpp_reason()}")
+
+
+class Gaussian:
+    """The exact predictor (epsilon, v or sample) for Gaussian data; counts its calls."""
+
+    def __init__(self, N, schedule=SCHED, prediction_type="epsilon"):
+        cols = torch.arange(N) % len(MU)
+        self.mu, self.sd = MU[cols], SD[cols]
+        self.abar = schedule.alphas_cumprod
+        self.prediction_type = prediction_type
+        self.calls = 0
+
+    def __call__(self, x, t, cond):
+        self.calls += 1
+        assert t.dtype == torch.int64 and t.shape == (x.shape[0],)
+        a = self.abar[t].view(-1, 1)
+        al, sg = a.sqrt(), (1 - a).sqrt()
+        xd = x.double()
+        var = a * self.sd ** 2 + (1 - a)
+        eps = sg * (xd - al * self.mu) / var
+        x0 = self.mu + al * self.sd ** 2 * (xd - al * self.mu) / var
+        out = {"epsilon": eps, "v": al * eps - sg * x0, "sample": x0}[self.prediction_type]
+        return out.to(x.dtype)
+
+    def exact(self, x_T):
+        aT = self.abar[-1]
+        return self.mu + self.sd * (x_T.double() - aT.sqrt() * self.mu) / (aT * self.sd ** 2 + 1 - aT).sqrt()
+
+    def groups(self, y):
+        """Per data group: samples [n] of each of the len(MU) groups."""
+        return [y[:, g :: len(MU)].reshape(-1).double() for g in range(len(MU))]
+
+
+def _check_distribution(y, x_T, model, *, deterministic):
+    """Mean and std of each group within 4 standard errors of the N(0, I) image; for a
+    deterministic sampler also the discretization error (vs the exact ODE map from the same
+    x_T) below one standard error."""
+    aT = SCHED.alphas_cumprod[-1]
+    exact = model.exact(x_T)
+    for g, (yg, eg) in enumerate(zip(model.groups(y), model.groups(exact))):
+        mu, sd = MU[g].item(), SD[g].item()
+        v_T = aT * sd ** 2 + 1 - aT
+        mean_t = mu - sd * aT.sqrt() * mu / v_T.sqrt()
+        std_t = sd / v_T.sqrt()
+        n = yg.numel()
+        se_mean, se_std = std_t / math.sqrt(n), std_t / math.sqrt(2 * n)
+        assert abs(yg.mean() - mean_t) < 4 * se_mean, (g, yg.mean().item(), mean_t.item())
+        assert abs(yg.std() - std_t) < 4 * se_std, (g, yg.std().item(), std_t.item())
+        if deterministic:
+            assert abs(yg.mean() - eg.mean()) < se_mean, (g, "mean disc", (yg.mean() - eg.mean()).item())
+            assert abs(yg.std() - eg.std()) < se_std, (g, "std disc", (yg.std() - eg.std()).item())
+
+
+# Step counts where discretization error is below the sampling error of 4 x 6144 / 3 samples
+# per group (DDIM is first order: its std error is about 1.6 sd / steps on this schedule).
+CASES = [("ddim", 400), ("dpmpp_2m", 60)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sampler, steps", CASES)
+def test_deterministic_samplers_map_noise_to_data(sampler, steps, backend):
+    _need(backend)
+    x_T = torch.randn(4, 3 * 2048, generator=torch.Generator().manual_seed(1))
+    model = Gaussian(x_T.shape[1])
+    y = sample(model, x_T, SCHED, sampler=sampler, steps=steps, backend=backend)
+    assert y.shape == x_T.shape and y.dtype == x_T.dtype
+    assert model.calls == steps
+    _check_distribution(y, x_T, model, deterministic=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ddpm_maps_noise_to_data(backend):
+    _need(backend)
+    x_T = torch.randn(4, 3 * 2048, generator=torch.Generator().manual_seed(2))
+    model = Gaussian(x_T.shape[1])
+    y = sample(model, x_T, SCHED, sampler="ddpm", steps=500, backend=backend,
+               generator=torch.Generator().manual_seed(3))
+    _check_distribution(y, x_T, model, deterministic=False)
+
+
+def test_few_steps_shrink_narrow_data():
+    """With few steps the last jump returns a posterior mean: less variance, not more."""
+    x_T = torch.randn(4, 3 * 2048, generator=torch.Generator().manual_seed(1))
+    model = Gaussian(x_T.shape[1])
+    y = sample(model, x_T, SCHED, sampler="ddim", steps=10)
+    exact = model.exact(x_T)
+    for yg, eg in zip(model.groups(y), model.groups(exact)):
+        assert yg.std() < eg.std()
+
+
+def test_ddim_equations_by_hand():
+    """Song et al. (2021) eq. 12 and 16 on hand-computed steps (eta = 0 and eta = 0.5)."""
+    s = NoiseSchedule.linear(10, beta_start=0.05, beta_end=0.3)
+    a = s.alphas_cumprod.tolist()
+    eps = 0.3
+
+    def model(x, t, cond):
+        return torch.full_like(x, eps)
+
+    x_T = torch.tensor([[1.25, -0.5]], dtype=torch.float64)
+    for eta in (0.0, 0.5):
+        g = torch.Generator().manual_seed(7)
+        y = sample(model, x_T, s, sampler="ddim", timesteps=[9, 4], eta=eta, generator=g)
+        z = torch.randn((1, 2), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        x = x_T.clone()
+        # step 9 -> 4
+        x0 = (x - math.sqrt(1 - a[9]) * eps) / math.sqrt(a[9])
+        sigma = eta * math.sqrt((1 - a[4]) / (1 - a[9])) * math.sqrt(1 - a[9] / a[4])
+        x = math.sqrt(a[4]) * x0 + math.sqrt(1 - a[4] - sigma ** 2) * eps + sigma * z
+        # step 4 -> alpha_bar = 1: the prediction of x0
+        x = (x - math.sqrt(1 - a[4]) * eps) / math.sqrt(a[4])
+        torch.testing.assert_close(y, x, rtol=1e-12, atol=1e-12)
+
+
+def test_dpmpp_2m_matches_k_diffusion_form():
+    """DPM-Solver++(2M) written in k-diffusion's sigma space (x / alpha, sigma / alpha)."""
+    N = 12
+    x_T = torch.randn(2, N, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    model = Gaussian(N)
+    ts = default_timesteps(SCHED.T, 12)
+    y = sample(model, x_T, SCHED, sampler="dpmpp_2m", steps=12, backend="torch")
+    abar = SCHED.alphas_cumprod
+    sig = [math.sqrt((1 - abar[t]) / abar[t]) for t in ts] + [0.0]
+    lam = [-math.log(v) if v > 0 else math.inf for v in sig]
+    x = x_T / abar[ts[0]].sqrt()
+    old = None
+    for i, t in enumerate(ts):
+        al = abar[t].sqrt()
+        xv = x * al
+        eps = model(xv, torch.full((2,), t), None)
+        den = (xv - (1 - abar[t]).sqrt() * eps) / al
+        h = lam[i + 1] - lam[i]
+        if old is None or sig[i + 1] == 0:
+            d = den
+        else:
+            r = (lam[i] - lam[i - 1]) / h
+            d = (1 + 1 / (2 * r)) * den - 1 / (2 * r) * old
+        x = (sig[i + 1] / sig[i]) * x - math.expm1(-h) * d
+        old = den
+    torch.testing.assert_close(y, x, rtol=1e-10, atol=1e-10)
+
+
+def test_ddim_eta_one_is_ddpm():
+    x_T = torch.randn(3, 40, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    model = Gaussian(40)
+    y1 = sample(model, x_T, SCHED, sampler="ddim", eta=1.0, steps=20,
+                generator=torch.Generator().manual_seed(6))
+    y2 = sample(model, x_T, SCHED, sampler="ddpm", steps=20, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(y1, y2, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("prediction_type", ["v", "sample"])
+def test_prediction_types_agree(sampler, prediction_type):
+    x_T = torch.randn(3, 30, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    kw = dict(sampler=sampler, steps=15, backend="cpp" if _ext.cpp_reason() is None else "torch")
+    y_eps = sample(Gaussian(30), x_T, SCHED, generator=torch.Generator().manual_seed(9), **kw)
+    y = sample(Gaussian(30, prediction_type=prediction_type), x_T, SCHED,
+               prediction_type=prediction_type, generator=torch.Generator().manual_seed(9), **kw)
+    torch.testing.assert_close(y, y_eps, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_guidance_equals_premixed_predictor(backend):
+    _need(backend)
+    B, N, s = 3, 24, 2.5
+    base = Gaussian(N)
+    calls = []
+
+    def model(x, t, cond):
+        calls.append(x.shape[0])
+        return base(x, t, None) + 0.1 * cond.view(-1, 1).to(x.dtype)
+
+    def premixed(x, t, cond):
+        c, u = cond
+        return base(x, t, None) + 0.1 * (u + s * (c - u)).view(-1, 1).to(x.dtype)
+
+    x_T = torch.randn(B, N, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    cond = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    uncond = torch.zeros(1, dtype=torch.float64)
+    for sampler in ("ddim", "dpmpp_2m"):
+        calls.clear()
+        y = sample(model, x_T, SCHED, sampler=sampler, steps=8, cond=cond, uncond=uncond,
+                   guidance_scale=s, backend=backend)
+        assert calls == [2 * B] * 8                      # one batched call per step
+        y_ref = sample(premixed, x_T, SCHED, sampler=sampler, steps=8, cond=(cond, uncond.expand(B)),
+                       backend=backend)
+        torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+def test_one_model_call_per_step(sampler):
+    model = Gaussian(8)
+    sample(model, torch.randn(2, 8), SCHED, sampler=sampler, steps=7)
+    assert model.calls == 7
+    model = Gaussian(8)
+    sample(model, torch.randn(2, 8), SCHED, sampler=sampler, timesteps=[900, 500, 3])
+    assert model.calls == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.7)])
+def test_per_sample_generators(sampler, eta, backend):
+    _need(backend)
+    x_T = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(11))
+    model = Gaussian(10)
+
+    def m(x, t, c):
+        return model(x.reshape(x.shape[0], -1), t, c).view_as(x)
+
+    gens = lambda seeds: [torch.Generator().manual_seed(k) for k in seeds]  # noqa: E731
+    kw = dict(sampler=sampler, eta=eta, steps=12, backend=backend)
+    batched = sample(m, x_T, SCHED, generator=gens([21, 22, 23]), **kw)
+    alone = sample(m, x_T[1:2], SCHED, generator=gens([22]), **kw)
+    assert torch.equal(batched[1:2], alone)
+    other = sample(m, x_T, SCHED, generator=gens([31, 22, 33]), **kw)
+    assert torch.equal(other[1], batched[1]) and not torch.equal(other[0], batched[0])
+    again = sample(m, x_T, SCHED, generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(again, sample(m, x_T, SCHED, generator=torch.Generator().manual_seed(5), **kw))
+
+
+def test_default_timesteps_and_tables():
+    assert default_timesteps(1000, 10) == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    assert default_timesteps(10, 10) == list(range(9, -1, -1))
+    assert default_timesteps(1000, 1) == [999]
+    for T in (7, 1000):
+        for steps in range(1, T + 1, 37 if T > 100 else 1):
+            ts = default_timesteps(T, steps)
+            assert len(ts) == steps and ts[0] == T - 1 and ts[-1] >= 0
+            assert all(a > b for a, b in zip(ts, ts[1:]))
+    # every sampler's last step returns x0: CX = 0, C0 = 1, no noise (epsilon: AX = 1/alpha)
+    for sampler in ("ddpm", "ddim", "dpmpp_2m"):
+        tab = build_table(SCHED, [999, 500, 20], sampler, "epsilon", eta=0.0)
+        assert tab[-1, 5] == 0 and tab[-1, 6] == 1 and tab[-1, 7] == 0 and tab[-1, 9] == 0
+
+
+def test_shapes_dtypes_and_cuda_graph_flag_on_cpu():
+    model = Gaussian(6)
+
+    def m(x, t, c):
+        return model(x.reshape(x.shape[0], -1), t, c).view_as(x)
+
+    x_T = torch.randn(2, 3, 2, dtype=torch.bfloat16)
+    assert sample(m, x_T, SCHED, steps=5).dtype == torch.bfloat16
+    x_T = torch.randn(2, 3, 2)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        y = sample(m, x_T, SCHED, steps=5, cuda_graph=True)
+    assert any("CUDA" in str(x.message) for x in w)
+    assert torch.equal(y, sample(m, x_T, SCHED, steps=5))
+
+
+def test_bad_input_names_the_argument():
+    model = Gaussian(4)
+    x = torch.randn(2, 4)
+
+    def wrong_shape(x, t, c):
+        return x[:, :3]
+
+    cases = [
+        (dict(sampler="euler"), ConfigError, "sampler"),
+        (dict(prediction_type="x0"), ConfigError, "prediction_type"),
+        (dict(steps=0), ConfigError, "steps"),
+        (dict(steps=1001), ConfigError, "steps"),
+        (dict(timesteps=[5, 10]), ConfigError, "timesteps"),
+        (dict(timesteps=[5, 5]), ConfigError, "timesteps"),
+        (dict(timesteps=[1000, 5]), ConfigError, "timesteps"),
+        (dict(timesteps=[5, -1]), ConfigError, "timesteps"),
+        (dict(timesteps=[]), ConfigError, "timesteps"),
+        (dict(eta=-0.1), ConfigError, "eta"),
+        (dict(eta=0.5, sampler="dpmpp_2m"), ConfigError, "eta"),
+        (dict(cond=torch.zeros(2), guidance_scale=2.0), ConfigError, "uncond"),
+        (dict(uncond=torch.zeros(2), guidance_scale=2.0), ConfigError, "cond"),
+        (dict(cond=torch.zeros(3), uncond=torch.zeros(3), guidance_scale=2.0), ShapeError, "cond"),
+        (dict(cond=torch.zeros(2, 2), uncond=torch.zeros(2, 3), guidance_scale=2.0), ShapeError,
+         "uncond"),
+        (dict(guidance_scale=float("nan")), ConfigError, "guidance_scale"),
+        (dict(generator=[torch.Generator()]), ConfigError, "generator"),
+        (dict(generator="seed"), ConfigError, "generator"),
+        (dict(model=wrong_shape), ShapeError, "model"),
+        (dict(model=None), ConfigError, "model"),
+        (dict(x_T=torch.zeros(2, 4, dtype=torch.int64)), DTypeError, "x_T"),
+        (dict(x_T=torch.zeros(0, 4)), ShapeError, "x_T"),
+        (dict(schedule="linear"), ConfigError, "schedule"),
+        (dict(backend="nope"), ConfigError, "backend"),
+    ]
+    for change, exc, name in cases:
+        kw = dict(model=model, x_T=x, schedule=SCHED)
+        kw.update(change)
+        with pytest.raises(exc, match=name) as info:
+            sample(kw.pop("model"), kw.pop("x_T"), kw.pop("schedule"), **kw)
+        assert isinstance(info.value, D2NWGError), change
