@@ -27,6 +27,9 @@ namespace d2nwg {
 namespace {
 
 constexpr int64_t kPiece = int64_t{1} << 15;  // elements per work item: 64-256 KiB of traffic
+// Below this many elements one thread finishes in well under a millisecond, less than waking
+// a thread pool costs on a busy machine.
+constexpr int64_t kParallelMin = int64_t{1} << 19;
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define D2NWG_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -171,7 +174,7 @@ void run_pieces(const std::vector<Piece>& pieces, int64_t elements, int64_t dst_
       if (w.pad > 0) std::memset(w.y + w.n * dst_itemsize, 0, w.pad * dst_itemsize);  // +0.0
     }
   };
-  if (elements < 2 * kPiece) {  // thread start-up would cost more than the copy
+  if (elements < kParallelMin || at::get_num_threads() == 1 || at::in_parallel_region()) {
     work(0, static_cast<int64_t>(pieces.size()));
   } else {
     at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, work);
