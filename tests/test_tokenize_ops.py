@@ -333,3 +333,11 @@ def test_compiled_op_rejects_bad_arguments(gen):
     with pytest.raises(RuntimeError, match="overruns"):
         torch.ops.d2nwg.detokenize_(out, dests, [0, out.shape[1] - 4], list(plan.mean),
                                     list(plan.std))
+
+
+def test_out_of_wrong_dtype_or_device_is_rejected(gen):
+    plan, sources = small_case(gen)
+    with pytest.raises(d2nwg.DTypeError, match="out has dtype"):
+        tokenize(sources, plan, out=torch.empty(1, plan.num_tokens, 4, dtype=torch.int32))
+    with pytest.raises(d2nwg.DeviceError, match="out is on"):
+        tokenize(sources, plan, out=torch.empty(1, plan.num_tokens, 4, device="meta"))

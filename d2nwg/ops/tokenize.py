@@ -178,6 +178,10 @@ def tokenize(sources: Sequence[torch.Tensor], plan: ChunkPlan, *, num_models: in
     elif out.shape != (n, plan.num_tokens, plan.chunk_size) or not out.is_contiguous():
         raise ShapeError(f"out has shape {tuple(out.shape)}, expected contiguous "
                          f"{(n, plan.num_tokens, plan.chunk_size)}")
+    if out.dtype not in FLOAT_DTYPES:
+        raise DTypeError(f"out has dtype {out.dtype}; expected one of {FLOAT_DTYPES}")
+    if len(sources) and out.device != device:  # a kernel would dereference foreign pointers
+        raise DeviceError(f"out is on {out.device}, sources on {device}")
     sources = [t if t.is_contiguous() else t.contiguous() for t in sources]
     rows = out.view(n, plan.row_size)
     select("tokenize", TOKENIZE_BACKENDS, rows, sources, plan, backend=backend).run(rows, sources, plan)
