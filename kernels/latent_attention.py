@@ -62,6 +62,7 @@ def _attn_fwd_kernel(
     H, LQ, LK, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FULL_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -82,15 +83,20 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start_n in range(0, LK, BLOCK_N):
         cols = start_n + offs_n
-        col_ok = cols < LK
-        if HAS_MASK:
-            keep = tl.load(MASK + b * stride_maskb + cols, mask=col_ok, other=0)
-            col_ok = col_ok & (keep != 0)
-        # Masked keys are never read: NaN/Inf in padding cannot leak into the output.
-        k = tl.load(k_base + cols[:, None] * stride_kn, mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn, mask=col_ok[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-        s = tl.where(col_ok[None, :], s, float("-inf"))
+        if FULL_N:  # no mask and LK % BLOCK_N == 0: no bounds checks
+            k = tl.load(k_base + cols[:, None] * stride_kn)
+            v = tl.load(v_base + cols[:, None] * stride_vn)
+            s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        else:
+            col_ok = cols < LK
+            if HAS_MASK:
+                keep = tl.load(MASK + b * stride_maskb + cols, mask=col_ok, other=0)
+                col_ok = col_ok & (keep != 0)
+            # Masked keys are never read: NaN/Inf in padding cannot leak into the output.
+            k = tl.load(k_base + cols[:, None] * stride_kn, mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vn, mask=col_ok[:, None], other=0.0)
+            s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+            s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all keys so far masked
         alpha = tl.exp2(m_i - m_use)
@@ -142,6 +148,7 @@ def _attn_bwd_dkdv_kernel(
     H, LQ, LK, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FULL_M: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -166,14 +173,21 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for start_m in range(0, LQ, BLOCK_M):
         rows = start_m + offs_m
-        row_ok = rows < LQ
-        q = tl.load(q_base + rows[:, None] * stride_qm, mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dom, mask=row_ok[:, None], other=0.0)
-        lse = tl.load(LSE + pid_bh * LQ + rows, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + pid_bh * LQ + rows, mask=row_ok, other=0.0)
+        if FULL_M:  # LQ % BLOCK_M == 0: no bounds checks
+            q = tl.load(q_base + rows[:, None] * stride_qm)
+            do = tl.load(do_base + rows[:, None] * stride_dom)
+            lse = tl.load(LSE + pid_bh * LQ + rows)
+            delta = tl.load(DELTA + pid_bh * LQ + rows)
+        else:  # out-of-range rows: q = dO = 0 and lse = +inf, so p = 0 there
+            row_ok = rows < LQ
+            q = tl.load(q_base + rows[:, None] * stride_qm, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_dom, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + pid_bh * LQ + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + pid_bh * LQ + rows, mask=row_ok, other=0.0)
         s_t = _dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale  # [N, M]
         p_t = tl.exp2(s_t - lse[None, :])
-        p_t = tl.where(col_ok[:, None] & row_ok[None, :], p_t, 0.0)
+        if HAS_MASK:  # out-of-range keys are never stored; masked keys must get zero grads
+            p_t = tl.where(col_ok[:, None], p_t, 0.0)
         dv += _dot(p_t.to(do.dtype), do, PRECISION, UPCAST)
         dp_t = _dot(v, tl.trans(do), PRECISION, UPCAST)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -197,6 +211,7 @@ def _attn_bwd_dq_kernel(
     H, LQ, LK, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FULL_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -218,16 +233,21 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start_n in range(0, LK, BLOCK_N):
         cols = start_n + offs_n
-        col_ok = cols < LK
-        if HAS_MASK:
-            keep = tl.load(MASK + b * stride_maskb + cols, mask=col_ok, other=0)
-            col_ok = col_ok & (keep != 0)
-        # Masked keys are never read: NaN/Inf in padding cannot leak into the output.
-        k = tl.load(k_base + cols[:, None] * stride_kn, mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn, mask=col_ok[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+        if FULL_N:
+            k = tl.load(k_base + cols[:, None] * stride_kn)
+            v = tl.load(v_base + cols[:, None] * stride_vn)
+            s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+            p = tl.exp2(s - lse[:, None])  # out-of-range rows: lse = +inf, p = 0
+        else:
+            col_ok = cols < LK
+            if HAS_MASK:
+                keep = tl.load(MASK + b * stride_maskb + cols, mask=col_ok, other=0)
+                col_ok = col_ok & (keep != 0)
+            k = tl.load(k_base + cols[:, None] * stride_kn, mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vn, mask=col_ok[:, None], other=0.0)
+            s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+            p = tl.exp2(s - lse[:, None])
+            p = tl.where(col_ok[None, :], p, 0.0)
         dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
@@ -322,7 +342,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             os_.stride(0), os_.stride(1), os_.stride(2),
             stride_mb, H, LQ, LK, sm_scale * LOG2E,
             HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=_precision(q.dtype),
-            UPCAST=_upcast(q.dtype), **cfg,
+            UPCAST=_upcast(q.dtype), FULL_N=(not has_mask and LK % cfg["BLOCK_N"] == 0), **cfg,
         )
     return o, lse
 
@@ -365,7 +385,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             dks.stride(0), dks.stride(1), dks.stride(2),
             dvs.stride(0), dvs.stride(1), dvs.stride(2),
             *common, HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=precision,
-            UPCAST=_upcast(q.dtype), **cfg,
+            UPCAST=_upcast(q.dtype), FULL_M=(LQ % cfg["BLOCK_M"] == 0), **cfg,
         )
         _attn_bwd_dq_kernel[(triton.cdiv(LQ, cfg["BLOCK_M"]), BH)](
             qs, ks, vs, dos, dqs, lses, deltas, ms,
@@ -375,7 +395,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             dos.stride(0), dos.stride(1), dos.stride(2),
             dqs.stride(0), dqs.stride(1), dqs.stride(2),
             *common, HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=precision,
-            UPCAST=_upcast(q.dtype), **cfg,
+            UPCAST=_upcast(q.dtype),
+            FULL_N=(not has_mask and LK % cfg["BLOCK_N"] == 0), **cfg,
         )
     return dq, dk, dv
 

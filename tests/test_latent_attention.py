@@ -39,6 +39,8 @@ CASES = [  # B, H, Lq, Lk, D, masked
     (1, 2, 53, 53, 16, True),    # self
     (2, 1, 1, 129, 64, True),    # one query, three key blocks
     (2, 1, 129, 1, 16, False),   # one key
+    (1, 2, 64, 96, 32, False),   # block multiples: the kernels' unchecked fast paths
+    (2, 1, 64, 64, 16, True),    # block multiples with a mask
 ]
 
 
