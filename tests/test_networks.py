@@ -190,6 +190,14 @@ def test_condition_helpers(gen):
     r = a.repeat_interleave(3)
     assert r.batch_size == 6 and torch.equal(r.tokens[1], a.tokens[0])
     assert Condition.coerce((a.tokens, a.pooled)).batch_size == 2
+    packed = b.pack(num_tokens=7)
+    assert packed.shape == (1, 8, E + 1)
+    u = Condition.coerce(packed)
+    assert torch.equal(u.tokens[:, :5], b.tokens) and torch.equal(u.pooled, b.pooled)
+    assert u.mask.tolist()[0] == [True, True, False, True, False, False, False]
+    den = _randomize(LatentDenoiser(DEN_CFG, seed=0), gen)
+    xt, t, *_ = _den_inputs(gen, B=1)
+    assert torch.allclose(den(xt, t, packed), den(xt, t, b), atol=1e-6)
     with pytest.raises(DTypeError):
         Condition.coerce("text")
 

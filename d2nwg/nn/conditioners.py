@@ -64,15 +64,46 @@ class Condition:
 
     @classmethod
     def coerce(cls, cond) -> "Condition | None":
-        """A Condition from a Condition, a tuple ``(tokens, pooled[, mask])``, or None."""
+        """A Condition from a Condition, a tuple ``(tokens, pooled[, mask])``, a packed tensor
+        (see :meth:`pack`), or None."""
         if cond is None or isinstance(cond, Condition):
             return cond
+        if isinstance(cond, torch.Tensor):
+            return cls.unpack(cond)
         if isinstance(cond, (tuple, list)) and len(cond) in (2, 3):
             return cls(*cond)
         if all(hasattr(cond, a) for a in ("tokens", "pooled")):
             return cls(cond.tokens, cond.pooled, getattr(cond, "mask", None))
-        raise DTypeError(f"cond must be a Condition, a (tokens, pooled[, mask]) tuple or None, "
+        raise DTypeError(f"cond must be a Condition, a (tokens, pooled[, mask]) tuple, a packed "
+                         f"tensor or None, "
                          f"got {type(cond).__name__}")
+
+    def pack(self, num_tokens: int | None = None) -> torch.Tensor:
+        """One tensor ``[B, 1 + K, E + 1]`` holding everything (for APIs that take a tensor
+        condition, e.g. ``d2nwg.sample``'s cond/uncond under classifier-free guidance).
+
+        Row 0 is ``[pooled, 1]``, rows 1.. are ``[token_k, mask_k]``; ``num_tokens`` pads K
+        (padding masked out) so that a condition and a null condition pack to the same shape.
+        """
+        B, K, E = self.tokens.shape
+        n = K if num_tokens is None else num_tokens
+        if n < K:
+            raise ShapeError(f"num_tokens={n} is smaller than the condition's {K} tokens")
+        out = self.tokens.new_zeros(B, 1 + n, E + 1)
+        out[:, 0, :E] = self.pooled.to(out.dtype)
+        out[:, 0, E] = 1
+        out[:, 1:1 + K, :E] = self.tokens
+        out[:, 1:1 + K, E] = self.full_mask().to(out.dtype)
+        return out
+
+    @classmethod
+    def unpack(cls, packed: torch.Tensor) -> "Condition":
+        """The inverse of :meth:`pack`."""
+        if packed.dim() != 3 or packed.shape[1] < 1 or packed.shape[2] < 2:
+            raise ShapeError(f"a packed condition must be [B, 1 + K, E + 1], got {tuple(packed.shape)}")
+        if not packed.is_floating_point():
+            raise DTypeError(f"a packed condition must be floating point, got {packed.dtype}")
+        return cls(packed[:, 1:, :-1], packed[:, 0, :-1], packed[:, 1:, -1] > 0.5)
 
     @property
     def batch_size(self) -> int:
