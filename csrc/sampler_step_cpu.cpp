@@ -66,7 +66,7 @@ void run(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& tab
   const scalar_t* zp = noise ? noise->const_data_ptr<scalar_t>() : nullptr;
   scalar_t* pp = prev ? prev->mutable_data_ptr<scalar_t>() : nullptr;
   const int64_t total = B * N;
-  const int64_t grain = std::max<int64_t>(4096, 1);
+  constexpr int64_t grain = 32768;  // at::internal::GRAIN_SIZE: below it, threads cost more than they save
   at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
     while (i < end) {  // split [begin, end) at row boundaries

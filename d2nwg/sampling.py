@@ -280,13 +280,15 @@ class _Captured:
         self.cond = cond_in.clone() if isinstance(cond_in, torch.Tensor) else cond_in
         self.table = plan.table.clone()
         self.t_table = plan.t_table.clone()
+        self.step_idx = plan.step_idx.clone()                 # owned: the graph reads it
         n_noise = sum(plan.noise_steps)
         self.noise = torch.empty((n_noise,) + tuple(x.shape), dtype=x.dtype, device=x.device)
         self.prev = torch.zeros_like(x) if plan.use_prev else None
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def plan_view(self, plan: _Plan) -> _Plan:
-        return _Plan(**{**plan.__dict__, "table": self.table, "t_table": self.t_table})
+        return _Plan(**{**plan.__dict__, "table": self.table, "t_table": self.t_table,
+                        "step_idx": self.step_idx})
 
     def body(self, plan: _Plan) -> None:
         self.x.copy_(self.x_T)
@@ -350,7 +352,10 @@ def _with_graph(plan: _Plan, x: torch.Tensor, cond_in: Any) -> torch.Tensor:
         with torch.cuda.graph(graph):
             cap.body(plan)
     except Exception as exc:  # noqa: BLE001 - any failure: fall back, say why, once
-        torch.cuda.synchronize(x.device)
+        try:
+            torch.cuda.synchronize(x.device)
+        except RuntimeError:
+            pass
         warnings.warn(f"cuda_graph=True: could not capture the sampling loop "
                       f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                       f"running eagerly", RuntimeWarning, stacklevel=3)
@@ -471,6 +476,21 @@ def sample(model: Callable, x_T: torch.Tensor, schedule: NoiseSchedule, *, sampl
         cuda_graph: on CUDA, capture the whole loop (model calls included) once per shape and
             replay it; falls back to the eager loop, with one warning, when capture fails.
     """
+    plan, x, cond_in = _prepare(model, x_T, schedule, sampler, steps, timesteps, eta, cond,
+                                uncond, guidance_scale, generator, prediction_type, backend)
+    if cuda_graph and x.device.type == "cuda":
+        out = _with_graph(plan, x, cond_in)
+    else:
+        if cuda_graph:
+            warnings.warn("cuda_graph=True needs CUDA tensors; running eagerly", RuntimeWarning,
+                          stacklevel=2)
+        out = _eager(plan, x, cond_in)
+    return out.view(x_T.shape)
+
+
+def _prepare(model, x_T, schedule, sampler, steps, timesteps, eta, cond, uncond, guidance_scale,
+             generator, prediction_type, backend) -> tuple[_Plan, torch.Tensor, Any]:
+    """Validate the arguments of :func:`sample`; the plan, the state [B, N] and the cond."""
     if not callable(model):
         raise ConfigError(f"model must be callable as model(x_t, t, cond), got {type(model).__name__}")
     if not isinstance(x_T, torch.Tensor) or x_T.dim() < 1 or x_T.shape[0] == 0:
@@ -515,15 +535,7 @@ def sample(model: Callable, x_T: torch.Tensor, schedule: NoiseSchedule, *, sampl
                       x if plan.use_prev else None, guided, backend=backend).run
     if N == 0:
         plan.run = _noop
-
-    if cuda_graph and device.type == "cuda":
-        out = _with_graph(plan, x, cond_in)
-    else:
-        if cuda_graph:
-            warnings.warn("cuda_graph=True needs CUDA tensors; running eagerly", RuntimeWarning,
-                          stacklevel=2)
-        out = _eager(plan, x, cond_in)
-    return out.view(x_T.shape)
+    return plan, x, cond_in
 
 
 def _noop(*_) -> None:
