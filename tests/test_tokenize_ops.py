@@ -341,3 +341,33 @@ def test_out_of_wrong_dtype_or_device_is_rejected(gen):
         tokenize(sources, plan, out=torch.empty(1, plan.num_tokens, 4, dtype=torch.int32))
     with pytest.raises(d2nwg.DeviceError, match="out is on"):
         tokenize(sources, plan, out=torch.empty(1, plan.num_tokens, 4, device="meta"))
+
+
+def test_plan_must_tile_the_row():
+    with pytest.raises(d2nwg.ConfigError, match="segment 1"):
+        ChunkPlan((5, 3), (0, 9), (8, 4), (0.0, 0.0), (1.0, 1.0), 3, 4)  # gap
+    with pytest.raises(d2nwg.ConfigError, match="numel <= span"):
+        ChunkPlan((5, 5), (0, 8), (8, 4), (0.0, 0.0), (1.0, 1.0), 3, 4)
+    with pytest.raises(d2nwg.ConfigError, match="cover 12 elements, the row has 16"):
+        ChunkPlan((5, 3), (0, 8), (8, 4), (0.0, 0.0), (1.0, 1.0), 4, 4)
+    with pytest.raises(d2nwg.ConfigError, match="std"):
+        ChunkPlan((5, 3), (0, 8), (8, 4), (0.0, 0.0), (0.0, 1.0), 3, 4)
+    with pytest.raises(d2nwg.ConfigError, match="one entry per segment"):
+        ChunkPlan((5, 3), (0, 8), (8, 4), (0.0,), (1.0, 1.0), 3, 4)
+
+
+@pytest.mark.skipif(_ext.IMPORT_ERROR is not None, reason="d2nwg._C is not built")
+def test_torch_compile_traces_through_the_compiled_ops():
+    plan = ChunkPlan((5, 3), (0, 8), (8, 4), (0.0, 1.0), (2.0, 1.0), 3, 4)
+    a, b = torch.randn(5), torch.randn(3)
+
+    def round_trip(a, b):
+        tokens = tokenize([a * 2, b], plan, backend="cpp")
+        outs = [torch.empty(5), torch.empty(3)]
+        detokenize(tokens + 1, outs, plan, backend="cpp")
+        return tokens, outs
+
+    compiled = torch.compile(round_trip, backend="aot_eager", fullgraph=True)
+    (got_tokens, got_outs), (want_tokens, want_outs) = compiled(a, b), round_trip(a, b)
+    assert torch.equal(got_tokens, want_tokens)
+    assert all(torch.equal(g, w) for g, w in zip(got_outs, want_outs))

@@ -19,6 +19,7 @@ dispatch, public functions), ``kernels/tokenize.py`` (Triton), ``csrc/tokenize_c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -26,7 +27,7 @@ import torch
 
 from d2nwg import _ext
 from d2nwg.backends import Backend, select, triton_reason
-from d2nwg.errors import DeviceError, DTypeError, ShapeError
+from d2nwg.errors import ConfigError, DeviceError, DTypeError, ShapeError
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -45,6 +46,26 @@ class ChunkPlan:
     rstd: tuple[float, ...] = field(init=False)
 
     def __post_init__(self) -> None:
+        S = len(self.numel)
+        if not (len(self.offset) == len(self.span) == len(self.mean) == len(self.std) == S):
+            raise ConfigError(f"ChunkPlan: numel, offset, span, mean, std need one entry per "
+                              f"segment, got {len(self.numel)}, {len(self.offset)}, "
+                              f"{len(self.span)}, {len(self.mean)}, {len(self.std)}")
+        if self.chunk_size < 1 or self.num_tokens < 0:
+            raise ConfigError(f"ChunkPlan: chunk_size {self.chunk_size} / num_tokens "
+                              f"{self.num_tokens} out of range")
+        end = 0
+        for s in range(S):  # the spans tile the row: every token element written exactly once
+            if self.offset[s] != end or not 0 <= self.numel[s] <= self.span[s]:
+                raise ConfigError(f"ChunkPlan: segment {s} (offset {self.offset[s]}, numel "
+                                  f"{self.numel[s]}, span {self.span[s]}) does not follow on "
+                                  f"element {end} with numel <= span")
+            end += self.span[s]
+        if end != self.row_size:
+            raise ConfigError(f"ChunkPlan: spans cover {end} elements, the row has "
+                              f"{self.row_size} (num_tokens * chunk_size)")
+        if not all(math.isfinite(s) and s != 0 for s in self.std):
+            raise ConfigError("ChunkPlan: every std must be finite and nonzero")
         object.__setattr__(self, "rstd", tuple(1.0 / s for s in self.std))
 
     @property
@@ -96,6 +117,16 @@ def _tokenize_compiled(out, sources, plan: ChunkPlan) -> None:
 def _detokenize_compiled(tokens, dests, plan: ChunkPlan) -> None:
     torch.ops.d2nwg.detokenize_(tokens, list(dests), list(plan.offset), list(plan.mean),
                                 list(plan.std))
+
+
+if _ext._C is not None:  # shapes for torch.compile: both ops write in place, return nothing
+    @torch.library.register_fake("d2nwg::tokenize_")
+    def _tokenize_fake(out, sources, offsets, spans, mean, rstd) -> None:
+        return None
+
+    @torch.library.register_fake("d2nwg::detokenize_")
+    def _detokenize_fake(tokens, dests, offsets, mean, std) -> None:
+        return None
 
 
 def _tokenize_triton(out, sources, plan: ChunkPlan) -> None:
