@@ -17,6 +17,21 @@ from d2nwg.errors import (
     NonFiniteError,
     ShapeError,
 )
+from d2nwg.nn import (
+    ChunkVAE,
+    ChunkVAEConfig,
+    Condition,
+    DatasetEncoder,
+    DatasetEncoderConfig,
+    LatentDenoiser,
+    LatentDenoiserConfig,
+    NullConditioner,
+    TextConditioner,
+    TextConditionerConfig,
+    drop_condition,
+    load_module,
+    save_module,
+)
 from d2nwg.tokenizer import WeightTokenizer
 from d2nwg.version import __version__
 
@@ -24,6 +39,19 @@ __all__ = [
     "__version__",
     "ops",
     "WeightTokenizer",
+    "ChunkVAE",
+    "ChunkVAEConfig",
+    "Condition",
+    "DatasetEncoder",
+    "DatasetEncoderConfig",
+    "LatentDenoiser",
+    "LatentDenoiserConfig",
+    "NullConditioner",
+    "TextConditioner",
+    "TextConditionerConfig",
+    "drop_condition",
+    "load_module",
+    "save_module",
     "D2NWGError",
     "BackendUnavailableError",
     "ConfigError",

@@ -1,5 +1,6 @@
 """Fused ops with torch / cpp / cuda / triton backends (see d2nwg.backends for dispatch)."""
 
+from d2nwg.ops.latent_attention import latent_attention, latent_attention_ref
 from d2nwg.ops.tokenize import ChunkPlan, detokenize, tokenize
 
-__all__ = ["ChunkPlan", "tokenize", "detokenize"]
+__all__ = ["ChunkPlan", "tokenize", "detokenize", "latent_attention", "latent_attention_ref"]
