@@ -25,15 +25,12 @@ def _sampler_step_kernel(
     x_ptr, out_ptr, tab_ptr, step_ptr, z_ptr, prev_ptr,
     B, N, n_col_blocks, num_steps, stride_ts, stride_tb,
     GUIDED: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_PREV: tl.constexpr,
-    F64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rb = pid // n_col_blocks
     cb = pid % n_col_blocks
-    if F64:
-        acc_t = tl.float64
-    else:
-        acc_t = tl.float32
+    acc_t = ACC                                                  # float32, or float64 for float64 x
     rows = rb * BLOCK_B + tl.arange(0, BLOCK_B)                  # samples of this tile
     cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < B
@@ -99,5 +96,5 @@ def sampler_step_triton(x: torch.Tensor, model_out: torch.Tensor, table: torch.T
         noise if noise is not None else x, prev_x0 if prev_x0 is not None else x,
         B, N, n_col_blocks, table.shape[0], table.stride(0), stride_tb,
         GUIDED=bool(guided), HAS_NOISE=noise is not None, HAS_PREV=prev_x0 is not None,
-        F64=x.dtype == torch.float64, BLOCK_B=block_b, BLOCK_N=block_n, num_warps=NUM_WARPS,
+        ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, BLOCK_B=block_b, BLOCK_N=block_n, num_warps=NUM_WARPS,
     )
