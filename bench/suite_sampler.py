@@ -98,7 +98,7 @@ def _step_rows(device: torch.device, tiny: bool) -> list[dict]:
     B, N = (4, 3000) if tiny else (32, 1 << 20)
     cases = [("fp32, noise", torch.float32, False, True, False),
              ("bf16, guided + DPM++ buffer", torch.bfloat16, True, False, True)]
-    reps = dict(repeat=2, warmup=0) if tiny else dict(repeat=20, warmup=3)
+    reps = dict(repeat=3, warmup=1) if tiny else dict(repeat=20, warmup=3)
     rows = []
     for label, dtype, guided, noise, prev in cases:
         inp = _step_inputs(B, N, dtype, guided, noise, prev, device)
@@ -219,10 +219,15 @@ def _sample_rows(device: torch.device, tiny: bool) -> list[dict]:
                          "check": "skip: CUDA graphs need a GPU", "baseline": "eager loop",
                          "baseline_ms": eager_ms})
             continue
-        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
-            warnings.simplefilter("always")
-            sample(model, x_T, sched, cuda_graph=True, **kw)       # capture (eager answer)
-            graphed = sample(model, x_T, sched, cuda_graph=True, **kw)  # replay
+        try:
+            with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+                warnings.simplefilter("always")
+                sample(model, x_T, sched, cuda_graph=True, **kw)       # capture (eager answer)
+                graphed = sample(model, x_T, sched, cuda_graph=True, **kw)  # replay
+        except Exception as exc:  # noqa: BLE001 - report, keep going
+            rows.append({"op": OP_SAMPLE, "case": case, "backend": "cuda_graph",
+                         "check": f"FAIL: {type(exc).__name__}: {exc}"})
+            continue
         fallback = [str(w.message) for w in caught if "cuda_graph" in str(w.message)]
         if fallback:
             check = f"FAIL: {fallback[0]}"
