@@ -8,6 +8,19 @@
 namespace d2nwg {
 
 // ---- chunk tokenization (mirrors kernels/tokenize.py; reference in d2nwg/ops/tokenize.py) ----
+// Dtype codes of the multi-tensor work tables: float32, float16, bfloat16, float64.
+enum DtypeCode : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
+// The code of t's dtype; throws naming what[index] for any other dtype.
+int32_t dtype_code(const at::Tensor& t, const char* what, int64_t index);
+// Every argument of tokenize_ / detokenize_, checked once for all backends (tokenize_cpu.cpp):
+// rows [N, T*C] contiguous on `device`, one list entry per segment, N*S tensors, contiguous,
+// on the rows' device, fitting their spans, and the spans tiling the row.
+void check_tokenize_args(const at::Tensor& out, at::TensorList sources,
+                         c10::ArrayRef<int64_t> offsets, c10::ArrayRef<int64_t> spans,
+                         size_t num_mean, size_t num_rstd, c10::DeviceType device);
+void check_detokenize_args(const at::Tensor& tokens, at::TensorList dests,
+                           c10::ArrayRef<int64_t> offsets, size_t num_mean, size_t num_std,
+                           c10::DeviceType device);
 void tokenize_cpu(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<int64_t> offsets,
                   c10::ArrayRef<int64_t> spans, c10::ArrayRef<double> mean,
                   c10::ArrayRef<double> rstd);

@@ -116,7 +116,6 @@ D2NWG_INLINE void detokenize_body(const S* __restrict y, D* __restrict x, int64_
 
 // One ISA-dispatched loop per (source, destination) dtype pair.
 using Loop = void (*)(const void*, void*, int64_t, double, double);
-enum Code : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 
 // target_clones does not apply to templates, so the 16 pairs are spelled out by a macro.
 #define D2NWG_PAIR(NAME, BODY, SN, ST, DN, DT)                                              \
@@ -143,19 +142,6 @@ enum Code : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 D2NWG_TABLE(tok, tokenize_body)
 D2NWG_TABLE(detok, detokenize_body)
 
-int code_of(const at::Tensor& t, const char* what, size_t i) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return kF32;
-    case at::kHalf: return kF16;
-    case at::kBFloat16: return kBF16;
-    case at::kDouble: return kF64;
-    default:
-      TORCH_CHECK(false, "d2nwg tokenize: ", what, "[", i, "] has dtype ", t.scalar_type(),
-                  "; expected float32, float16, bfloat16 or float64");
-  }
-  return kF32;
-}
-
 // A run of elements of one (model, segment): n values from x to y, then `pad` zeros.
 struct Piece {
   const char* x;
@@ -181,29 +167,59 @@ void run_pieces(const std::vector<Piece>& pieces, int64_t elements, int64_t dst_
   }
 }
 
-void check_rows(const at::Tensor& rows, const char* name) {
+}  // namespace
+
+int32_t dtype_code(const at::Tensor& t, const char* what, int64_t index) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kF32;
+    case at::kHalf: return kF16;
+    case at::kBFloat16: return kBF16;
+    case at::kDouble: return kF64;
+    default:
+      TORCH_CHECK(false, "d2nwg tokenize: ", what, "[", index, "] has dtype ", t.scalar_type(),
+                  "; expected float32, float16, bfloat16 or float64");
+  }
+  return kF32;
+}
+
+namespace {
+
+void check_rows(const at::Tensor& rows, const char* name, c10::DeviceType device) {
   TORCH_CHECK(rows.dim() == 2, "d2nwg tokenize: ", name, " must be [N, T*C], got ", rows.sizes());
   TORCH_CHECK(rows.is_contiguous(), "d2nwg tokenize: ", name, " must be contiguous");
-  TORCH_CHECK(rows.device().is_cpu(), "d2nwg tokenize: ", name, " must be on the CPU");
+  TORCH_CHECK(rows.device().type() == device, "d2nwg tokenize: ", name, " must be on ", device,
+              ", got ", rows.device());
+  dtype_code(rows, name, 0);
+}
+
+// Each tensor of the list: on the rows' device, contiguous, a supported dtype.
+void check_tensors(at::TensorList tensors, const at::Tensor& rows, const char* what) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.device() == rows.device(), "d2nwg tokenize: ", what, "[", i, "] is on ",
+                t.device(), ", the tokens on ", rows.device());
+    TORCH_CHECK(t.is_contiguous(), "d2nwg tokenize: ", what, "[", i, "] must be contiguous");
+    dtype_code(t, what, static_cast<int64_t>(i));
+  }
 }
 
 }  // namespace
 
-void tokenize_cpu(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<int64_t> offsets,
-                  c10::ArrayRef<int64_t> spans, c10::ArrayRef<double> mean,
-                  c10::ArrayRef<double> rstd) {
-  check_rows(out, "out");
+void check_tokenize_args(const at::Tensor& out, at::TensorList sources,
+                         c10::ArrayRef<int64_t> offsets, c10::ArrayRef<int64_t> spans,
+                         size_t num_mean, size_t num_rstd, c10::DeviceType device) {
+  check_rows(out, "out", device);
   const int64_t S = static_cast<int64_t>(offsets.size());
   const int64_t N = out.size(0), R = out.size(1);
   TORCH_CHECK(S > 0, "d2nwg tokenize: the plan has no segments");
-  TORCH_CHECK(static_cast<int64_t>(spans.size()) == S && static_cast<int64_t>(mean.size()) == S &&
-                  static_cast<int64_t>(rstd.size()) == S,
+  TORCH_CHECK(spans.size() == offsets.size() && num_mean == offsets.size() &&
+                  num_rstd == offsets.size(),
               "d2nwg tokenize: offsets, spans, mean and rstd must have one entry per segment, got ",
-              offsets.size(), ", ", spans.size(), ", ", mean.size(), ", ", rstd.size());
+              offsets.size(), ", ", spans.size(), ", ", num_mean, ", ", num_rstd);
   TORCH_CHECK(static_cast<int64_t>(sources.size()) == N * S, "d2nwg tokenize: got ",
               sources.size(), " sources for ", N, " models of ", S, " segments");
-  // The spans must tile the row: then every output element is written exactly once, and
-  // pieces of different threads never overlap.
+  // The spans must tile the row: then every output element is written exactly once, and no
+  // two threads or blocks ever write the same element.
   std::vector<int64_t> order(S);
   for (int64_t s = 0; s < S; ++s) order[s] = s;
   std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return offsets[a] < offsets[b]; });
@@ -214,8 +230,42 @@ void tokenize_cpu(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<i
     covered += spans[s];
   }
   TORCH_CHECK(covered == R, "d2nwg tokenize: the spans cover ", covered, " elements, the row has ", R);
+  check_tensors(sources, out, "sources");
+  for (int64_t i = 0; i < N * S; ++i) {
+    TORCH_CHECK(sources[i].numel() <= spans[i % S], "d2nwg tokenize: sources[", i, "] has ",
+                sources[i].numel(), " elements, more than the span ", spans[i % S], " of segment ",
+                i % S);
+  }
+}
 
-  const int dst_code = code_of(out, "out", 0);
+void check_detokenize_args(const at::Tensor& tokens, at::TensorList dests,
+                           c10::ArrayRef<int64_t> offsets, size_t num_mean, size_t num_std,
+                           c10::DeviceType device) {
+  check_rows(tokens, "tokens", device);
+  const int64_t S = static_cast<int64_t>(offsets.size());
+  const int64_t N = tokens.size(0), R = tokens.size(1);
+  TORCH_CHECK(S > 0, "d2nwg detokenize: the plan has no segments");
+  TORCH_CHECK(num_mean == offsets.size() && num_std == offsets.size(),
+              "d2nwg detokenize: offsets, mean and std must have one entry per segment, got ",
+              offsets.size(), ", ", num_mean, ", ", num_std);
+  TORCH_CHECK(static_cast<int64_t>(dests.size()) == N * S, "d2nwg detokenize: got ", dests.size(),
+              " destinations for ", N, " models of ", S, " segments");
+  check_tensors(dests, tokens, "dests");
+  for (int64_t i = 0; i < N * S; ++i) {
+    const int64_t s = i % S, numel = dests[i].numel();
+    TORCH_CHECK(offsets[s] >= 0 && offsets[s] + numel <= R, "d2nwg detokenize: dests[", i, "] (",
+                numel, " elements at offset ", offsets[s], ") overruns the row of ", R);
+  }
+}
+
+void tokenize_cpu(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<int64_t> offsets,
+                  c10::ArrayRef<int64_t> spans, c10::ArrayRef<double> mean,
+                  c10::ArrayRef<double> rstd) {
+  check_tokenize_args(out, sources, offsets, spans, mean.size(), rstd.size(), c10::DeviceType::CPU);
+  const int64_t S = static_cast<int64_t>(offsets.size());
+  const int64_t N = out.size(0), R = out.size(1);
+
+  const int dst_code = dtype_code(out, "out", 0);
   const int64_t dst_size = out.element_size();
   char* out_base = static_cast<char*>(out.data_ptr());
   std::vector<Piece> pieces;
@@ -223,12 +273,7 @@ void tokenize_cpu(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<i
   for (int64_t i = 0; i < N * S; ++i) {
     const at::Tensor& src = sources[i];
     const int64_t n = i / S, s = i % S, numel = src.numel();
-    TORCH_CHECK(src.device() == out.device(), "d2nwg tokenize: sources[", i, "] is on ", src.device(),
-                ", out on ", out.device());
-    TORCH_CHECK(src.is_contiguous(), "d2nwg tokenize: sources[", i, "] must be contiguous");
-    TORCH_CHECK(numel <= spans[s], "d2nwg tokenize: sources[", i, "] has ", numel,
-                " elements, more than the span ", spans[s], " of segment ", s);
-    const Loop loop = tok_loops[code_of(src, "sources", i)][dst_code];
+    const Loop loop = tok_loops[dtype_code(src, "sources", i)][dst_code];
     const char* x = static_cast<const char*>(src.data_ptr());
     char* y = out_base + (n * R + offsets[s]) * dst_size;
     for (int64_t start = 0; start < spans[s]; start += kPiece) {
@@ -244,17 +289,11 @@ void tokenize_cpu(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<i
 
 void detokenize_cpu(const at::Tensor& tokens, at::TensorList dests, c10::ArrayRef<int64_t> offsets,
                     c10::ArrayRef<double> mean, c10::ArrayRef<double> std) {
-  check_rows(tokens, "tokens");
+  check_detokenize_args(tokens, dests, offsets, mean.size(), std.size(), c10::DeviceType::CPU);
   const int64_t S = static_cast<int64_t>(offsets.size());
   const int64_t N = tokens.size(0), R = tokens.size(1);
-  TORCH_CHECK(S > 0, "d2nwg detokenize: the plan has no segments");
-  TORCH_CHECK(static_cast<int64_t>(mean.size()) == S && static_cast<int64_t>(std.size()) == S,
-              "d2nwg detokenize: offsets, mean and std must have one entry per segment, got ",
-              offsets.size(), ", ", mean.size(), ", ", std.size());
-  TORCH_CHECK(static_cast<int64_t>(dests.size()) == N * S, "d2nwg detokenize: got ", dests.size(),
-              " destinations for ", N, " models of ", S, " segments");
 
-  const int src_code = code_of(tokens, "tokens", 0);
+  const int src_code = dtype_code(tokens, "tokens", 0);
   const int64_t src_size = tokens.element_size();
   const char* tok_base = static_cast<const char*>(tokens.data_ptr());
   std::vector<Piece> pieces;
@@ -262,12 +301,7 @@ void detokenize_cpu(const at::Tensor& tokens, at::TensorList dests, c10::ArrayRe
   for (int64_t i = 0; i < N * S; ++i) {
     const at::Tensor& dst = dests[i];
     const int64_t n = i / S, s = i % S, numel = dst.numel();
-    TORCH_CHECK(dst.device() == tokens.device(), "d2nwg detokenize: dests[", i, "] is on ",
-                dst.device(), ", tokens on ", tokens.device());
-    TORCH_CHECK(dst.is_contiguous(), "d2nwg detokenize: dests[", i, "] must be contiguous");
-    TORCH_CHECK(offsets[s] >= 0 && offsets[s] + numel <= R, "d2nwg detokenize: dests[", i, "] (",
-                numel, " elements at offset ", offsets[s], ") overruns the row of ", R);
-    const Loop loop = detok_loops[src_code][code_of(dst, "dests", i)];
+    const Loop loop = detok_loops[src_code][dtype_code(dst, "dests", i)];
     const char* y = tok_base + (n * R + offsets[s]) * src_size;
     char* x = static_cast<char*>(dst.data_ptr());
     for (int64_t start = 0; start < numel; start += kPiece) {

@@ -36,8 +36,6 @@ constexpr int kVec = 8;                                // elements per thread pe
 constexpr int kSteps = 8;                              // steps per tile
 constexpr int64_t kTile = kThreads * kVec * kSteps;    // 16384 elements per block
 
-enum Code : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
-
 // Storage types: half and bfloat16 are raw 16-bit patterns, tagged so overloads differ.
 struct F16 { uint16_t x; };
 struct BF16 { uint16_t x; };
@@ -196,26 +194,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- host side ----
-int32_t code_of(const at::Tensor& t, const char* what, size_t i) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return kF32;
-    case at::kHalf: return kF16;
-    case at::kBFloat16: return kBF16;
-    case at::kDouble: return kF64;
-    default:
-      TORCH_CHECK(false, "d2nwg tokenize: ", what, "[", i, "] has dtype ", t.scalar_type(),
-                  "; expected float32, float16, bfloat16 or float64");
-  }
-  return kF32;
-}
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-void check_rows(const at::Tensor& rows, const char* name) {
-  TORCH_CHECK(rows.dim() == 2, "d2nwg tokenize: ", name, " must be [N, T*C], got ", rows.sizes());
-  TORCH_CHECK(rows.is_contiguous(), "d2nwg tokenize: ", name, " must be contiguous");
-  TORCH_CHECK(rows.is_cuda(), "d2nwg tokenize: ", name, " must be a CUDA tensor");
-}
 
 // Items, then the block -> item map, in one device buffer (one host-to-device copy). The
 // buffer is freed through the caching allocator, which orders its reuse after this stream's
@@ -254,27 +234,9 @@ void with_dtype(const at::Tensor& t, F&& f) {
 void tokenize_cuda(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<int64_t> offsets,
                    c10::ArrayRef<int64_t> spans, c10::ArrayRef<double> mean,
                    c10::ArrayRef<double> rstd) {
-  check_rows(out, "out");
+  check_tokenize_args(out, sources, offsets, spans, mean.size(), rstd.size(), c10::DeviceType::CUDA);
   const int64_t S = static_cast<int64_t>(offsets.size());
   const int64_t N = out.size(0), R = out.size(1);
-  TORCH_CHECK(S > 0, "d2nwg tokenize: the plan has no segments");
-  TORCH_CHECK(static_cast<int64_t>(spans.size()) == S && static_cast<int64_t>(mean.size()) == S &&
-                  static_cast<int64_t>(rstd.size()) == S,
-              "d2nwg tokenize: offsets, spans, mean and rstd must have one entry per segment, got ",
-              offsets.size(), ", ", spans.size(), ", ", mean.size(), ", ", rstd.size());
-  TORCH_CHECK(static_cast<int64_t>(sources.size()) == N * S, "d2nwg tokenize: got ",
-              sources.size(), " sources for ", N, " models of ", S, " segments");
-  // The spans must tile the row: every output element is written exactly once, by one block.
-  std::vector<int64_t> order(S);
-  for (int64_t s = 0; s < S; ++s) order[s] = s;
-  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return offsets[a] < offsets[b]; });
-  int64_t covered = 0;
-  for (int64_t s : order) {
-    TORCH_CHECK(spans[s] >= 0 && offsets[s] == covered, "d2nwg tokenize: the spans do not tile the row of ",
-                R, " elements (segment ", s, " at offset ", offsets[s], ", expected ", covered, ")");
-    covered += spans[s];
-  }
-  TORCH_CHECK(covered == R, "d2nwg tokenize: the spans cover ", covered, " elements, the row has ", R);
 
   const int64_t dsize = out.element_size();
   const char* out_base = static_cast<const char*>(out.data_ptr());
@@ -284,11 +246,6 @@ void tokenize_cuda(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<
   for (int64_t i = 0; i < N * S; ++i) {
     const at::Tensor& src = sources[i];
     const int64_t n = i / S, s = i % S;
-    TORCH_CHECK(src.device() == out.device(), "d2nwg tokenize: sources[", i, "] is on ", src.device(),
-                ", out on ", out.device());
-    TORCH_CHECK(src.is_contiguous(), "d2nwg tokenize: sources[", i, "] must be contiguous");
-    TORCH_CHECK(src.numel() <= spans[s], "d2nwg tokenize: sources[", i, "] has ", src.numel(),
-                " elements, more than the span ", spans[s], " of segment ", s);
     const int64_t tiles = (spans[s] + kTile - 1) / kTile;
     if (tiles == 0) continue;
     const int64_t dst = n * R + offsets[s];
@@ -299,7 +256,7 @@ void tokenize_cuda(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<
     w.span = spans[s];
     w.mean = mean[s];
     w.rstd = rstd[s];
-    w.code = code_of(src, "sources", i);
+    w.code = dtype_code(src, "sources", i);
     w.aligned = aligned16(w.src) && aligned16(out_base + dst * dsize);
     w.first_tile = static_cast<int64_t>(tile_item.size());
     tile_item.insert(tile_item.end(), tiles, static_cast<int32_t>(items.size()));
@@ -325,15 +282,9 @@ void tokenize_cuda(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<
 void detokenize_cuda(const at::Tensor& tokens, at::TensorList dests,
                      c10::ArrayRef<int64_t> offsets, c10::ArrayRef<double> mean,
                      c10::ArrayRef<double> std) {
-  check_rows(tokens, "tokens");
+  check_detokenize_args(tokens, dests, offsets, mean.size(), std.size(), c10::DeviceType::CUDA);
   const int64_t S = static_cast<int64_t>(offsets.size());
   const int64_t N = tokens.size(0), R = tokens.size(1);
-  TORCH_CHECK(S > 0, "d2nwg detokenize: the plan has no segments");
-  TORCH_CHECK(static_cast<int64_t>(mean.size()) == S && static_cast<int64_t>(std.size()) == S,
-              "d2nwg detokenize: offsets, mean and std must have one entry per segment, got ",
-              offsets.size(), ", ", mean.size(), ", ", std.size());
-  TORCH_CHECK(static_cast<int64_t>(dests.size()) == N * S, "d2nwg detokenize: got ", dests.size(),
-              " destinations for ", N, " models of ", S, " segments");
 
   const int64_t ssize = tokens.element_size();
   const char* tok_base = static_cast<const char*>(tokens.data_ptr());
@@ -343,11 +294,6 @@ void detokenize_cuda(const at::Tensor& tokens, at::TensorList dests,
   for (int64_t i = 0; i < N * S; ++i) {
     const at::Tensor& dst = dests[i];
     const int64_t n = i / S, s = i % S, numel = dst.numel();
-    TORCH_CHECK(dst.device() == tokens.device(), "d2nwg detokenize: dests[", i, "] is on ",
-                dst.device(), ", tokens on ", tokens.device());
-    TORCH_CHECK(dst.is_contiguous(), "d2nwg detokenize: dests[", i, "] must be contiguous");
-    TORCH_CHECK(offsets[s] >= 0 && offsets[s] + numel <= R, "d2nwg detokenize: dests[", i, "] (",
-                numel, " elements at offset ", offsets[s], ") overruns the row of ", R);
     const int64_t tiles = (numel + kTile - 1) / kTile;
     if (tiles == 0) continue;
     const int64_t src = n * R + offsets[s];
@@ -357,7 +303,7 @@ void detokenize_cuda(const at::Tensor& tokens, at::TensorList dests,
     w.numel = numel;
     w.std = std[s];
     w.mean = mean[s];
-    w.code = code_of(dst, "dests", i);
+    w.code = dtype_code(dst, "dests", i);
     w.aligned = aligned16(w.dst) && aligned16(tok_base + src * ssize);
     w.first_tile = static_cast<int64_t>(tile_item.size());
     tile_item.insert(tile_item.end(), tiles, static_cast<int32_t>(items.size()));
