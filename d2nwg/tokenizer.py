@@ -18,7 +18,6 @@ import fnmatch
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -34,6 +33,7 @@ from d2nwg.errors import (
     NonFiniteError,
     ShapeError,
 )
+from d2nwg.files import read_safetensors, save_safetensors
 from d2nwg.ops.tokenize import FLOAT_DTYPES, ChunkPlan
 
 FORMAT = "d2nwg.WeightTokenizer"
@@ -409,37 +409,14 @@ class WeightTokenizer:
 
         Written to a temporary file and renamed, so no half-written file is ever left.
         """
-        from safetensors.torch import save_file
-
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file({"mean": self.mean.contiguous(), "std": self.std.contiguous()}, tmp,
-                      metadata={"d2nwg": json.dumps(self._layout())})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        save_safetensors({"mean": self.mean.contiguous(), "std": self.std.contiguous()}, path,
+                         {"d2nwg": json.dumps(self._layout())})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "WeightTokenizer":
         """Load a file written by :meth:`save`; a bad file raises :class:`FileFormatError`."""
-        from safetensors import safe_open
-
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileFormatError(f"{path}: no such tokenizer file")
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # safetensors raises its own error types on corrupt files
-            raise FileFormatError(f"{path}: not a readable safetensors file "
-                                  f"(truncated or corrupt?): {exc}") from exc
+        meta, tensors = read_safetensors(path)
         try:
             layout = json.loads(meta["d2nwg"])
         except (KeyError, json.JSONDecodeError) as exc:

@@ -14,12 +14,12 @@ import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Any, Iterator, TypeVar
 
 import torch
 
 from d2nwg.errors import ConfigError, FileFormatError, KeyMismatchError
+from d2nwg.files import read_safetensors, save_safetensors
 
 C = TypeVar("C", bound="JSONConfig")
 FORMAT = "d2nwg.module/1"
@@ -75,39 +75,18 @@ def seeded(seed: int | None) -> Iterator[None]:
 def save_module(module: torch.nn.Module, path: str | os.PathLike, *,
                 metadata: dict[str, str] | None = None) -> None:
     """Write ``module.state_dict()`` (and its ``config``, if any) to a safetensors file atomically."""
-    from safetensors.torch import save_file
-
-    path = os.fspath(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     meta = {"format": FORMAT, "class": type(module).__name__}
     config = getattr(module, "config", None)
     if isinstance(config, JSONConfig):
         meta["config"] = config.to_json()
     meta.update(metadata or {})
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    save_safetensors(tensors, path, meta)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata of a file written by :func:`save_module`."""
-    from safetensors import safe_open
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileFormatError(f"{path}: no such file")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as exc:
-        raise FileFormatError(f"{path}: not a readable safetensors file ({exc})") from exc
+    meta, _ = read_safetensors(path, load_tensors=False)
     if meta.get("format") != FORMAT:
         raise FileFormatError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta
@@ -120,8 +99,6 @@ def load_module(target, path: str | os.PathLike, *, map_location: str | torch.de
     ``target`` is either a module instance (its parameters are overwritten) or a module class
     with a ``config_class`` attribute (it is rebuilt from the config stored in the file).
     """
-    from safetensors.torch import load_file
-
     meta = read_metadata(path)
     if isinstance(target, type):
         config_class = getattr(target, "config_class", None)
@@ -134,7 +111,7 @@ def load_module(target, path: str | os.PathLike, *, map_location: str | torch.de
         module = target(config_class.from_json(meta["config"]))
     else:
         module = target
-    state = load_file(os.fspath(path), device=str(map_location))
+    _, state = read_safetensors(path, device=map_location)
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -1,0 +1,49 @@
+"""Safetensors files written atomically and read with errors that name the file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+
+import torch
+
+from d2nwg.errors import FileFormatError
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str]) -> None:
+    """Write ``tensors`` to ``path``: a temporary file in the same folder, then a rename, so a
+    reader never sees a half-written file and a failed write leaves nothing behind."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def read_safetensors(path: str | os.PathLike, *, load_tensors: bool = True,
+                     device: str | torch.device = "cpu") -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file; FileFormatError if missing or unreadable."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileFormatError(f"{path}: no such file")
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if load_tensors else {}
+    except Exception as exc:  # safetensors raises its own error types on corrupt files
+        raise FileFormatError(f"{path}: not a readable safetensors file "
+                              f"(truncated or corrupt?): {exc}") from exc
+    return metadata, tensors
