@@ -32,45 +32,16 @@ import torch
 import torch.nn.functional as F
 
 from d2nwg.ops.tokenize import ChunkPlan, detokenize, tokenize
+from d2nwg.tokenizer import WeightTokenizer
+from d2nwg.zoo import llama_state_dict
 
 CHUNK = 256
 
 
-def llama_state_dict(hidden: int = 1024, layers: int = 4, intermediate: int = 4096,
-                     vocab: int = 32000, kv_dim: int | None = None,
-                     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                     seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights with LLaMA's names and shapes (grouped-query k/v, untied embeddings)."""
-    kv_dim = hidden // 4 if kv_dim is None else kv_dim
-    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (hidden, hidden),
-            p + "self_attn.k_proj.weight": (kv_dim, hidden),
-            p + "self_attn.v_proj.weight": (kv_dim, hidden),
-            p + "self_attn.o_proj.weight": (hidden, hidden),
-            p + "mlp.gate_proj.weight": (intermediate, hidden),
-            p + "mlp.up_proj.weight": (intermediate, hidden),
-            p + "mlp.down_proj.weight": (hidden, intermediate),
-            p + "input_layernorm.weight": (hidden,),
-            p + "post_attention_layernorm.weight": (hidden,),
-        })
-    shapes.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
-    gen = torch.Generator(device=device).manual_seed(seed)
-    return {k: (torch.randn(s, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dtype)
-            for k, s in shapes.items()}
-
-
 def layer_plan(weights: list[torch.Tensor], chunk_size: int = CHUNK) -> ChunkPlan:
-    """Layer granularity with per-layer statistics of these weights (computed once, untimed)."""
-    numel = [w.numel() for w in weights]
-    spans = [-(-n // chunk_size) * chunk_size for n in numel]
-    offsets = [sum(spans[:i]) for i in range(len(spans))]
-    mean = [float(w.double().mean()) for w in weights]
-    std = [float(w.double().std()) or 1.0 for w in weights]
-    return ChunkPlan(tuple(numel), tuple(offsets), tuple(spans), tuple(mean), tuple(std),
-                     sum(spans) // chunk_size, chunk_size)
+    """Layer granularity, normalized by the statistics of these weights (computed once, untimed)."""
+    sd = {str(i): w for i, w in enumerate(weights)}
+    return WeightTokenizer.from_state_dict(sd, chunk_size=chunk_size).fit([sd]).plan
 
 
 # ---- the plain PyTorch way (float32 arithmetic, as a user would write it) ----
@@ -124,7 +95,8 @@ class Case:
 
 def make_case(dtype: torch.dtype, scale: str = "cpu", backend: str = "cpp",
               device: str | torch.device = "cpu") -> Case:
-    sizes = {"cpu": {}, "tiny": dict(hidden=64, layers=2, intermediate=256, vocab=512)}[scale]
+    sizes = {"cpu": dict(hidden=1024, layers=4, intermediate=4096, vocab=32000, heads=16, kv_heads=4),
+             "tiny": dict(hidden=64, layers=2, intermediate=256, vocab=512, heads=4, kv_heads=1)}[scale]
     sd = llama_state_dict(dtype=dtype, device=device, **sizes)
     weights = list(sd.values())
     return Case(f"llama-{scale}-{str(dtype).split('.')[-1]}", weights, layer_plan(weights), backend)

@@ -14,9 +14,7 @@ Triton interpreted): a few tens of thousands of weights, so the section takes se
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
@@ -35,41 +33,20 @@ from d2nwg.ops.tokenize import (  # noqa: E402
     tokenize_ref,
 )
 
-FULL = dict(hidden=2048, layers=16, intermediate=8192, vocab=128256, kv_dim=512)
-TINY = dict(hidden=32, layers=2, intermediate=96, vocab=200, kv_dim=16)
+FULL = dict(hidden=2048, layers=16, intermediate=8192, vocab=128256, heads=32, kv_heads=8)
+TINY = dict(hidden=32, layers=2, intermediate=96, vocab=200, heads=4, kv_heads=2)
 
 
 def _timer(device: torch.device, tiny: bool) -> Callable[..., float]:
-    """Median milliseconds: CUDA events after warm-up on a GPU, perf_counter on a CPU.
-
-    ``once=True`` times a single call without warm-up (the Triton interpreter: its time says
-    nothing about the kernel, and the check already ran it once)."""
+    """Median milliseconds (CUDA events on a GPU). ``once=True`` times a single call without
+    warm-up (the Triton interpreter: its time says nothing about the kernel, and the check
+    already ran it once)."""
     reps, warmup = (3, 1) if tiny else (20, 3)
 
-    def cuda_ms(fn, once: bool = False):
-        for _ in range(0 if once else warmup):
-            fn()
-        times = []
-        for _ in range(1 if once else reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+    def timed(fn, once: bool = False) -> float:
+        return median_ms(fn, device, repeat=1 if once else reps, warmup=0 if once else warmup)
 
-    def cpu_ms(fn, once: bool = False):
-        for _ in range(0 if once else warmup):
-            fn()
-        times = []
-        for _ in range(1 if once else reps):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
-
-    return cuda_ms if device.type == "cuda" else cpu_ms
+    return timed
 
 
 def run(device: torch.device, tiny: bool) -> list[dict]:
