@@ -32,6 +32,8 @@ from d2nwg.nn import (
     load_module,
     save_module,
 )
+from d2nwg.sampling import PREDICTION_TYPES, SAMPLERS, default_timesteps, sample
+from d2nwg.schedule import NoiseSchedule
 from d2nwg.tokenizer import WeightTokenizer
 from d2nwg.version import __version__
 
@@ -39,6 +41,11 @@ __all__ = [
     "__version__",
     "ops",
     "WeightTokenizer",
+    "NoiseSchedule",
+    "sample",
+    "SAMPLERS",
+    "PREDICTION_TYPES",
+    "default_timesteps",
     "ChunkVAE",
     "ChunkVAEConfig",
     "Condition",

@@ -430,6 +430,11 @@ def _check_cond(cond, uncond, guidance_scale, B: int, device: torch.device):
                           "uncond, the unconditional input of the model; it is None")
     if cond is None:
         raise ConfigError("uncond is given for classifier-free guidance but cond is None")
+    if hasattr(cond, "pack") and hasattr(uncond, "pack"):
+        # d2nwg.Condition objects (e.g. den.null_condition(1) as uncond): pack both to one
+        # tensor shape so that they batch into a single model call; the denoiser unpacks.
+        K = max(cond.tokens.shape[1], uncond.tokens.shape[1])
+        cond, uncond = cond.pack(K), uncond.pack(K)
     for name, c in (("cond", cond), ("uncond", uncond)):
         if not isinstance(c, torch.Tensor):
             raise ShapeError(f"{name} must be a tensor for classifier-free guidance, got "
@@ -466,7 +471,8 @@ def sample(model: Callable, x_T: torch.Tensor, schedule: NoiseSchedule, *, sampl
         steps: number of steps, ``1 <= steps <= T``; timesteps ``round(T - i * T / steps) - 1``.
         timesteps: explicit strictly descending timesteps in ``[0, T)``; overrides ``steps``.
         eta: DDIM's stochasticity (0 = deterministic, 1 = DDPM-like); DDIM only.
-        cond, uncond: the model's condition; with ``guidance_scale != 1`` both are tensors with a
+        cond, uncond: the model's condition; with ``guidance_scale != 1`` both are tensors (or
+            both :class:`d2nwg.Condition`, packed here into tensors) with a
             batch dimension (``uncond``'s may be 1) and go through the model in one batched call
             per step, mixed as ``eps_u + s * (eps_c - eps_u)``.
         generator: one ``torch.Generator`` or a list of one per sample (sample i then depends
