@@ -15,6 +15,7 @@ import statistics
 import sys
 import time
 
+import pytest
 import torch
 
 from d2nwg.sampling import default_timesteps, sample
@@ -158,28 +159,10 @@ def _bench(benchmark, index: int, which: int):
         benchmark(fn)
 
 
-def test_ddim_d2nwg(benchmark):
-    _bench(benchmark, 0, 0)
-
-
-def test_ddim_diffusers_style(benchmark):
-    _bench(benchmark, 0, 1)
-
-
-def test_ddim_cfg_d2nwg(benchmark):
-    _bench(benchmark, 1, 0)
-
-
-def test_ddim_cfg_diffusers_style(benchmark):
-    _bench(benchmark, 1, 1)
-
-
-def test_dpmpp_2m_d2nwg(benchmark):
-    _bench(benchmark, 2, 0)
-
-
-def test_dpmpp_2m_diffusers_style(benchmark):
-    _bench(benchmark, 2, 1)
+@pytest.mark.parametrize("impl", [0, 1], ids=["d2nwg", "diffusers_style"])
+@pytest.mark.parametrize("case", [0, 1, 2], ids=["ddim", "ddim_cfg", "dpmpp_2m"])
+def test_sampling(benchmark, case: int, impl: int):
+    _bench(benchmark, case, impl)
 
 
 if __name__ == "__main__":
