@@ -14,9 +14,9 @@ then its own test item (160 cases: kernels x configurations x arch). Takes 40 s 
 cores, up to about 90 s when they are busy.
 
 Asserted per case: a cubin is produced; its shared memory fits the arch (227 KiB opt-in on
-sm_90, 163 KiB on sm_80); registers fit a block. Register spills are reported as
-``RegisterSpillWarning`` for the attention kernels (see the warnings summary) and must be
-absent from the elementwise kernels.
+sm_90, 163 KiB on sm_80); registers fit a block. Register spills must be absent from the
+elementwise kernels; in the attention kernels at most a few bytes are tolerated, reported as
+``RegisterSpillWarning`` (see the warnings summary).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ _spec.loader.exec_module(gcc)
 CASES = gcc.cases()
 # Elementwise kernels: a spill there is a regression, not a trade-off of a big tile.
 NO_SPILL_KERNELS = {"tokenize", "detokenize", "sampler_step", "attn_bwd_preprocess"}
+ATTENTION_SPILL_BYTES = 64  # spill stores + loads per thread tolerated in the attention kernels
 REGS_PER_SM = 65536  # 64K 32-bit registers per block on sm_80 and sm_90
 MAX_REGS_PER_THREAD = 255
 
@@ -135,4 +136,7 @@ def test_compiles_for_gpu(compiled, case, record_property):
                f"{r.get('spill_loads', '?')} bytes spill loads, {stack} bytes stack frame, "
                f"{regs} registers")
         assert case["kernel"] not in NO_SPILL_KERNELS, msg
+        # The attention kernels may spill a few bytes (bf16 dK/dV at head dim 64 on sm_80
+        # spills 8); kilobytes per thread (as fp32 at 4 warps once did) is a bug.
+        assert spilled <= ATTENTION_SPILL_BYTES, msg
         warnings.warn(msg, RegisterSpillWarning, stacklevel=1)
