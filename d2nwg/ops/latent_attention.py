@@ -62,10 +62,64 @@ def _torch_sdpa(q, k, v, mask=None, scale=None) -> torch.Tensor:
     return out * has_key[:, None, None, None].to(out.dtype)
 
 
-def _triton(q, k, v, mask=None, scale=None) -> torch.Tensor:
-    from d2nwg.kernels.latent_attention import latent_attention_triton
+# Triton (kernels/latent_attention.py): the forward and backward launchers are torch.library
+# custom ops, the forward's autograd formula calls the backward op. torch.compile (forward and
+# AOT-traced backward) then sees opaque ops with fake impls, not the launchers (which read
+# strides and launch kernels; under TRITON_INTERPRET=1 the kernels are Python). Outputs are
+# laid out [B, L, H, D] in memory, so that the caller's transpose(1, 2).reshape is free.
+@torch.library.custom_op("d2nwg::attention_fwd_triton", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, Tensor? mask, float sm_scale) "
+                                "-> (Tensor, Tensor)")
+def _attention_fwd_op(q, k, v, mask, sm_scale):
+    from d2nwg.kernels.latent_attention import attention_fwd
 
-    return latent_attention_triton(q, k, v, mask, scale)
+    return attention_fwd(q, k, v, mask, sm_scale)  # out, base-2 log-sum-exp [B, H, Lq] fp32
+
+
+@_attention_fwd_op.register_fake
+def _attention_fwd_fake(q, k, v, mask, sm_scale):
+    B, H, LQ, D = q.shape
+    return (q.new_empty(B, LQ, H, D).transpose(1, 2),
+            q.new_empty(B, H, LQ, dtype=torch.float32))
+
+
+@torch.library.custom_op("d2nwg::attention_bwd_triton", mutates_args=(),
+                         schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, "
+                                "Tensor? mask, float sm_scale) -> (Tensor, Tensor, Tensor)")
+def _attention_bwd_op(do, q, k, v, o, lse, mask, sm_scale):
+    from d2nwg.kernels.latent_attention import attention_bwd
+
+    return attention_bwd(do, q, k, v, o, lse, mask, sm_scale)  # dq, dk, dv
+
+
+@_attention_bwd_op.register_fake
+def _attention_bwd_fake(do, q, k, v, o, lse, mask, sm_scale):
+    B, H, LQ, D = q.shape
+    LK = k.shape[2]
+    return (q.new_empty(B, LQ, H, D).transpose(1, 2), k.new_empty(B, LK, H, D).transpose(1, 2),
+            v.new_empty(B, LK, H, D).transpose(1, 2))
+
+
+def _attention_setup_context(ctx, inputs, output) -> None:
+    q, k, v, mask, sm_scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, mask)
+    ctx.sm_scale = sm_scale
+
+
+def _attention_backward(ctx, do, dlse):  # lse is an internal output: its gradient is unused
+    q, k, v, o, lse, mask = ctx.saved_tensors
+    dq, dk, dv = torch.ops.d2nwg.attention_bwd_triton.default(do, q, k, v, o, lse, mask,
+                                                              ctx.sm_scale)
+    return dq, dk, dv, None, None
+
+
+_attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+def _triton(q, k, v, mask=None, scale=None) -> torch.Tensor:
+    sm_scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    return torch.ops.d2nwg.attention_fwd_triton.default(q, k, v, mask, sm_scale)[0]
 
 
 def _xformers(q, k, v, mask=None, scale=None) -> torch.Tensor:
