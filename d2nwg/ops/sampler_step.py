@@ -86,10 +86,24 @@ def _compiled(x, model_out, table, step, noise, prev_x0, guided) -> None:
     torch.ops.d2nwg.sampler_step_.default(x, model_out, table, step, noise, prev_x0, guided)
 
 
-def _triton(x, model_out, table, step, noise, prev_x0, guided) -> None:
+# Triton (kernels/sampler_step.py), registered as torch.ops.d2nwg.sampler_step_triton_ with the
+# compiled op's schema: torch.compile then sees an opaque in-place op instead of the launcher.
+@torch.library.custom_op("d2nwg::sampler_step_triton_", mutates_args=("x", "prev_x0"),
+                         schema="(Tensor(a!) x, Tensor model_out, Tensor table, Tensor step, "
+                                "Tensor? noise, Tensor(b!)? prev_x0, bool guided) -> ()")
+def _triton_op(x, model_out, table, step, noise, prev_x0, guided) -> None:
     from d2nwg.kernels.sampler_step import sampler_step_triton
 
     sampler_step_triton(x, model_out, table, step, noise, prev_x0, guided)
+
+
+@_triton_op.register_fake
+def _triton_fake(x, model_out, table, step, noise, prev_x0, guided) -> None:
+    return None
+
+
+def _triton(x, model_out, table, step, noise, prev_x0, guided) -> None:
+    torch.ops.d2nwg.sampler_step_triton_.default(x, model_out, table, step, noise, prev_x0, guided)
 
 
 def _on(device_type: str):
@@ -166,7 +180,11 @@ def _check(x, model_out, table, step, noise, prev_x0, guided) -> None:
                     ("prev_x0", prev_x0)):
         if t is not None and t.device != x.device:
             raise DeviceError(f"{name} is on {t.device}, x on {x.device}")
-    if step.device.type == "cpu" and not 0 <= int(step.reshape(-1)[0]) < table.shape[0]:
+    if step.device.type == "cpu" and torch.compiler.is_compiling():
+        # int(step) would break the graph; the check goes into the graph (a RuntimeError).
+        torch._assert_async(((step >= 0) & (step < table.shape[0])).all(),
+                            f"step is out of range for a table of {table.shape[0]} steps")
+    elif step.device.type == "cpu" and not 0 <= int(step.reshape(-1)[0]) < table.shape[0]:
         raise ShapeError(f"step {int(step.reshape(-1)[0])} is out of range for a table of "
                          f"{table.shape[0]} steps")
 
