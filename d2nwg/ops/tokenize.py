@@ -19,6 +19,7 @@ dispatch, public functions), ``kernels/tokenize.py`` (Triton), ``csrc/tokenize_c
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -129,16 +130,61 @@ if _ext._C is not None:  # shapes for torch.compile: both ops write in place, re
         return None
 
 
-def _tokenize_triton(out, sources, plan: ChunkPlan) -> None:
+# ----------------------------------------------------------------------------------------
+# Triton backend (kernels/tokenize.py), registered as torch.ops.d2nwg.{tokenize,detokenize}_
+# triton_. torch.compile cannot trace the launchers (address tables from data_ptr(), and the
+# interpreter's kernels are Python); as opaque in-place ops they stay in one graph. A ChunkPlan
+# is no op argument type: it travels as its fields and is rebuilt (cached) inside the op.
+# ----------------------------------------------------------------------------------------
+_PLAN_ARGS = "int[] numel, int[] offset, int[] span, float[] mean, float[] std, int num_tokens, " \
+             "int chunk_size"
+
+
+def _plan_args(plan: ChunkPlan) -> tuple:
+    return (list(plan.numel), list(plan.offset), list(plan.span), [float(m) for m in plan.mean],
+            [float(s) for s in plan.std], plan.num_tokens, plan.chunk_size)
+
+
+_cached_plan = functools.lru_cache(maxsize=64)(ChunkPlan)  # the kernels cache tables per plan
+
+
+def _plan_from(numel, offset, span, mean, std, num_tokens, chunk_size) -> ChunkPlan:
+    return _cached_plan(tuple(numel), tuple(offset), tuple(span), tuple(mean), tuple(std),
+                        num_tokens, chunk_size)
+
+
+@torch.library.custom_op("d2nwg::tokenize_triton_", mutates_args=("out",),
+                         schema=f"(Tensor(a!) out, Tensor[] sources, {_PLAN_ARGS}) -> ()")
+def _tokenize_triton_op(out, sources, *plan) -> None:
     from d2nwg.kernels.tokenize import tokenize_triton
 
-    tokenize_triton(out, sources, plan)
+    tokenize_triton(out, sources, _plan_from(*plan))
+
+
+@torch.library.custom_op("d2nwg::detokenize_triton_", mutates_args=("dests",),
+                         schema=f"(Tensor tokens, Tensor(a!)[] dests, {_PLAN_ARGS}) -> ()")
+def _detokenize_triton_op(tokens, dests, *plan) -> None:
+    from d2nwg.kernels.tokenize import detokenize_triton
+
+    detokenize_triton(tokens, dests, _plan_from(*plan))
+
+
+@_tokenize_triton_op.register_fake
+def _tokenize_triton_fake(out, sources, *plan) -> None:
+    return None
+
+
+@_detokenize_triton_op.register_fake
+def _detokenize_triton_fake(tokens, dests, *plan) -> None:
+    return None
+
+
+def _tokenize_triton(out, sources, plan: ChunkPlan) -> None:
+    torch.ops.d2nwg.tokenize_triton_.default(out, list(sources), *_plan_args(plan))
 
 
 def _detokenize_triton(tokens, dests, plan: ChunkPlan) -> None:
-    from d2nwg.kernels.tokenize import detokenize_triton
-
-    detokenize_triton(tokens, dests, plan)
+    torch.ops.d2nwg.detokenize_triton_.default(tokens, list(dests), *_plan_args(plan))
 
 
 def _on(device_type: str):
