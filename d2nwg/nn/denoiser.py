@@ -197,9 +197,11 @@ class LatentDenoiser(nn.Module):
         if T is not None and (k.shape[-1] != T or (k.dim() == 2 and k.shape[0] != B)):
             raise ShapeError(f"layer_kinds have shape {tuple(k.shape)}, expected [{T}] or [{B}, {T}]")
         n = self.config.num_layer_kinds
-        # Range check on CPU only: on CUDA it would synchronize (and break graph capture);
-        # there nn.Embedding's own device assert catches an out-of-range kind.
-        if k.device.type == "cpu" and k.numel() and (int(k.min()) < 0 or int(k.max()) >= max(n, 1)):
+        # Range check on CPU, eager only: on CUDA it would synchronize (and break graph
+        # capture), under torch.compile break the graph; there nn.Embedding's own (device)
+        # assert catches an out-of-range kind.
+        if k.device.type == "cpu" and k.numel() and not torch.compiler.is_compiling() and \
+                (int(k.min()) < 0 or int(k.max()) >= max(n, 1)):
             raise ShapeError(f"layer_kinds must lie in [0, {max(n, 1)}) (num_layer_kinds={n}), got "
                              f"[{int(k.min())}, {int(k.max())}]")
 
