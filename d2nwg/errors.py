@@ -45,3 +45,9 @@ class FileFormatError(D2NWGError, ValueError):
 
 class BackendUnavailableError(D2NWGError, RuntimeError):
     """No backend (or not the forced one) can run an op on the given inputs."""
+
+
+def shape_of(x: object) -> object:
+    """For error messages: a tensor's shape as a tuple, or the type name of anything else."""
+    shape = getattr(x, "shape", None)
+    return tuple(shape) if shape is not None and hasattr(x, "dtype") else type(x).__name__

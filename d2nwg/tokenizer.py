@@ -32,6 +32,7 @@ from d2nwg.errors import (
     KeyMismatchError,
     NonFiniteError,
     ShapeError,
+    shape_of,
 )
 from d2nwg.files import read_safetensors, save_safetensors
 from d2nwg.ops.tokenize import FLOAT_DTYPES, ChunkPlan
@@ -333,8 +334,7 @@ class WeightTokenizer:
         expected = ("[N, " if rank == 3 else "[") + f"{self.num_tokens}, {self.chunk_size}]"
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != rank \
                 or tuple(tokens.shape[-2:]) != (self.num_tokens, self.chunk_size):
-            shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise ShapeError(f"tokens have shape {shape}, expected {expected}")
+            raise ShapeError(f"tokens have shape {shape_of(tokens)}, expected {expected}")
         if tokens.dtype not in FLOAT_DTYPES:
             raise DTypeError(f"tokens have dtype {tokens.dtype}; expected one of {FLOAT_DTYPES}")
 

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from d2nwg.errors import ConfigError, DeviceError, DTypeError, ShapeError
+from d2nwg.errors import ConfigError, DeviceError, DTypeError, ShapeError, shape_of
 from d2nwg.nn.io import JSONConfig, seeded
 from d2nwg.nn.layers import ISAB, MAB, MLP, PMA
 
@@ -43,10 +43,10 @@ class Condition:
         t, p, m = self.tokens, self.pooled, self.mask
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ShapeError(f"condition tokens must be a [B, K, E] tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+                             f"{shape_of(t)}")
         if not isinstance(p, torch.Tensor) or p.dim() != 2 or p.shape[0] != t.shape[0]:
             raise ShapeError(f"condition pooled must be [B, E] = [{t.shape[0]}, E], got "
-                             f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
+                             f"{shape_of(p)}")
         if not t.is_floating_point() or not p.is_floating_point():
             raise DTypeError(f"condition tokens/pooled must be floating point, got "
                              f"{t.dtype} and {p.dtype}")
@@ -259,7 +259,7 @@ class DatasetEncoder(nn.Module):
         c = self.config
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-1] != c.in_features:
             raise ShapeError(f"x must be [B, classes, shots, {c.in_features}], got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+                             f"{shape_of(x)}")
         if not x.is_floating_point():
             raise DTypeError(f"x must be floating point, got {x.dtype}")
         B, N, S, _ = x.shape
@@ -313,7 +313,7 @@ class TextConditioner(nn.Module):
         c = self.config
         if not isinstance(emb, torch.Tensor) or emb.dim() != 3 or emb.shape[-1] != c.in_dim:
             raise ShapeError(f"text embeddings must be [B, L, {c.in_dim}], got "
-                             f"{tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__}")
+                             f"{shape_of(emb)}")
         if mask is not None and (mask.dtype != torch.bool or mask.shape != emb.shape[:2]):
             raise ShapeError(f"mask must be a bool tensor of shape {list(emb.shape[:2])}, got "
                              f"{mask.dtype} {tuple(mask.shape)}")

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from d2nwg.errors import ConfigError, DTypeError, ShapeError
+from d2nwg.errors import ConfigError, DTypeError, ShapeError, shape_of
 from d2nwg.nn.conditioners import Condition, NullConditioner
 from d2nwg.nn.io import JSONConfig, seeded
 from d2nwg.nn.layers import MLP, Attention, set_attention_backend, sinusoidal
@@ -184,14 +184,14 @@ class LatentDenoiser(nn.Module):
     def _check_positions(p, B, T) -> None:
         if not isinstance(p, torch.Tensor) or p.dim() not in (2, 3) or p.shape[-1] != 2:
             raise ShapeError(f"positions must be [T, 2] or [B, T, 2], got "
-                             f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
+                             f"{shape_of(p)}")
         if T is not None and (p.shape[-2] != T or (p.dim() == 3 and p.shape[0] != B)):
             raise ShapeError(f"positions have shape {tuple(p.shape)}, expected [{T}, 2] or [{B}, {T}, 2]")
 
     def _check_kinds(self, k, B, T) -> None:
         if not isinstance(k, torch.Tensor) or k.dim() not in (1, 2):
             raise ShapeError(f"layer_kinds must be [T] or [B, T], got "
-                             f"{tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__}")
+                             f"{shape_of(k)}")
         if k.is_floating_point() or k.dtype == torch.bool:
             raise DTypeError(f"layer_kinds must be integers, got {k.dtype}")
         if T is not None and (k.shape[-1] != T or (k.dim() == 2 and k.shape[0] != B)):
@@ -217,7 +217,7 @@ class LatentDenoiser(nn.Module):
         c = self.config
         if not isinstance(x_t, torch.Tensor) or x_t.dim() != 3 or x_t.shape[-1] != c.latent_dim:
             raise ShapeError(f"x_t must be [B, T, {c.latent_dim}], got "
-                             f"{tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__}")
+                             f"{shape_of(x_t)}")
         if not x_t.is_floating_point():
             raise DTypeError(f"x_t must be floating point, got {x_t.dtype}")
         B, T, _ = x_t.shape

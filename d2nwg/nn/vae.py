@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2nwg.errors import ConfigError, DTypeError, ShapeError
+from d2nwg.errors import ConfigError, DTypeError, ShapeError, shape_of
 from d2nwg.nn.io import JSONConfig, seeded
 
 MIN_CHUNK, MAX_CHUNK = 64, 16384
@@ -111,7 +111,7 @@ class ChunkVAE(nn.Module):
     def _check(self, x: torch.Tensor, width: int, name: str) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != width:
             raise ShapeError(f"{name} must be [..., {width}], got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+                             f"{shape_of(x)}")
         if not x.is_floating_point():
             raise DTypeError(f"{name} must be floating point, got {x.dtype}")
 
