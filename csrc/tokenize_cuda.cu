@@ -4,7 +4,7 @@
 // Mirrors kernels/tokenize.py; the reference and the exact arithmetic are in
 // d2nwg/ops/tokenize.py:
 //   tokenize:    y = dst(fp32((double(x) - mean) * rstd))      (float64 tokens skip fp32)
-//   detokenize:  x = dst(fp32(double(y) * std + mean))         (float64 weights skip fp32)
+//   detokenize:  x = dst(fp32(double(y) * std + unshift))      (float64 weights skip fp32)
 // The float64 operations are spelled with __dsub_rn/__dmul_rn/__dadd_rn so that no
 // multiply-add is ever fused (setup.py also passes --fmad=false).
 //

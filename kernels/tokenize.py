@@ -13,8 +13,9 @@ start; these tables depend only on the plan and the dtypes, so they are cached p
 
 Arithmetic, identical to the reference and the C++/CUDA kernels:
     tokenize:    fp32((x - mean) * rstd) in float64, then the token dtype (float64: no fp32 step)
-    detokenize:  fp32(y * std + mean) in float64, then the weight dtype
-launched with ``enable_fp_fusion=False`` so ``y * std + mean`` is never contracted to an FMA.
+    detokenize:  fp32(y * std + unshift) in float64, then the weight dtype (unshift: the mean,
+                 0 spelled -0.0 so that zeros keep their sign)
+launched with ``enable_fp_fusion=False`` so ``y * std + unshift`` is never contracted to an FMA.
 
 Blocks that lie wholly inside the data take an unmasked path: with the ALIGNED hints (all
 base addresses 16-byte aligned) the compiler can then use vector loads and stores even though
@@ -189,7 +190,7 @@ def _layout(plan, num_models: int, dtypes: tuple[torch.dtype, ...], block: int, 
             offset.append(n * R + plan.offset[s])
             numel.append(plan.numel[s])
             span.append(plan.span[s])
-            mean.append(plan.mean[s])
+            mean.append(plan.mean[s] if padded else plan.unshift[s])
             scale.append(plan.rstd[s] if padded else plan.std[s])
         if not kept:
             continue

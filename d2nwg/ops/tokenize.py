@@ -8,11 +8,12 @@ row exactly, so tokenization writes every token element exactly once.
 Arithmetic (identical in every backend, so they agree to the last bit):
 
     tokenize:    y = fp32((x - mean) * rstd)          in float64, then cast to the token dtype
-    detokenize:  x = fp32(y * std + mean)             in float64, then cast to the weight dtype
+    detokenize:  x = fp32(y * std + unshift)          in float64, then cast to the weight dtype
                  (no fused multiply-add; a float64 destination skips the fp32 step)
 
-``rstd = 1 / std`` is computed once in float64; layers without normalization use mean 0,
-std 1, for which both directions are exact. Files of this op: this one (reference, checks,
+``rstd = 1 / std`` is computed once in float64; ``unshift`` is the mean with 0 spelled -0.0,
+so that adding it back keeps the sign of zero weights. Layers without normalization use mean
+0, std 1, for which both directions are exact. Files of this op: this one (reference, checks,
 dispatch, public functions), ``kernels/tokenize.py`` (Triton), ``csrc/tokenize_cpu.cpp`` and
 ``csrc/tokenize_cuda.cu`` (C++ and CUDA, registered in ``csrc/registration.cpp``).
 """
@@ -45,6 +46,7 @@ class ChunkPlan:
     num_tokens: int
     chunk_size: int
     rstd: tuple[float, ...] = field(init=False)
+    unshift: tuple[float, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         S = len(self.numel)
@@ -68,6 +70,9 @@ class ChunkPlan:
         if not all(math.isfinite(s) and s != 0 for s in self.std):
             raise ConfigError("ChunkPlan: every std must be finite and nonzero")
         object.__setattr__(self, "rstd", tuple(1.0 / s for s in self.std))
+        # The mean detokenize adds back, with 0 spelled -0.0: v + (-0.0) == v for every v, so
+        # an unshifted layer's -0.0 weights come back as -0.0 (v + 0.0 would make them +0.0).
+        object.__setattr__(self, "unshift", tuple(m if m != 0 else -0.0 for m in self.mean))
 
     @property
     def row_size(self) -> int:
@@ -103,7 +108,7 @@ def detokenize_ref(tokens: torch.Tensor, dests: Sequence[torch.Tensor], plan: Ch
     for i, dst in enumerate(dests):
         n, s = divmod(i, S)
         y = tokens[n, plan.offset[s] : plan.offset[s] + plan.numel[s]].double()
-        x = y * plan.std[s] + plan.mean[s]
+        x = y * plan.std[s] + plan.unshift[s]
         dst.copy_(_round_to(x, dst.dtype).view(dst.shape))
 
 
@@ -116,7 +121,7 @@ def _tokenize_compiled(out, sources, plan: ChunkPlan) -> None:
 
 
 def _detokenize_compiled(tokens, dests, plan: ChunkPlan) -> None:
-    torch.ops.d2nwg.detokenize_(tokens, list(dests), list(plan.offset), list(plan.mean),
+    torch.ops.d2nwg.detokenize_(tokens, list(dests), list(plan.offset), list(plan.unshift),
                                 list(plan.std))
 
 
