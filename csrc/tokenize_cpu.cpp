@@ -3,8 +3,8 @@
 // Mirrors kernels/tokenize.py; the reference and the exact arithmetic are in
 // d2nwg/ops/tokenize.py:
 //   tokenize:    y = dst((float)((double(x) - mean) * rstd))     (float64 tokens skip the float cast)
-//   detokenize:  x = dst((float)(double(y) * std + mean))        (float64 weights skip it too)
-// setup.py compiles with -ffp-contract=off, so `y * std + mean` stays a multiply and an add
+//   detokenize:  x = dst((float)(double(y) * std + unshift))     (float64 weights skip it too)
+// setup.py compiles with -ffp-contract=off, so `y * std + unshift` stays a multiply and an add
 // (no FMA) and every backend rounds the same way.
 //
 // Work is cut into pieces of at most kPiece elements of one (model, segment); at::parallel_for
@@ -17,6 +17,8 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
+#include <type_traits>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -102,15 +104,46 @@ D2NWG_INLINE void store(double* p, double v) { *p = v; }
 D2NWG_INLINE void store(F16* p, double v) { p->x = float_to_half(static_cast<float>(v)); }
 D2NWG_INLINE void store(BF16* p, double v) { p->x = float_to_bf16(static_cast<float>(v)); }
 
+// The float32 fast path (twice the SIMD width of float64): loads and stores in float.
+D2NWG_INLINE float loadf(float v) { return v; }
+D2NWG_INLINE float loadf(double v) { return static_cast<float>(v); }  // never taken (see below)
+D2NWG_INLINE float loadf(F16 v) { return half_to_float(v.x); }
+D2NWG_INLINE float loadf(BF16 v) { return bf16_to_float(v.x); }
+D2NWG_INLINE void storef(float* p, float v) { *p = v; }
+D2NWG_INLINE void storef(double* p, float v) { *p = v; }
+D2NWG_INLINE void storef(F16* p, float v) { p->x = float_to_half(v); }
+D2NWG_INLINE void storef(BF16* p, float v) { p->x = float_to_bf16(v); }
+
+// True when a segment is only scaled by a power of two (no shift), as WeightTokenizer's
+// uncentered layers and normalize=None are, and neither side is float64. Then x * 2^k is exact
+// in float64, and float32's correctly rounded x * 2^k is the same number as rounding that
+// float64 product to float32: the float path gives the reference's bits at twice the speed.
+template <typename S, typename D>
+D2NWG_INLINE bool float_exact(double shift, double factor) {
+  if (std::is_same<S, double>::value || std::is_same<D, double>::value || shift != 0.0) return false;
+  int e = 0;
+  return factor > 0.0 && std::frexp(factor, &e) == 0.5 && e - 1 >= -126 && e - 1 <= 127;
+}
+
 template <typename S, typename D>
 D2NWG_INLINE void tokenize_body(const S* __restrict x, D* __restrict y, int64_t n, double mean,
                                 double rstd) {
+  if (float_exact<S, D>(mean, rstd)) {
+    const float r = static_cast<float>(rstd);
+    for (int64_t i = 0; i < n; ++i) storef(y + i, loadf(x[i]) * r);
+    return;
+  }
   for (int64_t i = 0; i < n; ++i) store(y + i, (load(x[i]) - mean) * rstd);
 }
 
 template <typename S, typename D>
 D2NWG_INLINE void detokenize_body(const S* __restrict y, D* __restrict x, int64_t n, double std,
                                   double mean) {
+  if (float_exact<S, D>(mean, std)) {
+    const float f = static_cast<float>(std);
+    for (int64_t i = 0; i < n; ++i) storef(x + i, loadf(y[i]) * f);
+    return;
+  }
   for (int64_t i = 0; i < n; ++i) store(x + i, load(y[i]) * std + mean);
 }
 

@@ -155,6 +155,51 @@ def test_each_dtype_pair(backend, source_dtype, gen):
         assert all(torch.equal(b.cpu(), r) for b, r in zip(back, back_ref))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("std", [1.0, 0.25, 0.3])
+def test_negative_zero_round_trips(backend, std, gen):
+    """-0.0 weights of an unshifted layer come back as -0.0 (y * std + 0.0 would give +0.0)."""
+    device = backend_device(backend)
+    plan = ChunkPlan((6,), (0,), (8,), (0.0,), (std,), 2, 4)
+    for dtype in DTYPES:
+        x = torch.tensor([-0.0, 0.0, -0.0, 1.5, -2.0, -0.0], dtype=dtype, device=device)
+        tokens = tokenize([x], plan, backend=backend)
+        back = torch.full_like(x, float("nan"))
+        detokenize(tokens, [back], plan, backend=backend)
+        zeros = x == 0
+        assert bool((back[zeros] == 0).all()), dtype
+        assert torch.equal(torch.signbit(back.cpu()), torch.signbit(x.cpu())), dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("source_dtype", DTYPES)
+def test_power_of_two_scales_match_reference(backend, source_dtype, gen):
+    """Scale-only segments (WeightTokenizer's uncentered layers; the cpp backend computes them
+    in float32) give the reference's float64 bits, over the whole float range: subnormal
+    results, overflow to inf, signed zeros."""
+    device = backend_device(backend)
+    base = make_plan([1, 13, 0, 40, 64], 5, "layer", False, gen)
+    plan = ChunkPlan(base.numel, base.offset, base.span, (0.0,) * 5,
+                     (2.0 ** -20, 2.0 ** 3, 1.0, 2.0 ** -7, 2.0 ** 60), base.num_tokens, 5)
+    sources = []
+    for numel in plan.numel:
+        magnitude = torch.exp2(torch.randint(-149, 128, (numel,), generator=gen).double())
+        x = torch.randn(numel, generator=gen, dtype=torch.float64) * magnitude
+        x[:2] = torch.tensor([0.0, -0.0], dtype=torch.float64)[: min(2, numel)]
+        sources.append(x.to(source_dtype))
+    for token_dtype in DTYPES:
+        ref = torch.empty(1, plan.num_tokens, 5, dtype=token_dtype)
+        tokenize_ref(ref.view(1, -1), sources, plan)
+        got = tokenize([s.to(device) for s in sources], plan, dtype=token_dtype, backend=backend)
+        assert torch.equal(got.cpu().view(torch.uint8), ref.view(torch.uint8)), token_dtype
+        back_ref = [nan_like(s) for s in sources]
+        detokenize_ref(ref.view(1, -1), back_ref, plan)
+        back = [nan_like(s).to(device) for s in sources]
+        detokenize(got, back, plan, backend=backend)
+        for b, r in zip(back, back_ref):
+            assert torch.equal(b.cpu().view(torch.uint8), r.view(torch.uint8)), token_dtype
+
+
 # ----------------------------------------------------------------------------------------
 # Round trips, padding, layouts of the tensors.
 # ----------------------------------------------------------------------------------------
