@@ -32,7 +32,8 @@ def _sampler_step_kernel(
     cb = pid % n_col_blocks
     acc_t = ACC                                                  # float32, or float64 for float64 x
     rows = rb * BLOCK_B + tl.arange(0, BLOCK_B)                  # samples of this tile
-    cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    # int64 offsets: B * N (and N alone) may exceed 2^31 - 1 while B and N each fit in int32.
+    cols = cb.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < B
     mask = row_ok[:, None] & (cols < N)[None, :]
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
@@ -53,7 +54,8 @@ def _sampler_step_kernel(
     if GUIDED:
         g = tl.load(crow + 0, mask=row_ok, other=0.0).to(acc_t)[:, None]
         m = tl.load(out_ptr + offs, mask=mask, other=0.0).to(acc_t)
-        u = tl.load(out_ptr + B * N + offs, mask=mask, other=0.0).to(acc_t)
+        u_offs = (rows.to(tl.int64) + B)[:, None] * N + cols[None, :]   # row B + b: uncond
+        u = tl.load(out_ptr + u_offs, mask=mask, other=0.0).to(acc_t)
         o = u + g * (m - u)                          # classifier-free guidance
     else:
         o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(acc_t)
