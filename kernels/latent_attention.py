@@ -66,8 +66,11 @@ def _attn_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    # int64 offsets: b * stride_b (and pid_bh * LQ) pass 2^31 on large batches even when each
+    # stride fits in int32 (Triton then multiplies in int32 and wraps).
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    row0 = pid_bh.to(tl.int64) * LQ  # first LSE / DELTA entry of this (batch, head)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -110,7 +113,7 @@ def _attn_fwd_kernel(
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + pid_bh * LQ + offs_m, lse, mask=row_ok)
+    tl.store(LSE + row0 + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -123,8 +126,11 @@ def _attn_bwd_preprocess(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    # int64 offsets: b * stride_b (and pid_bh * LQ) pass 2^31 on large batches even when each
+    # stride fits in int32 (Triton then multiplies in int32 and wraps).
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    row0 = pid_bh.to(tl.int64) * LQ  # first LSE / DELTA entry of this (batch, head)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < LQ
@@ -132,7 +138,7 @@ def _attn_bwd_preprocess(
                 mask=row_ok[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
                  + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + pid_bh * LQ + offs_m, tl.sum(o * do, 1), mask=row_ok)
+    tl.store(DELTA + row0 + offs_m, tl.sum(o * do, 1), mask=row_ok)
 
 
 @triton.jit
@@ -152,8 +158,11 @@ def _attn_bwd_dkdv_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    # int64 offsets: b * stride_b (and pid_bh * LQ) pass 2^31 on large batches even when each
+    # stride fits in int32 (Triton then multiplies in int32 and wraps).
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    row0 = pid_bh.to(tl.int64) * LQ  # first LSE / DELTA entry of this (batch, head)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -176,14 +185,14 @@ def _attn_bwd_dkdv_kernel(
         if FULL_M:  # LQ % BLOCK_M == 0: no bounds checks
             q = tl.load(q_base + rows[:, None] * stride_qm)
             do = tl.load(do_base + rows[:, None] * stride_dom)
-            lse = tl.load(LSE + pid_bh * LQ + rows)
-            delta = tl.load(DELTA + pid_bh * LQ + rows)
+            lse = tl.load(LSE + row0 + rows)
+            delta = tl.load(DELTA + row0 + rows)
         else:  # out-of-range rows: q = dO = 0 and lse = +inf, so p = 0 there
             row_ok = rows < LQ
             q = tl.load(q_base + rows[:, None] * stride_qm, mask=row_ok[:, None], other=0.0)
             do = tl.load(do_base + rows[:, None] * stride_dom, mask=row_ok[:, None], other=0.0)
-            lse = tl.load(LSE + pid_bh * LQ + rows, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + pid_bh * LQ + rows, mask=row_ok, other=0.0)
+            lse = tl.load(LSE + row0 + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + row0 + rows, mask=row_ok, other=0.0)
         s_t = _dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale  # [N, M]
         p_t = tl.exp2(s_t - lse[None, :])
         if HAS_MASK:  # out-of-range keys are never stored; masked keys must get zero grads
@@ -215,8 +224,11 @@ def _attn_bwd_dq_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    # int64 offsets: b * stride_b (and pid_bh * LQ) pass 2^31 on large batches even when each
+    # stride fits in int32 (Triton then multiplies in int32 and wraps).
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    row0 = pid_bh.to(tl.int64) * LQ  # first LSE / DELTA entry of this (batch, head)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -226,8 +238,8 @@ def _attn_bwd_dq_kernel(
                 mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
                  + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    lse = tl.load(LSE + pid_bh * LQ + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + pid_bh * LQ + offs_m, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + row0 + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + row0 + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :]
     v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :]
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)

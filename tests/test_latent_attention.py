@@ -167,3 +167,30 @@ def test_bad_inputs_name_the_argument(args, err, word):
     with pytest.raises(err, match=word) as info:
         latent_attention(*args)
     assert isinstance(info.value, D2NWGError)
+
+
+def test_batch_offsets_past_int32(gen, device):
+    """b * stride_b >= 2^31 while the stride itself fits in int32 (so Triton passes it as
+    int32): the kernels must form batch offsets in int64. q is a view whose batch stride is
+    just over 2^30 elements, so batch element 2 starts past element 2^31 of its buffer (4 GiB
+    of fp16, reserved but only a few pages touched). The launchers are called directly: a
+    clone would make q dense."""
+    from d2nwg.kernels.latent_attention import attention_bwd, attention_fwd
+
+    B, H, L, D = 3, 1, 16, 16
+    stride_b = 2**30 + 256
+    try:
+        buf = torch.empty(2 * stride_b + H * L * D, dtype=torch.float16, device=device)
+    except (RuntimeError, MemoryError) as exc:  # an address space without 4 GiB to reserve
+        pytest.skip(f"cannot reserve the 4 GiB buffer: {exc}")
+    q = buf.as_strided((B, H, L, D), (stride_b, L * D, D, 1))
+    q.copy_(torch.randn(B, H, L, D, generator=gen).to(torch.float16))
+    _, k, v, do, mask = _inputs(gen, B, H, L, L, D, torch.float16, device, True)
+    scale = D ** -0.5
+    o, lse = attention_fwd(q, k, v, mask, scale)
+    got = (o, *attention_bwd(do, q, k, v, o, lse, mask, scale))
+    dense = q.contiguous()
+    ref = _ref64(dense, k, v, do, mask)
+    pt = _fwd_bwd(latent_attention_ref, dense, k, v, do, mask)
+    for name, a, r, p in zip(("out", "dq", "dk", "dv"), got, ref, pt):
+        assert_close_lowp(a, r, p, name=name)
