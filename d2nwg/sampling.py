@@ -271,6 +271,9 @@ def _eager(plan: _Plan, x: torch.Tensor, cond_in: Any) -> torch.Tensor:
 # into its static buffers. Entries die with the model.
 _GRAPHS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _MAX_GRAPHS_PER_MODEL = 8
+# stacklevel of a warning in _with_graph_on_device that names the caller of sample():
+# _with_graph_on_device <- _with_graph <- sample <- torch.no_grad's wrapper <- caller.
+_CALLER = 5
 
 
 class _Captured:
@@ -316,6 +319,11 @@ def _graph_key(plan: _Plan, x: torch.Tensor, cond_in: Any) -> tuple:
 
 
 def _with_graph(plan: _Plan, x: torch.Tensor, cond_in: Any) -> torch.Tensor:
+    with torch.cuda.device(x.device):  # capture, pool and replay on x's device
+        return _with_graph_on_device(plan, x, cond_in)
+
+
+def _with_graph_on_device(plan: _Plan, x: torch.Tensor, cond_in: Any) -> torch.Tensor:
     try:
         per_model = _GRAPHS.setdefault(plan.model, {})
     except TypeError:  # not weak-referenceable: capture for this call only
@@ -334,31 +342,38 @@ def _with_graph(plan: _Plan, x: torch.Tensor, cond_in: Any) -> torch.Tensor:
     if noise_bytes > free // 4:
         warnings.warn(f"cuda_graph=True: the {sum(plan.noise_steps)} steps' noise ({noise_bytes / 2**30:.2f} "
                       f"GiB) would not fit beside the graph; running eagerly", RuntimeWarning,
-                      stacklevel=3)
+                      stacklevel=_CALLER)
         per_model[key] = "eager"
         return _eager(plan, x, cond_in)
     cap = _Captured(plan, x, cond_in)
     cap.load(plan, x, cond_in)
     # Warm-up on a side stream (lazy initialization, cuBLAS workspaces): an eager run whose
-    # result is this call's answer. Then capture the whole loop, model calls included.
+    # result is this call's answer. Then capture the whole loop, model calls included, on that
+    # same stream: it is on x's device (torch.cuda.graph's own default stream is created once,
+    # on whichever device was current then).
+    main = torch.cuda.current_stream(x.device)
     side = torch.cuda.Stream(x.device)
-    side.wait_stream(torch.cuda.current_stream(x.device))
+    side.wait_stream(main)
     with torch.cuda.stream(side):
         cap.body(plan)
-    torch.cuda.current_stream(x.device).wait_stream(side)
+    main.wait_stream(side)
     result = cap.x.clone()
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):
             cap.body(plan)
     except Exception as exc:  # noqa: BLE001 - any failure: fall back, say why, once
+        # When capture_end raises (an invalidated capture: a host sync, .item(), ...),
+        # torch.cuda.graph.__exit__ skips restoring the stream: the capture stream would stay
+        # current for everything the caller does next.
+        torch.cuda.set_stream(main)
         try:
             torch.cuda.synchronize(x.device)
         except RuntimeError:
             pass
         warnings.warn(f"cuda_graph=True: could not capture the sampling loop "
                       f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                      f"running eagerly", RuntimeWarning, stacklevel=3)
+                      f"running eagerly", RuntimeWarning, stacklevel=_CALLER)
         per_model[key] = "eager"
         return result
     cap.graph = graph

@@ -7,6 +7,7 @@ maps x_T to mu + sd (x_T - alpha_T mu) / sqrt(alpha_T^2 sd^2 + sigma_T^2) exactl
 that predictor, every sampler must map N(0, I) to (that image of) the data distribution.
 """
 
+import contextlib
 import math
 import warnings
 
@@ -350,3 +351,124 @@ def test_graph_body_matches_eager(sampler, guided):
     cap.body(plan)
     plan, x3, cond_in = _prepare(*kw, gens(), "epsilon", None)
     assert torch.equal(cap.x, _eager(plan, x3 * 0.5, cond_in))
+
+
+class _FakeCuda:
+    """Just enough of torch.cuda for d2nwg.sampling._with_graph on CPU tensors.
+
+    A capture runs the loop (so that a model which cannot be captured raises, as .item()
+    would) and records it; replay() runs what was recorded; the state a replay starts from is
+    rebuilt from the static inputs, so running during "capture" changes nothing visible. Like
+    torch.cuda.graph, a capture that fails leaves the capture stream current.
+    """
+
+    class Stream:
+        def __init__(self, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def __init__(self):
+            self.work, self.replays = [], 0
+
+        def replay(self):
+            self.replays += 1
+            for fn in self.work:
+                fn()
+
+    def __init__(self, monkeypatch):
+        from d2nwg import sampling
+
+        self.main = self.current = self.Stream("main")
+        self.capturing, self.graphs = None, []
+        fake = self
+
+        @contextlib.contextmanager
+        def stream(s):
+            before, fake.current = fake.current, s
+            try:
+                yield
+            finally:
+                fake.current = before
+
+        @contextlib.contextmanager
+        def graph(g, pool=None, stream=None, capture_error_mode="global"):
+            before = fake.current
+            fake.current, fake.capturing = stream or fake.Stream("capture"), g
+            try:
+                yield
+            except BaseException:
+                fake.capturing = None
+                raise RuntimeError("CUDA error: operation failed due to a previous error "
+                                   "during capture") from None   # stream not restored
+            fake.capturing, fake.current = None, before
+
+        def new_graph():
+            fake.graphs.append(fake.Graph())
+            return fake.graphs[-1]
+
+        body = sampling._Captured.body
+
+        def recording_body(cap, plan):
+            if fake.capturing is not None:
+                fake.capturing.work.append(lambda: body(cap, plan))
+            body(cap, plan)
+
+        cuda = torch.cuda
+        monkeypatch.setattr(cuda, "device", lambda d: contextlib.nullcontext())
+        monkeypatch.setattr(cuda, "mem_get_info", lambda d=None: (2**34, 2**35))
+        monkeypatch.setattr(cuda, "current_stream", lambda d=None: fake.current)
+        monkeypatch.setattr(cuda, "Stream", lambda d=None: fake.Stream())
+        monkeypatch.setattr(cuda, "stream", stream)
+        monkeypatch.setattr(cuda, "set_stream", lambda s: setattr(fake, "current", s))
+        monkeypatch.setattr(cuda, "synchronize", lambda d=None: None)
+        monkeypatch.setattr(cuda, "CUDAGraph", new_graph)
+        monkeypatch.setattr(cuda, "graph", graph)
+        monkeypatch.setattr(sampling._Captured, "body", recording_body)
+
+
+class _Net(torch.nn.Module):
+    """The Gaussian predictor times a parameter, plus a condition term; optionally fails to
+    capture (as a model that calls .item() does)."""
+
+    def __init__(self, N, fake, capturable=True):
+        super().__init__()
+        self.base, self.fake, self.capturable = Gaussian(N), fake, capturable
+        self.scale = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, x, t, cond):
+        if not self.capturable and self.fake.capturing is not None:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return self.base(x, t, None) * self.scale + 0.1 * cond.view(-1, 1)
+
+
+def _graph_run(model, x_T, cond, seed, graph):
+    from d2nwg.sampling import _eager, _prepare, _with_graph
+
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(x_T.shape[0])]
+    plan, x, cond_in = _prepare(model, x_T, SCHED, "ddpm", 6, None, 0.0, cond,
+                                torch.zeros_like(cond[:1]), 2.0, gens, "epsilon", None)
+    return (_with_graph if graph else _eager)(plan, x, cond_in)
+
+
+def test_graph_wrapper_falls_back_once_and_restores_the_stream(monkeypatch):
+    """A model that cannot be captured: one warning, the eager answer every time, and the
+    caller's stream current again (torch.cuda.graph leaves the capture stream current when
+    capture_end fails)."""
+    fake = _FakeCuda(monkeypatch)
+    B, N = 2, 6
+    net = _Net(N, fake, capturable=False)
+    x_T = torch.randn(B, N, dtype=torch.float64)
+    cond = torch.randn(B, dtype=torch.float64)
+    for i in range(2):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            got = _graph_run(net, x_T * (i + 1), cond, 7, graph=True)
+        msgs = [str(x.message) for x in w if "cuda_graph" in str(x.message)]
+        assert len(msgs) == (1 if i == 0 else 0), msgs
+        assert i > 0 or "could not capture" in msgs[0]
+        assert torch.equal(got, _graph_run(net, x_T * (i + 1), cond, 7, graph=False))
+        assert fake.current is fake.main, "the capture stream was left current"
+    assert len(fake.graphs) == 1 and fake.graphs[0].replays == 0
