@@ -24,6 +24,7 @@ step returns the data prediction (DDIM, DPM-Solver++) or the posterior mean with
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 import weakref
@@ -288,6 +289,7 @@ class _Captured:
         self.noise = torch.empty((n_noise,) + tuple(x.shape), dtype=x.dtype, device=x.device)
         self.prev = torch.zeros_like(x) if plan.use_prev else None
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.state: tuple = ()                                # _state_signature at capture
 
     def plan_view(self, plan: _Plan) -> _Plan:
         return _Plan(**{**plan.__dict__, "table": self.table, "t_table": self.t_table,
@@ -318,6 +320,16 @@ def _graph_key(plan: _Plan, x: torch.Tensor, cond_in: Any) -> tuple:
             plan.table.dtype, plan.run, cond_sig)
 
 
+def _state_signature(model: Any) -> tuple:
+    """Where an ``nn.Module`` model's parameters and buffers live: a captured graph reads them
+    at these addresses, so ``model.to(...)`` or ``p.data = ...`` after capture needs a new
+    capture. (A plain callable that closes over a module cannot be checked.)"""
+    if not isinstance(model, torch.nn.Module):
+        return ()
+    return tuple((t.data_ptr(), t.dtype, tuple(t.shape))
+                 for t in itertools.chain(model.parameters(), model.buffers()))
+
+
 def _with_graph(plan: _Plan, x: torch.Tensor, cond_in: Any) -> torch.Tensor:
     with torch.cuda.device(x.device):  # capture, pool and replay on x's device
         return _with_graph_on_device(plan, x, cond_in)
@@ -330,6 +342,9 @@ def _with_graph_on_device(plan: _Plan, x: torch.Tensor, cond_in: Any) -> torch.T
         per_model = {}
     key = _graph_key(plan, x, cond_in)
     entry = per_model.get(key)
+    if isinstance(entry, _Captured) and entry.state != _state_signature(plan.model):
+        del per_model[key]   # parameters or buffers were reallocated since the capture
+        entry = None
     if entry == "eager":
         return _eager(plan, x, cond_in)
     if entry is not None:
@@ -376,7 +391,7 @@ def _with_graph_on_device(plan: _Plan, x: torch.Tensor, cond_in: Any) -> torch.T
                       f"running eagerly", RuntimeWarning, stacklevel=_CALLER)
         per_model[key] = "eager"
         return result
-    cap.graph = graph
+    cap.graph, cap.state = graph, _state_signature(plan.model)   # as the graph reads them
     if len(per_model) >= _MAX_GRAPHS_PER_MODEL:
         per_model.pop(next(iter(per_model)))
     per_model[key] = cap

@@ -453,6 +453,34 @@ def _graph_run(model, x_T, cond, seed, graph):
     return (_with_graph if graph else _eager)(plan, x, cond_in)
 
 
+def test_graph_wrapper_replays_new_inputs_with_per_sample_generators(monkeypatch):
+    """cuda_graph=True's wrapper (capture mocked on CPU): the first call returns the warm-up's
+    answer, later calls replay with x_T, cond and the per-sample noise copied in; a
+    reallocated parameter makes it capture again instead of replaying stale addresses."""
+    fake = _FakeCuda(monkeypatch)
+    B, N = 3, 10
+    net = _Net(N, fake)
+    g = torch.Generator().manual_seed(5)
+    inputs = [(torch.randn(B, N, generator=g, dtype=torch.float64),
+               torch.randn(B, generator=g, dtype=torch.float64), 100 * i) for i in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i, (x_T, cond, seed) in enumerate(inputs[:2]):
+            got = _graph_run(net, x_T, cond, seed, graph=True)
+            assert torch.equal(got, _graph_run(net, x_T, cond, seed, graph=False)), i
+        assert len(fake.graphs) == 1 and fake.graphs[0].replays == 1
+        old = net.scale.data                        # kept alive: its address is not reused
+        net.scale.data = torch.full((), 0.5, dtype=torch.float64)
+        x_T, cond, seed = inputs[2]
+        got = _graph_run(net, x_T, cond, seed, graph=True)
+        assert torch.equal(got, _graph_run(net, x_T, cond, seed, graph=False))
+        assert len(fake.graphs) == 2 and fake.graphs[1].replays == 0, "stale graph replayed"
+        assert torch.equal(_graph_run(net, x_T, cond, seed, graph=True), got)
+        assert fake.graphs[1].replays == 1
+    assert fake.current is fake.main
+    del old
+
+
 def test_graph_wrapper_falls_back_once_and_restores_the_stream(monkeypatch):
     """A model that cannot be captured: one warning, the eager answer every time, and the
     caller's stream current again (torch.cuda.graph leaves the capture stream current when
