@@ -22,6 +22,7 @@ head dimension is used (see ``_fwd_config`` / ``_bwd_config``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -318,6 +319,11 @@ def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device, not on its arguments': make it t's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _mask_arg(mask: torch.Tensor | None, fallback: torch.Tensor):
     if mask is None:
         return fallback, 0, False
@@ -344,19 +350,20 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return o, lse
     m, stride_mb, has_mask = _mask_arg(mask, q)
     cfg = _fwd_config(D, q.dtype)
-    for sl in _batch_slices(B, H):
-        Bs = sl.stop - sl.start
-        qs, ks, vs, os_ = q[sl], k[sl], v[sl], o[sl]
-        _attn_fwd_kernel[(triton.cdiv(LQ, cfg["BLOCK_M"]), Bs * H)](
-            qs, ks, vs, os_, lse[sl], m[sl] if has_mask else qs,
-            qs.stride(0), qs.stride(1), qs.stride(2),
-            ks.stride(0), ks.stride(1), ks.stride(2),
-            vs.stride(0), vs.stride(1), vs.stride(2),
-            os_.stride(0), os_.stride(1), os_.stride(2),
-            stride_mb, H, LQ, LK, sm_scale * LOG2E,
-            HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=_precision(q.dtype),
-            UPCAST=_upcast(q.dtype), FULL_N=(not has_mask and LK % cfg["BLOCK_N"] == 0), **cfg,
-        )
+    with _on_device(q):
+        for sl in _batch_slices(B, H):
+            Bs = sl.stop - sl.start
+            qs, ks, vs, os_ = q[sl], k[sl], v[sl], o[sl]
+            _attn_fwd_kernel[(triton.cdiv(LQ, cfg["BLOCK_M"]), Bs * H)](
+                qs, ks, vs, os_, lse[sl], m[sl] if has_mask else qs,
+                qs.stride(0), qs.stride(1), qs.stride(2),
+                ks.stride(0), ks.stride(1), ks.stride(2),
+                vs.stride(0), vs.stride(1), vs.stride(2),
+                os_.stride(0), os_.stride(1), os_.stride(2),
+                stride_mb, H, LQ, LK, sm_scale * LOG2E,
+                HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=_precision(q.dtype),
+                UPCAST=_upcast(q.dtype), FULL_N=(not has_mask and LK % cfg["BLOCK_N"] == 0), **cfg,
+            )
     return o, lse
 
 
@@ -377,38 +384,39 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     precision = _precision(q.dtype)
     delta = torch.empty(B, H, LQ, dtype=torch.float32, device=q.device)
     pre_block = 32 if _interpreted() else 64
-    for sl in _batch_slices(B, H):
-        BH = (sl.stop - sl.start) * H
-        qs, ks, vs, os_, dos = q[sl], k[sl], v[sl], o[sl], do[sl]
-        dqs, dks, dvs, lses, deltas = dq[sl], dk[sl], dv[sl], lse[sl], delta[sl]
-        ms = m[sl] if has_mask else qs
-        _attn_bwd_preprocess[(triton.cdiv(LQ, pre_block), BH)](
-            os_, dos, deltas,
-            os_.stride(0), os_.stride(1), os_.stride(2),
-            dos.stride(0), dos.stride(1), dos.stride(2),
-            H, LQ, HEAD_DIM=D, BLOCK_M=pre_block,
-        )
-        common = (stride_mb, H, LQ, LK, sm_scale * LOG2E, sm_scale)
-        _attn_bwd_dkdv_kernel[(triton.cdiv(LK, cfg["BLOCK_N"]), BH)](
-            qs, ks, vs, dos, dks, dvs, lses, deltas, ms,
-            qs.stride(0), qs.stride(1), qs.stride(2),
-            ks.stride(0), ks.stride(1), ks.stride(2),
-            vs.stride(0), vs.stride(1), vs.stride(2),
-            dos.stride(0), dos.stride(1), dos.stride(2),
-            dks.stride(0), dks.stride(1), dks.stride(2),
-            dvs.stride(0), dvs.stride(1), dvs.stride(2),
-            *common, HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=precision,
-            UPCAST=_upcast(q.dtype), FULL_M=(LQ % cfg["BLOCK_M"] == 0), **cfg,
-        )
-        _attn_bwd_dq_kernel[(triton.cdiv(LQ, cfg["BLOCK_M"]), BH)](
-            qs, ks, vs, dos, dqs, lses, deltas, ms,
-            qs.stride(0), qs.stride(1), qs.stride(2),
-            ks.stride(0), ks.stride(1), ks.stride(2),
-            vs.stride(0), vs.stride(1), vs.stride(2),
-            dos.stride(0), dos.stride(1), dos.stride(2),
-            dqs.stride(0), dqs.stride(1), dqs.stride(2),
-            *common, HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=precision,
-            UPCAST=_upcast(q.dtype),
-            FULL_N=(not has_mask and LK % cfg["BLOCK_N"] == 0), **cfg,
-        )
+    with _on_device(q):
+        for sl in _batch_slices(B, H):
+            BH = (sl.stop - sl.start) * H
+            qs, ks, vs, os_, dos = q[sl], k[sl], v[sl], o[sl], do[sl]
+            dqs, dks, dvs, lses, deltas = dq[sl], dk[sl], dv[sl], lse[sl], delta[sl]
+            ms = m[sl] if has_mask else qs
+            _attn_bwd_preprocess[(triton.cdiv(LQ, pre_block), BH)](
+                os_, dos, deltas,
+                os_.stride(0), os_.stride(1), os_.stride(2),
+                dos.stride(0), dos.stride(1), dos.stride(2),
+                H, LQ, HEAD_DIM=D, BLOCK_M=pre_block,
+            )
+            common = (stride_mb, H, LQ, LK, sm_scale * LOG2E, sm_scale)
+            _attn_bwd_dkdv_kernel[(triton.cdiv(LK, cfg["BLOCK_N"]), BH)](
+                qs, ks, vs, dos, dks, dvs, lses, deltas, ms,
+                qs.stride(0), qs.stride(1), qs.stride(2),
+                ks.stride(0), ks.stride(1), ks.stride(2),
+                vs.stride(0), vs.stride(1), vs.stride(2),
+                dos.stride(0), dos.stride(1), dos.stride(2),
+                dks.stride(0), dks.stride(1), dks.stride(2),
+                dvs.stride(0), dvs.stride(1), dvs.stride(2),
+                *common, HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=precision,
+                UPCAST=_upcast(q.dtype), FULL_M=(LQ % cfg["BLOCK_M"] == 0), **cfg,
+            )
+            _attn_bwd_dq_kernel[(triton.cdiv(LQ, cfg["BLOCK_M"]), BH)](
+                qs, ks, vs, dos, dqs, lses, deltas, ms,
+                qs.stride(0), qs.stride(1), qs.stride(2),
+                ks.stride(0), ks.stride(1), ks.stride(2),
+                vs.stride(0), vs.stride(1), vs.stride(2),
+                dos.stride(0), dos.stride(1), dos.stride(2),
+                dqs.stride(0), dqs.stride(1), dqs.stride(2),
+                *common, HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=precision,
+                UPCAST=_upcast(q.dtype),
+                FULL_N=(not has_mask and LK % cfg["BLOCK_N"] == 0), **cfg,
+            )
     return dq, dk, dv

@@ -24,6 +24,7 @@ the item sizes are runtime values.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Sequence
@@ -159,6 +160,11 @@ def _detokenize_kernel(
 # ----------------------------------------------------------------------------------------
 # Launchers.
 # ----------------------------------------------------------------------------------------
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device, not on its arguments': make it t's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _block_size(device: torch.device) -> int:
     return BLOCK_CPU if device.type == "cpu" else BLOCK_GPU
 
@@ -250,12 +256,13 @@ def tokenize_triton(out_rows: torch.Tensor, sources: Sequence[torch.Tensor], pla
                            out_rows.element_size())
         src_addr = torch.tensor(addresses, dtype=torch.int64, device=out_rows.device)
         grid = (tab["item_of_block"].numel(),)
-        _tokenize_kernel[grid](
-            out_rows, src_addr, tab["item_of_block"], tab["first_block"], tab["offset"],
-            tab["numel"], tab["span"], tab["mean"], tab["scale"],
-            SRC=_TL_DTYPE[dtype], ALIGNED=aligned, BLOCK=block,
-            num_warps=NUM_WARPS, enable_fp_fusion=False,
-        )
+        with _on_device(out_rows):
+            _tokenize_kernel[grid](
+                out_rows, src_addr, tab["item_of_block"], tab["first_block"], tab["offset"],
+                tab["numel"], tab["span"], tab["mean"], tab["scale"],
+                SRC=_TL_DTYPE[dtype], ALIGNED=aligned, BLOCK=block,
+                num_warps=NUM_WARPS, enable_fp_fusion=False,
+            )
 
 
 def detokenize_triton(tokens_rows: torch.Tensor, dests: Sequence[torch.Tensor], plan, *,
@@ -277,9 +284,10 @@ def detokenize_triton(tokens_rows: torch.Tensor, dests: Sequence[torch.Tensor], 
                            tokens_rows.element_size())
         dst_addr = torch.tensor(addresses, dtype=torch.int64, device=tokens_rows.device)
         grid = (tab["item_of_block"].numel(),)
-        _detokenize_kernel[grid](
-            tokens_rows, dst_addr, tab["item_of_block"], tab["first_block"], tab["offset"],
-            tab["numel"], tab["scale"], tab["mean"],
-            DST=_TL_DTYPE[dtype], ALIGNED=aligned, BLOCK=block,
-            num_warps=NUM_WARPS, enable_fp_fusion=False,
-        )
+        with _on_device(tokens_rows):
+            _detokenize_kernel[grid](
+                tokens_rows, dst_addr, tab["item_of_block"], tab["first_block"], tab["offset"],
+                tab["numel"], tab["scale"], tab["mean"],
+                DST=_TL_DTYPE[dtype], ALIGNED=aligned, BLOCK=block,
+                num_warps=NUM_WARPS, enable_fp_fusion=False,
+            )
