@@ -24,6 +24,7 @@ step returns the data prediction (DDIM, DPM-Solver++) or the posterior mean with
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import warnings
@@ -317,7 +318,24 @@ def _graph_key(plan: _Plan, x: torch.Tensor, cond_in: Any) -> tuple:
     cond_sig = (tuple(cond_in.shape), cond_in.dtype) if isinstance(cond_in, torch.Tensor) \
         else ("object", id(cond_in))
     return (tuple(plan.shape), x.dtype, x.device, plan.guided, plan.noise_steps, plan.use_prev,
-            plan.table.dtype, plan.run, cond_sig)
+            plan.table.dtype, plan.run, cond_sig, _autocast_state())
+
+
+def _autocast_state() -> tuple:
+    """CUDA autocast as the capture sees it: a graph captured under autocast runs the model in
+    its lower precision, one captured without does not."""
+    if torch.is_autocast_enabled("cuda"):
+        return ("autocast", torch.get_autocast_dtype("cuda"))
+    return ()
+
+
+def _no_autocast_cache():
+    """Autocast without its weight cache (PyTorch's rule for capture): cached casts made
+    during the warm-up would be freed when the caller's autocast region ends, and the graph
+    would replay reading them."""
+    if not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
 
 
 def _state_signature(model: Any) -> tuple:
@@ -369,13 +387,13 @@ def _with_graph_on_device(plan: _Plan, x: torch.Tensor, cond_in: Any) -> torch.T
     main = torch.cuda.current_stream(x.device)
     side = torch.cuda.Stream(x.device)
     side.wait_stream(main)
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side), _no_autocast_cache():
         cap.body(plan)
     main.wait_stream(side)
     result = cap.x.clone()
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph, stream=side):
+        with torch.cuda.graph(graph, stream=side), _no_autocast_cache():
             cap.body(plan)
     except Exception as exc:  # noqa: BLE001 - any failure: fall back, say why, once
         # When capture_end raises (an invalidated capture: a host sync, .item(), ...),

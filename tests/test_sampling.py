@@ -500,3 +500,36 @@ def test_graph_wrapper_falls_back_once_and_restores_the_stream(monkeypatch):
         assert torch.equal(got, _graph_run(net, x_T * (i + 1), cond, 7, graph=False))
         assert fake.current is fake.main, "the capture stream was left current"
     assert len(fake.graphs) == 1 and fake.graphs[0].replays == 0
+
+
+def test_graph_wrapper_under_autocast_captures_without_the_weight_cache(monkeypatch):
+    """Under CUDA autocast the warm-up and the capture run with autocast's weight cache off
+    (cached casts would be freed when the caller's autocast region ends, under the graph),
+    and a graph captured under autocast is not replayed without it (nor the reverse)."""
+    fake = _FakeCuda(monkeypatch)
+    amp = {"on": False}
+    seen = []
+
+    @contextlib.contextmanager
+    def autocast(device_type, dtype=None, enabled=True, cache_enabled=None):
+        assert device_type == "cuda" and dtype == torch.float16
+        seen.append(cache_enabled)
+        yield
+
+    monkeypatch.setattr(torch, "is_autocast_enabled",
+                        lambda device_type=None: amp["on"] and device_type == "cuda")
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type: torch.float16)
+    monkeypatch.setattr(torch, "autocast", autocast)
+    net = _Net(6, fake)
+    x_T, cond = torch.randn(2, 6, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    _graph_run(net, x_T, cond, 3, graph=True)
+    assert seen == [] and len(fake.graphs) == 1
+    amp["on"] = True
+    want = _graph_run(net, x_T, cond, 3, graph=False)
+    assert torch.equal(_graph_run(net, x_T, cond, 3, graph=True), want)
+    assert seen == [False, False], "warm-up and capture must run with cache_enabled=False"
+    assert len(fake.graphs) == 2 and fake.graphs[0].replays == 0
+    _graph_run(net, x_T, cond, 3, graph=True)
+    amp["on"] = False
+    _graph_run(net, x_T, cond, 3, graph=True)
+    assert [g.replays for g in fake.graphs] == [1, 1]
