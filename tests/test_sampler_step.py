@@ -113,6 +113,33 @@ def test_low_precision_rule(backend, dtype, gen, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_vector_widths_and_unaligned_storage(backend, dtype, offset, gen, device):
+    """N a multiple of every vector width (16 bytes per access: 4 fp32, 8 fp16/bf16, 2 fp64)
+    on 16-byte aligned storage (the CUDA kernel's wide path) and on storage one element off
+    (its scalar path), in place, guided, with noise, previous x0 and a per-sample table."""
+    _skip_unavailable(backend, device)
+    args = _inputs(3, 512, guided=True, noise=True, prev=True, per_sample=True, dtype=dtype,
+                   gen=gen, device=device)
+    y_ref, p_ref = _ref(*args, True)
+
+    def placed(t):  # a contiguous copy of t starting `offset` elements into its storage
+        buf = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+        return buf[offset:].view(t.shape).copy_(t)
+
+    x, out, table, step, z, p = args
+    x, out, z, p = placed(x), placed(out), placed(z), placed(p)
+    assert (x.data_ptr() % 16 == 0) == (offset == 0)
+    sampler_step_(x, out, table, step, noise=z, prev_x0=p, guided=True, backend=backend)
+    for got, want in ((x, y_ref), (p, p_ref)):
+        scale = max(1.0, float(want.abs().max()))
+        tol = 1e-5 if dtype == torch.float32 else 1e-12 if dtype == torch.float64 else \
+            2 * torch.finfo(dtype).eps          # two ulps: an FMA may flip the final rounding
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_step_index_is_read_from_the_tensor(backend, gen, device):
     """Each row of the table is used at its step, shared and per-sample tables alike."""
     _skip_unavailable(backend, device)
