@@ -118,9 +118,14 @@ D2NWG_INLINE void storef(BF16* p, float v) { p->x = float_to_bf16(v); }
 // uncentered layers and normalize=None are, and neither side is float64. Then x * 2^k is exact
 // in float64, and float32's correctly rounded x * 2^k is the same number as rounding that
 // float64 product to float32: the float path gives the reference's bits at twice the speed.
-template <typename S, typename D>
+// "No shift" means the zero that is an identity for every value, signed zeros included:
+// x - (+0.0) in tokenize, v + (-0.0) in detokenize (kNegZero). The other zero is not one:
+// -0.0 - (-0.0) and -0.0 + (+0.0) are +0.0.
+template <typename S, typename D, bool kNegZero>
 D2NWG_INLINE bool float_exact(double shift, double factor) {
-  if (std::is_same<S, double>::value || std::is_same<D, double>::value || shift != 0.0) return false;
+  if (std::is_same<S, double>::value || std::is_same<D, double>::value || shift != 0.0 ||
+      std::signbit(shift) != kNegZero)
+    return false;
   int e = 0;
   return factor > 0.0 && std::frexp(factor, &e) == 0.5 && e - 1 >= -126 && e - 1 <= 127;
 }
@@ -128,7 +133,7 @@ D2NWG_INLINE bool float_exact(double shift, double factor) {
 template <typename S, typename D>
 D2NWG_INLINE void tokenize_body(const S* __restrict x, D* __restrict y, int64_t n, double mean,
                                 double rstd) {
-  if (float_exact<S, D>(mean, rstd)) {
+  if (float_exact<S, D, false>(mean, rstd)) {
     const float r = static_cast<float>(rstd);
     for (int64_t i = 0; i < n; ++i) storef(y + i, loadf(x[i]) * r);
     return;
@@ -139,7 +144,7 @@ D2NWG_INLINE void tokenize_body(const S* __restrict x, D* __restrict y, int64_t 
 template <typename S, typename D>
 D2NWG_INLINE void detokenize_body(const S* __restrict y, D* __restrict x, int64_t n, double std,
                                   double mean) {
-  if (float_exact<S, D>(mean, std)) {
+  if (float_exact<S, D, true>(mean, std)) {
     const float f = static_cast<float>(std);
     for (int64_t i = 0; i < n; ++i) storef(x + i, loadf(y[i]) * f);
     return;

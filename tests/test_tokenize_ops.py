@@ -171,6 +171,28 @@ def test_negative_zero_round_trips(backend, std, gen):
         assert torch.equal(torch.signbit(back.cpu()), torch.signbit(x.cpu())), dtype
 
 
+@pytest.mark.parametrize("backend", ["cpp", "cuda"])
+def test_compiled_ops_shift_by_signed_zeros_exactly(backend, gen):
+    """The compiled ops subtract / add the mean they are given, either zero: -0.0 - (-0.0) and
+    -0.0 + 0.0 are +0.0. (The cpp float32 path for power-of-two scales skipped every zero
+    shift, giving -0.0 there.)"""
+    device = backend_device(backend)
+    x = torch.tensor([-0.0, 0.0, -0.0, 1.5, -2.0, -0.0], dtype=torch.float64)
+    for dtype in DTYPES:
+        for mean in (-0.0, 0.0):
+            src = x.to(dtype)
+            out = torch.full((1, 8), float("nan"), device=device)
+            torch.ops.d2nwg.tokenize_(out, [src.to(device)], [0], [8], [mean], [2.0])
+            want = ((src.double() - mean) * 2.0).float()
+            assert torch.equal(out[0, :6].cpu().view(torch.int32), want.view(torch.int32)), (mean, dtype)
+            tokens = src.float().view(1, 6).to(device)
+            back = torch.full((6,), float("nan"), dtype=dtype, device=device)
+            torch.ops.d2nwg.detokenize_(tokens, [back], [0], [mean], [2.0])
+            want = (src.float().double() * 2.0 + mean).float().to(dtype)
+            assert torch.equal(torch.signbit(back.cpu()), torch.signbit(want)), (mean, dtype)
+            assert torch.equal(back.cpu(), want), (mean, dtype)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # on purpose
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("source_dtype", DTYPES)
