@@ -171,6 +171,28 @@ def test_negative_zero_round_trips(backend, std, gen):
         assert torch.equal(torch.signbit(back.cpu()), torch.signbit(x.cpu())), dtype
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_mean_of_either_sign(backend, gen):
+    """A plan's mean of -0.0 acts as +0.0: -0.0 weights keep their sign through the round
+    trip, and a plan equal to one seen before (-0.0 == 0.0, so caches keyed by plan hit) gives
+    the same tokens. Before, the Triton launcher reused the -0.0 plan's cached tables for the
+    +0.0 plan (and x - (-0.0) turned -0.0 weights into +0.0)."""
+    device = backend_device(backend)
+    x = torch.tensor([-0.0, 0.0, -0.0, 1.5, -2.0, -0.0], dtype=torch.float64)
+    for mean in (-0.0, 0.0, -0.0):
+        plan = ChunkPlan((6,), (0,), (8,), (mean,), (0.5,), 2, 4)
+        assert not torch.signbit(torch.tensor(plan.mean)).any()
+        for dtype in DTYPES:
+            src = x.to(dtype)
+            ref = torch.empty(1, 2, 4, dtype=torch.float32)
+            tokenize_ref(ref.view(1, -1), [src], plan)
+            got = tokenize([src.to(device)], plan, backend=backend)
+            assert torch.equal(got.cpu().view(torch.int32), ref.view(torch.int32)), (mean, dtype)
+            back = torch.full_like(src, float("nan"), device=device)
+            detokenize(got, [back], plan, backend=backend)
+            assert torch.equal(torch.signbit(back.cpu()), torch.signbit(src)), (mean, dtype)
+
+
 @pytest.mark.parametrize("backend", ["cpp", "cuda"])
 def test_compiled_ops_shift_by_signed_zeros_exactly(backend, gen):
     """The compiled ops subtract / add the mean they are given, either zero: -0.0 - (-0.0) and

@@ -11,8 +11,9 @@ Arithmetic (identical in every backend, so they agree to the last bit):
     detokenize:  x = fp32(y * std + unshift)          in float64, then cast to the weight dtype
                  (no fused multiply-add; a float64 destination skips the fp32 step)
 
-``rstd = 1 / std`` is computed once in float64; ``unshift`` is the mean with 0 spelled -0.0,
-so that adding it back keeps the sign of zero weights. Layers without normalization use mean
+``rstd = 1 / std`` is computed once in float64; a zero mean is stored as +0.0 and ``unshift``
+is the mean with 0 spelled -0.0, so that subtracting and adding back keep the sign of zero
+weights. Layers without normalization use mean
 0, std 1, for which both directions are exact. Files of this op: this one (reference, checks,
 dispatch, public functions), ``kernels/tokenize.py`` (Triton), ``csrc/tokenize_cpu.cpp`` and
 ``csrc/tokenize_cuda.cu`` (C++ and CUDA, registered in ``csrc/registration.cpp``).
@@ -70,6 +71,11 @@ class ChunkPlan:
         if not all(math.isfinite(s) and s != 0 for s in self.std):
             raise ConfigError("ChunkPlan: every std must be finite and nonzero")
         object.__setattr__(self, "rstd", tuple(1.0 / s for s in self.std))
+        # A zero mean is stored as +0.0: x - (+0.0) == x for every x, so -0.0 weights keep
+        # their sign (x - (-0.0) made them +0.0, and the round trip lost them). Plans that
+        # compare equal (-0.0 == 0.0) then also compute the same bits, which the caches keyed
+        # by plan (_cached_plan here, the Triton launchers' tables) rely on.
+        object.__setattr__(self, "mean", tuple(m if m != 0 else 0.0 for m in self.mean))
         # The mean detokenize adds back, with 0 spelled -0.0: v + (-0.0) == v for every v, so
         # an unshifted layer's -0.0 weights come back as -0.0 (v + 0.0 would make them +0.0).
         object.__setattr__(self, "unshift", tuple(m if m != 0 else -0.0 for m in self.mean))
