@@ -231,8 +231,12 @@ def _check_tiling(plan) -> None:
 
 
 def _aligned(addresses: Sequence[int], base: int, offsets: Sequence[int], itemsize: int) -> bool:
-    return all(a % 16 == 0 for a in addresses) and all((base + o * itemsize) % 16 == 0
-                                                       for o in offsets)
+    """The kernels' ALIGNED hints: every address 16-byte aligned, and every element offset into
+    the tokens a multiple of 16 bytes (``tl.multiple_of(dst, 16 // itemsize)``). The base must
+    then be aligned itself: base + offset aligned with a misaligned base would make that hint
+    on the offset false."""
+    return (base % 16 == 0 and all(a % 16 == 0 for a in addresses)
+            and all(o * itemsize % 16 == 0 for o in offsets))
 
 
 def tokenize_triton(out_rows: torch.Tensor, sources: Sequence[torch.Tensor], plan, *,

@@ -333,6 +333,20 @@ def test_misaligned_contiguous_views(backend, gen):
     assert all(torch.equal(g.cpu(), w) for g, w in zip(dests, want))
 
 
+def test_triton_aligned_hint_needs_aligned_offsets():
+    """ALIGNED tells the Triton kernels that every source/destination address is 16-byte
+    aligned and every element offset into the tokens is a multiple of 16 bytes. A misaligned
+    token base whose offsets happen to realign it must not set it (the offset hint would be
+    false)."""
+    from d2nwg.kernels.tokenize import _aligned
+
+    assert _aligned([0, 32], 64, [0, 4, 12], 4)
+    assert not _aligned([0, 8], 64, [0, 4], 4)            # a misaligned source
+    assert not _aligned([0, 32], 64, [0, 6], 4)           # an offset of 24 bytes
+    assert not _aligned([0, 32], 56, [2, 6], 4)           # 56 + 8 and 56 + 24 are aligned
+    assert _aligned([16], 16, [8, 16], 2) and not _aligned([16], 16, [4], 2)
+
+
 # ----------------------------------------------------------------------------------------
 # Dispatch: keyword, environment variable, reasons.
 # ----------------------------------------------------------------------------------------
