@@ -37,7 +37,7 @@ import torch
 from d2nwg.backends import select
 from d2nwg.errors import ConfigError, DTypeError, ShapeError
 from d2nwg.ops.sampler_step import (AO, AX, C0, CE, CP, CX, CZ, EO, EX, G, K,
-                                    SAMPLER_STEP_BACKENDS, sampler_step_)
+                                    SAMPLER_STEP_BACKENDS)
 from d2nwg.schedule import NoiseSchedule
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
