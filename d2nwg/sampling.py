@@ -38,10 +38,9 @@ from d2nwg.backends import select
 from d2nwg.errors import ConfigError, DTypeError, ShapeError
 from d2nwg.ops.sampler_step import (AO, AX, C0, CE, CP, CX, CZ, EO, EX, G, K,
                                     SAMPLER_STEP_BACKENDS)
-from d2nwg.schedule import NoiseSchedule
+from d2nwg.schedule import PREDICTION_TYPES, NoiseSchedule
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
-PREDICTION_TYPES = ("epsilon", "v", "sample")
 
 
 # ----------------------------------------------------------------------------------------

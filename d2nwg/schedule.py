@@ -10,6 +10,11 @@ float32 cumulative products lose the tail of a 1000-step schedule):
     alphas, sigmas_t [T]  alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t)
     log_snr          [T]  lambda_t = log(alpha_bar_t / (1 - alpha_bar_t))  (twice DPM-Solver's lambda)
     sigmas           [T]  k-diffusion's sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t)
+
+A denoiser predicts one of ``PREDICTION_TYPES`` (the names the samplers and the training loss
+share): ``"epsilon"`` (the noise), ``"v"`` (Salimans & Ho 2022: ``alpha_t eps - sigma_t x_0``)
+or ``"sample"`` (x_0 itself). :meth:`NoiseSchedule.add_noise` and
+:meth:`NoiseSchedule.target` give the training pair for each.
 """
 
 from __future__ import annotations
@@ -20,6 +25,14 @@ from typing import Sequence
 import torch
 
 from d2nwg.errors import ConfigError, DTypeError, NonFiniteError, ShapeError
+
+PREDICTION_TYPES = ("epsilon", "v", "sample")
+
+
+def check_prediction_type(prediction_type: str) -> str:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"unknown prediction_type {prediction_type!r}; choose from {PREDICTION_TYPES}")
+    return prediction_type
 
 
 class NoiseSchedule:
@@ -108,6 +121,26 @@ class NoiseSchedule:
 
     def __repr__(self) -> str:
         return f"NoiseSchedule.{self.name}"
+
+    # ---- forward process and training targets --------------------------------------------
+    def _coef(self, table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``table[t]`` shaped ``[B, 1, ...]`` to broadcast against ``like [B, ...]``."""
+        c = table.to(t.device)[t].to(like.dtype)
+        return c.reshape(c.shape + (1,) * (like.dim() - 1))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x_t = alpha_t x_0 + sigma_t eps`` (Ho et al. 2020, eq. 4) for ``x0 [B, ...]``, ``t [B]``."""
+        return self._coef(self.alphas, t, x0) * x0 + self._coef(self.sigmas_t, t, x0) * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+               prediction_type: str) -> torch.Tensor:
+        """What a model of ``prediction_type`` should output for ``add_noise(x0, noise, t)``."""
+        check_prediction_type(prediction_type)
+        if prediction_type == "epsilon":
+            return noise
+        if prediction_type == "sample":
+            return x0
+        return self._coef(self.alphas, t, x0) * noise - self._coef(self.sigmas_t, t, x0) * x0
 
 
 def _check_T(T) -> None:

@@ -206,13 +206,22 @@ def test_drop_condition_and_null(gen):
     null = NullConditioner(E, num_tokens=2, seed=0)
     cond = Condition(torch.randn(8, 3, E, generator=gen), torch.randn(8, E, generator=gen))
     d = drop_condition(cond, 0.5, torch.Generator().manual_seed(0), null)
-    assert d.tokens.shape == (8, 5, E)
-    dropped = ~d.mask[:, :3].any(1)
+    assert d.tokens.shape == (8, 3, E)  # max(K, K_null): the null takes the first slots
+    dropped = torch.rand(8, generator=torch.Generator().manual_seed(0)) < 0.5
     assert 0 < dropped.sum() < 8
-    assert torch.equal(d.mask[dropped, 3:], torch.ones(int(dropped.sum()), 2, dtype=torch.bool))
-    assert torch.equal(d.pooled[dropped], null.pooled.detach().expand(int(dropped.sum()), -1))
+    n = int(dropped.sum())
+    # A dropped sample looks exactly like null(B) at sampling time, slots included.
+    assert torch.equal(d.mask[dropped], torch.tensor([[True, True, False]]).expand(n, -1))
+    assert torch.equal(d.tokens[dropped][:, :2], null.tokens.detach().expand(n, -1, -1))
+    assert torch.equal(d.pooled[dropped], null.pooled.detach().expand(n, -1))
+    assert torch.equal(d.tokens[~dropped], cond.tokens[~dropped])
     assert torch.equal(d.pooled[~dropped], cond.pooled[~dropped])
-    assert drop_condition(cond, 0.0, gen, null).mask[:, 3:].sum() == 0
+    assert bool(d.mask[~dropped].all())
+    kept = drop_condition(cond, 0.0, gen, null)
+    assert torch.equal(kept.tokens, cond.tokens) and bool(kept.mask.all())
+    wide_null = NullConditioner(E, num_tokens=5, seed=0)
+    w = drop_condition(cond, 1.0, gen, wide_null)
+    assert w.tokens.shape == (8, 5, E) and bool(w.mask.all())
     with pytest.raises(ConfigError):
         drop_condition(cond, 1.5, gen)
 

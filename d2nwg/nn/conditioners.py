@@ -179,10 +179,12 @@ def drop_condition(cond: Condition, p: float, generator: torch.Generator | None 
                    null: "NullConditioner | Condition | None" = None) -> Condition:
     """Condition dropout: each sample's condition becomes the null condition with probability p.
 
-    The result has ``K + K_null`` tokens: kept samples see their own tokens (null tokens masked
-    out), dropped samples see only the null tokens, and their pooled vector is the null one.
-    With ``null=None`` a dropped sample has no condition tokens at all (cross-attention then
-    contributes zeros) and a zero pooled vector. ``generator`` (a CPU generator) draws the coins.
+    A dropped sample sees exactly what the unconditional branch of guidance sees at sampling
+    time (``model.null_condition``): the null tokens in slots ``0 .. K_null - 1`` (the rest
+    masked out) and the null pooled vector, so slot embeddings and masks agree between
+    training and sampling. The result has ``max(K, K_null)`` tokens. With ``null=None`` a
+    dropped sample has no condition tokens (cross-attention contributes zeros) and a zero
+    pooled vector. ``generator`` (a CPU generator) draws the coins.
     """
     cond = Condition.coerce(cond)
     if not 0.0 <= float(p) <= 1.0:
@@ -190,22 +192,27 @@ def drop_condition(cond: Condition, p: float, generator: torch.Generator | None 
     B, K, E = cond.tokens.shape
     device = cond.tokens.device
     drop = (torch.rand(B, generator=generator) < p).to(device)
-    if isinstance(null, NullConditioner):
-        null = null(B, device=device)
-    elif isinstance(null, Condition) and null.batch_size == 1 and B != 1:
-        null = Condition(null.tokens.expand(B, -1, -1), null.pooled.expand(B, -1),
-                         None if null.mask is None else null.mask.expand(B, -1))
-    mask = cond.full_mask() & ~drop[:, None]
     if null is None:
         pooled = torch.where(drop[:, None], torch.zeros_like(cond.pooled), cond.pooled)
-        return Condition(cond.tokens, pooled, mask)
-    if null.dim != E or null.batch_size != B:
+        return Condition(cond.tokens, pooled, cond.full_mask() & ~drop[:, None])
+    if isinstance(null, NullConditioner):
+        null = null(B, device=device)
+    if null.dim != E or null.batch_size not in (1, B):
         raise ShapeError(f"null condition has batch {null.batch_size} and width {null.dim}; "
-                         f"expected {B} and {E}")
-    tokens = torch.cat([cond.tokens, null.tokens.to(cond.tokens.dtype)], dim=1)
-    mask = torch.cat([mask, null.full_mask() & drop[:, None]], dim=1)
+                         f"expected batch 1 or {B} and width {E}")
+    width = max(K, null.tokens.shape[1])
+    cond, null = _pad_tokens(cond, width), _pad_tokens(null, width)
+    tokens = torch.where(drop[:, None, None], null.tokens.to(cond.tokens.dtype), cond.tokens)
+    mask = torch.where(drop[:, None], null.mask, cond.mask)
     pooled = torch.where(drop[:, None], null.pooled.to(cond.pooled.dtype), cond.pooled)
     return Condition(tokens, pooled, mask)
+
+
+def _pad_tokens(cond: Condition, width: int) -> Condition:
+    """``cond`` with its tokens padded (masked out) to ``width``."""
+    pad = width - cond.tokens.shape[1]
+    return Condition(nn.functional.pad(cond.tokens, (0, 0, 0, pad)), cond.pooled,
+                     nn.functional.pad(cond.full_mask(), (0, pad), value=False))
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """LatentDenoiser: a DiT-style transformer over the latent tokens of one model (or window).
 
 ``model(x_t [B, T, d], t [B], cond) -> prediction [B, T, d]``, where the prediction means
-epsilon, v or x0 according to ``config.prediction_type`` (the network is the same; the
+epsilon, v or x0 ("sample") according to ``config.prediction_type`` (the network is the same; the
 sampler and the training loss read the field).
 
 * Input: ``x_t`` projected to ``hidden_dim``, plus a fixed 2-D sinusoidal embedding of each
@@ -36,8 +36,8 @@ from d2nwg.errors import ConfigError, DTypeError, ShapeError, shape_of
 from d2nwg.nn.conditioners import Condition, NullConditioner
 from d2nwg.nn.io import JSONConfig, seeded
 from d2nwg.nn.layers import MLP, Attention, set_attention_backend, sinusoidal
+from d2nwg.schedule import PREDICTION_TYPES, NoiseSchedule
 
-PREDICTION_TYPES = ("epsilon", "v", "x0")
 
 
 @dataclass
@@ -66,7 +66,7 @@ class LatentDenoiserConfig(JSONConfig):
                               f"by 4 and by num_heads={self.num_heads}")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ConfigError(f"LatentDenoiserConfig.prediction_type={self.prediction_type!r}; "
-                              f"choose from {PREDICTION_TYPES}")
+                              f"choose from {PREDICTION_TYPES} (the names d2nwg.sample uses)")
         for name in ("cond_dim", "max_cond_slots", "num_layer_kinds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"LatentDenoiserConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -276,3 +276,28 @@ class LatentDenoiser(nn.Module):
             h = blk(h, emb, mask, context, context_mask)
         shift, scale = self.final_ada(emb).chunk(2, dim=-1)
         return self.final(_modulate(self.final_norm(h), shift, scale))
+
+
+def diffusion_loss(model: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule, t: torch.Tensor,
+                   noise: torch.Tensor, cond=None, *, prediction_type: str = "epsilon",
+                   mask: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
+    """The denoising loss (Ho et al. 2020, eq. 14, generalized to v and x0 targets), fp32.
+
+    ``x_t = alpha_t x0 + sigma_t noise``; the model's output at ``(x_t, t, cond)`` is compared
+    with :meth:`NoiseSchedule.target` for ``prediction_type`` by mean squared error over the
+    latent width, averaged over real tokens (``mask [B, T]`` or ``[T]``, True = real; the mask
+    is also passed to the model so padding never reaches real tokens).
+
+    Shapes: ``x0``, ``noise`` ``[B, T, d]``; ``t`` ``[B]`` long.
+    """
+    if x0.shape != noise.shape:
+        raise ShapeError(f"noise has shape {tuple(noise.shape)}, x0 {tuple(x0.shape)}")
+    x_t = schedule.add_noise(x0, noise, t)
+    if mask is not None:
+        model_kwargs["mask"] = mask
+    out = model(x_t, t, cond, **model_kwargs)
+    err = (out.float() - schedule.target(x0, noise, t, prediction_type).float()).square().mean(-1)
+    if mask is None:
+        return err.mean()
+    w = mask.expand_as(err).to(err.dtype)
+    return (err * w).sum() / w.sum().clamp_min(1.0)
