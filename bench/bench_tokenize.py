@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from d2nwg.ops.tokenize import ChunkPlan, detokenize, tokenize
 from d2nwg.tokenizer import WeightTokenizer
-from d2nwg.zoo import llama_state_dict
+from d2nwg.shapes import llama_state_dict
 
 CHUNK = 256
 

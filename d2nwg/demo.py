@@ -8,7 +8,7 @@ from d2nwg.backends import select
 from d2nwg.ops.tokenize import TOKENIZE_BACKENDS
 from d2nwg.timing import median_ms
 from d2nwg.tokenizer import WeightTokenizer
-from d2nwg.zoo import llama_state_dict, state_dict_bytes
+from d2nwg.shapes import llama_state_dict, state_dict_bytes
 
 
 def tokenizer_round_trip(hidden: int = 1024, layers: int = 8, intermediate: int = 4096,
