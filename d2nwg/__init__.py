@@ -36,6 +36,7 @@ from d2nwg.sampling import PREDICTION_TYPES, SAMPLERS, default_timesteps, sample
 from d2nwg.schedule import NoiseSchedule
 from d2nwg.tokenizer import WeightTokenizer
 from d2nwg.version import __version__
+from d2nwg.zoo import ModelZoo, ZooItem
 
 __all__ = [
     "__version__",
@@ -46,6 +47,7 @@ __all__ = [
     "SAMPLERS",
     "PREDICTION_TYPES",
     "default_timesteps",
+    "ModelZoo", "ZooItem",
     "ChunkVAE",
     "ChunkVAEConfig",
     "Condition",

@@ -1,8 +1,9 @@
-"""Safetensors files written atomically and read with errors that name the file."""
+"""Safetensors and JSON files written atomically and read with errors that name the file."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 
@@ -29,6 +30,39 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def save_json(path: str | os.PathLike, obj: object) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace``.
+
+    ``obj`` is serialized first (NaN and Inf refused: they are not JSON), so an object that
+    cannot be written leaves no file at all.
+    """
+    path = os.fspath(path)
+    text = json.dumps(obj, indent=1, allow_nan=False) + "\n"
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def read_json(path: str | os.PathLike) -> object:
+    """The parsed content of a JSON file; FileFormatError naming the file if missing or invalid."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileFormatError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, OSError, RecursionError) as exc:  # bad syntax, encoding, deep nesting
+        raise FileFormatError(f"{path}: not a readable JSON file: {exc}") from exc
 
 
 def read_safetensors(path: str | os.PathLike, *, load_tensors: bool = True,
