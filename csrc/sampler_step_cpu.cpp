@@ -119,14 +119,20 @@ void check_sampler_step_args(const at::Tensor& x, const at::Tensor& model_out,
                              const std::optional<at::Tensor>& prev_x0, bool guided) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "sampler_step_: x must be a contiguous [B, N] tensor");
   const int64_t B = x.size(0), N = x.size(1);
-  TORCH_CHECK(model_out.is_contiguous() && model_out.dim() == 2 &&
-                  model_out.size(0) == (guided ? 2 * B : B) && model_out.size(1) == N,
-              "sampler_step_: model_out must be contiguous [", guided ? 2 * B : B, ", ", N, "]");
+  // guided: 2 * B rows, compared as M / 2 == B (2 * B wraps for B near 2^63 with N == 0).
+  const bool rows_ok = model_out.dim() == 2 &&
+                       (guided ? model_out.size(0) % 2 == 0 && model_out.size(0) / 2 == B
+                               : model_out.size(0) == B);
+  TORCH_CHECK(model_out.is_contiguous() && rows_ok && model_out.size(1) == N,
+              "sampler_step_: model_out must be contiguous [", guided ? "2 * " : "", B, ", ", N,
+              "], got ", model_out.sizes());
   TORCH_CHECK(model_out.scalar_type() == x.scalar_type(), "sampler_step_: model_out dtype != x dtype");
-  TORCH_CHECK(table.is_contiguous() && table.size(0) > 0 &&
+  TORCH_CHECK(table.is_contiguous() &&
                   ((table.dim() == 2 && table.size(1) == kK) ||
-                   (table.dim() == 3 && table.size(1) == B && table.size(2) == kK)),
-              "sampler_step_: table must be contiguous [S, 10] or [S, B, 10]");
+                   (table.dim() == 3 && table.size(1) == B && table.size(2) == kK)) &&
+                  table.size(0) > 0,
+              "sampler_step_: table must be contiguous [S, 10] or [S, B, 10] with S > 0, got ",
+              table.sizes());
   TORCH_CHECK(table.scalar_type() == at::kFloat || table.scalar_type() == at::kDouble,
               "sampler_step_: table must be float32 or float64");
   TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kLong,

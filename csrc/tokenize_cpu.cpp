@@ -246,6 +246,9 @@ void check_tensors(at::TensorList tensors, const at::Tensor& rows, const char* w
 void check_tokenize_args(const at::Tensor& out, at::TensorList sources,
                          c10::ArrayRef<int64_t> offsets, c10::ArrayRef<int64_t> spans,
                          size_t num_mean, size_t num_rstd, c10::DeviceType device) {
+  // Every bound below is compared without overflow, whatever the caller passes: sizes are
+  // checked non-negative first, then `a <= R - b` instead of `a + b <= R` (a sum of two
+  // int64 from the caller can wrap and pass).
   check_rows(out, "out", device);
   const int64_t S = static_cast<int64_t>(offsets.size());
   const int64_t N = out.size(0), R = out.size(1);
@@ -254,17 +257,22 @@ void check_tokenize_args(const at::Tensor& out, at::TensorList sources,
                   num_rstd == offsets.size(),
               "d2nwg tokenize: offsets, spans, mean and rstd must have one entry per segment, got ",
               offsets.size(), ", ", spans.size(), ", ", num_mean, ", ", num_rstd);
-  TORCH_CHECK(static_cast<int64_t>(sources.size()) == N * S, "d2nwg tokenize: got ",
-              sources.size(), " sources for ", N, " models of ", S, " segments");
+  // sources.size() == N * S without forming N * S (it wraps for N near 2^63 with R == 0).
+  TORCH_CHECK(sources.size() % offsets.size() == 0 &&
+                  static_cast<int64_t>(sources.size() / offsets.size()) == N,
+              "d2nwg tokenize: got ", sources.size(), " sources for ", N, " models of ", S,
+              " segments");
   // The spans must tile the row: then every output element is written exactly once, and no
   // two threads or blocks ever write the same element.
   std::vector<int64_t> order(S);
   for (int64_t s = 0; s < S; ++s) order[s] = s;
   std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return offsets[a] < offsets[b]; });
-  int64_t covered = 0;
+  int64_t covered = 0;  // 0 <= covered <= R throughout
   for (int64_t s : order) {
-    TORCH_CHECK(spans[s] >= 0 && offsets[s] == covered, "d2nwg tokenize: the spans do not tile the row of ",
-                R, " elements (segment ", s, " at offset ", offsets[s], ", expected ", covered, ")");
+    TORCH_CHECK(spans[s] >= 0 && offsets[s] == covered && spans[s] <= R - covered,
+                "d2nwg tokenize: the spans do not tile the row of ", R, " elements (segment ", s,
+                " at offset ", offsets[s], " with span ", spans[s], ", expected offset ", covered,
+                " and a span of at most ", R - covered, ")");
     covered += spans[s];
   }
   TORCH_CHECK(covered == R, "d2nwg tokenize: the spans cover ", covered, " elements, the row has ", R);
@@ -286,13 +294,17 @@ void check_detokenize_args(const at::Tensor& tokens, at::TensorList dests,
   TORCH_CHECK(num_mean == offsets.size() && num_std == offsets.size(),
               "d2nwg detokenize: offsets, mean and std must have one entry per segment, got ",
               offsets.size(), ", ", num_mean, ", ", num_std);
-  TORCH_CHECK(static_cast<int64_t>(dests.size()) == N * S, "d2nwg detokenize: got ", dests.size(),
-              " destinations for ", N, " models of ", S, " segments");
+  TORCH_CHECK(dests.size() % offsets.size() == 0 &&
+                  static_cast<int64_t>(dests.size() / offsets.size()) == N,
+              "d2nwg detokenize: got ", dests.size(), " destinations for ", N, " models of ", S,
+              " segments");
   check_tensors(dests, tokens, "dests");
   for (int64_t i = 0; i < N * S; ++i) {
     const int64_t s = i % S, numel = dests[i].numel();
-    TORCH_CHECK(offsets[s] >= 0 && offsets[s] + numel <= R, "d2nwg detokenize: dests[", i, "] (",
-                numel, " elements at offset ", offsets[s], ") overruns the row of ", R);
+    // numel >= 0 and R >= 0, so R - numel cannot overflow; offsets[s] + numel could.
+    TORCH_CHECK(offsets[s] >= 0 && numel <= R && offsets[s] <= R - numel, "d2nwg detokenize: dests[",
+                i, "] (", numel, " elements at offset ", offsets[s], ") overruns the row of ",
+                R, " elements");
   }
 }
 

@@ -216,17 +216,54 @@ def _layout(plan, num_models: int, dtypes: tuple[torch.dtype, ...], block: int, 
     return groups
 
 
+def _check_launch(rows: torch.Tensor, tensors: Sequence[torch.Tensor], plan, what: str) -> None:
+    """Everything a launch dereferences, checked whatever the caller passed (the launchers are
+    reachable directly and through ``torch.ops.d2nwg.*_triton_``): rows ``[N, row_size]``
+    contiguous floating, ``N * S`` contiguous floating tensors on the rows' device, each with
+    exactly the plan's element count for its segment (a smaller tensor would be read or
+    written past its end)."""
+    from d2nwg.errors import DeviceError, DTypeError, ShapeError
+
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.layout != torch.strided:
+        raise ShapeError(f"{what}: tokens must be a strided [N, T*C] tensor, got "
+                         f"{getattr(rows, 'shape', type(rows).__name__)}")
+    if rows.dtype not in _TL_DTYPE:
+        raise DTypeError(f"{what}: tokens have dtype {rows.dtype}; expected one of {list(_TL_DTYPE)}")
+    if rows.shape[1] != plan.row_size or not rows.is_contiguous():
+        raise ShapeError(f"{what}: tokens have shape {tuple(rows.shape)}, expected contiguous "
+                         f"[N, {plan.row_size}]")
+    S = plan.num_segments
+    if not isinstance(tensors, (list, tuple)) or S == 0 or len(tensors) != rows.shape[0] * S:
+        raise ShapeError(f"{what}: {len(tensors) if isinstance(tensors, (list, tuple)) else tensors!r} "
+                         f"tensors for {rows.shape[0]} models of {S} segments")
+    for i, t in enumerate(tensors):
+        s = i % S
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+            raise DTypeError(f"{what}: tensor {i} is not a strided tensor")
+        if t.dtype not in _TL_DTYPE:
+            raise DTypeError(f"{what}: tensor {i} has dtype {t.dtype}; expected one of {list(_TL_DTYPE)}")
+        if t.device != rows.device:
+            raise DeviceError(f"{what}: tensor {i} is on {t.device}, the tokens on {rows.device}")
+        if not t.is_contiguous():
+            raise ShapeError(f"{what}: tensor {i} is not contiguous")
+        if t.numel() != plan.numel[s]:
+            raise ShapeError(f"{what}: tensor {i} (segment {s}) has {t.numel()} elements, the "
+                             f"plan has {plan.numel[s]}")
+
+
 def _check_tiling(plan) -> None:
     """Tokenize writes each span once; the spans must tile the row (no gap, no overlap)."""
+    from d2nwg.errors import ConfigError
+
     covered = 0
     for s in sorted(range(plan.num_segments), key=lambda s: plan.offset[s]):
         if plan.offset[s] != covered or plan.span[s] < plan.numel[s]:
-            raise ValueError(f"the plan's spans do not tile the row: segment {s} at offset "
+            raise ConfigError(f"the plan's spans do not tile the row: segment {s} at offset "
                              f"{plan.offset[s]} (expected {covered}), span {plan.span[s]}, "
                              f"numel {plan.numel[s]}")
         covered += plan.span[s]
     if covered != plan.row_size:
-        raise ValueError(f"the plan's spans cover {covered} elements, the row has {plan.row_size}")
+        raise ConfigError(f"the plan's spans cover {covered} elements, the row has {plan.row_size}")
 
 
 def _aligned(addresses: Sequence[int], base: int, offsets: Sequence[int], itemsize: int) -> bool:
@@ -245,11 +282,10 @@ def tokenize_triton(out_rows: torch.Tensor, sources: Sequence[torch.Tensor], pla
     Sources are model-major (``sources[n * S + s]`` is segment s of model n) and may mix
     dtypes; one launch per source dtype.
     """
+    _check_launch(out_rows, sources, plan, "tokenize_triton")
+    _check_tiling(plan)
     if out_rows.numel() == 0:
         return
-    if not out_rows.is_contiguous() or any(not t.is_contiguous() for t in sources):
-        raise ValueError("tokenize_triton needs contiguous tokens and sources")
-    _check_tiling(plan)
     block = block or _block_size(out_rows.device)
     dtypes = tuple(t.dtype for t in sources)
     layout = _layout(plan, out_rows.shape[0], dtypes, block, True, out_rows.device)
@@ -274,10 +310,10 @@ def detokenize_triton(tokens_rows: torch.Tensor, dests: Sequence[torch.Tensor], 
 
     Destinations are model-major and may mix dtypes; one launch per destination dtype.
     """
+    _check_launch(tokens_rows, dests, plan, "detokenize_triton")
+    _check_tiling(plan)
     if tokens_rows.numel() == 0 or not dests:
         return
-    if not tokens_rows.is_contiguous() or any(not t.is_contiguous() for t in dests):
-        raise ValueError("detokenize_triton needs contiguous tokens and destinations")
     block = block or _block_size(tokens_rows.device)
     dtypes = tuple(t.dtype for t in dests)
     layout = _layout(plan, tokens_rows.shape[0], dtypes, block, False, tokens_rows.device)

@@ -73,6 +73,7 @@ def _torch_sdpa(q, k, v, mask=None, scale=None) -> torch.Tensor:
 def _attention_fwd_op(q, k, v, mask, sm_scale):
     from d2nwg.kernels.latent_attention import attention_fwd
 
+    _check_launch(q, k, v, mask, sm_scale)
     return attention_fwd(q, k, v, mask, sm_scale)  # out, base-2 log-sum-exp [B, H, Lq] fp32
 
 
@@ -89,6 +90,16 @@ def _attention_fwd_fake(q, k, v, mask, sm_scale):
 def _attention_bwd_op(do, q, k, v, o, lse, mask, sm_scale):
     from d2nwg.kernels.latent_attention import attention_bwd
 
+    _check_launch(q, k, v, mask, sm_scale)
+    for name, t in (("do", do), ("o", o)):
+        _check_tensor(name, t)
+        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+            raise ShapeError(f"{name} must be shaped, typed and placed like q {tuple(q.shape)} "
+                             f"{q.dtype} {q.device}, got {tuple(t.shape)} {t.dtype} {t.device}")
+    _check_tensor("lse", lse)
+    if lse.shape != q.shape[:3] or lse.dtype != torch.float32 or lse.device != q.device:
+        raise ShapeError(f"lse must be float32 {tuple(q.shape[:3])} on {q.device}, got "
+                         f"{tuple(lse.shape)} {lse.dtype} {lse.device}")
     return attention_bwd(do, q, k, v, o, lse, mask, sm_scale)  # dq, dk, dv
 
 
@@ -180,10 +191,30 @@ LATENT_ATTENTION_BACKENDS = (
 # ----------------------------------------------------------------------------------------
 # Checks and the public function.
 # ----------------------------------------------------------------------------------------
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise DTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise DTypeError(f"{name} has layout {t.layout}; only dense tensors are supported")
+
+
+def _check_launch(q, k, v, mask, sm_scale) -> None:
+    """The checks of a Triton launch, which is reachable directly through torch.ops."""
+    _check(q, k, v, mask)
+    if q.device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"the Triton kernels run on CUDA (or CPU under the interpreter), "
+                          f"got {q.device}")
+    if q.dtype not in DTYPES:
+        raise DTypeError(f"the Triton kernels take {DTYPES}, got {q.dtype}")
+    if q.shape[-1] not in TRITON_HEAD_DIMS:
+        raise ShapeError(f"the Triton kernels take head dims {TRITON_HEAD_DIMS}, got {q.shape[-1]}")
+    if not (isinstance(sm_scale, float) and math.isfinite(sm_scale)):
+        raise ConfigError(f"sm_scale must be a finite float, got {sm_scale!r}")
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise DTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check_tensor(name, t)
         if t.dim() != 4:
             raise ShapeError(f"{name} must have rank 4 [B, H, L, D], got shape {tuple(t.shape)}")
         if t.dtype not in DTYPES + (torch.float64,):
@@ -207,6 +238,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise DTypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        _check_tensor("mask", mask)
         if mask.dtype != torch.bool:
             raise DTypeError(f"mask has dtype {mask.dtype}; expected torch.bool (True = attend)")
         if tuple(mask.shape) != (k.shape[0], k.shape[2]):

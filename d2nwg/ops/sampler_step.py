@@ -27,7 +27,7 @@ import torch
 
 from d2nwg import _ext
 from d2nwg.backends import Backend, select, triton_reason
-from d2nwg.errors import DeviceError, DTypeError, ShapeError
+from d2nwg.errors import DeviceError, DTypeError, ShapeError, shape_of
 
 # Columns of a coefficient table row.
 G, AX, AO, EX, EO, CX, C0, CE, CP, CZ = range(10)
@@ -94,6 +94,7 @@ def _compiled(x, model_out, table, step, noise, prev_x0, guided) -> None:
 def _triton_op(x, model_out, table, step, noise, prev_x0, guided) -> None:
     from d2nwg.kernels.sampler_step import sampler_step_triton
 
+    _check(x, model_out, table, step, noise, prev_x0, guided, launch=True)
     sampler_step_triton(x, model_out, table, step, noise, prev_x0, guided)
 
 
@@ -145,9 +146,22 @@ if _ext._C is not None and hasattr(torch.ops.d2nwg, "sampler_step_"):
 # ----------------------------------------------------------------------------------------
 # Checks and public functions.
 # ----------------------------------------------------------------------------------------
-def _check(x, model_out, table, step, noise, prev_x0, guided) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ShapeError(f"x must be a [B, N] tensor, got {getattr(x, 'shape', type(x))}")
+def _check(x, model_out, table, step, noise, prev_x0, guided, *, launch: bool = False) -> None:
+    """Validate the inputs of one step. ``launch``: the checks of a kernel launch (the Triton
+    op is reachable directly): every tensor contiguous, no host read of ``step`` (kernels
+    clamp it)."""
+    for name, t in (("x", x), ("model_out", model_out), ("table", table), ("step", step),
+                    ("noise", noise), ("prev_x0", prev_x0)):
+        if t is None and name in ("noise", "prev_x0"):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise DTypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise DTypeError(f"{name} has layout {t.layout}; only dense tensors are supported")
+    if not isinstance(guided, bool):
+        raise DTypeError(f"guided must be a bool, got {type(guided).__name__}")
+    if x.dim() != 2:
+        raise ShapeError(f"x must be a [B, N] tensor, got {shape_of(x)}")
     B, N = x.shape
     if x.dtype not in X_DTYPES:
         raise DTypeError(f"x has dtype {x.dtype}; expected one of {X_DTYPES}")
@@ -180,6 +194,12 @@ def _check(x, model_out, table, step, noise, prev_x0, guided) -> None:
                     ("prev_x0", prev_x0)):
         if t is not None and t.device != x.device:
             raise DeviceError(f"{name} is on {t.device}, x on {x.device}")
+    if launch:
+        for name, t in (("model_out", model_out), ("table", table), ("noise", noise),
+                        ("prev_x0", prev_x0)):
+            if t is not None and not t.is_contiguous():
+                raise ShapeError(f"{name} must be contiguous")
+        return
     if step.device.type == "cpu" and torch.compiler.is_compiling():
         # int(step) would break the graph; the check goes into the graph (a RuntimeError).
         torch._assert_async(((step >= 0) & (step < table.shape[0])).all(),
@@ -210,7 +230,10 @@ def sampler_step_(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor,
         backend: force "torch", "cpp", "cuda" or "triton" (else ``D2NWG_BACKEND`` / best).
         check: validate the inputs (the sampler loop validates once, then passes False).
     """
-    noise = noise.reshape(x.shape) if noise is not None and noise.dim() != 2 else noise
+    if check and not isinstance(x, torch.Tensor):
+        raise DTypeError(f"x must be a tensor, got {type(x).__name__}")
+    if isinstance(noise, torch.Tensor) and noise.dim() != 2 and noise.numel() == x.numel():
+        noise = noise.reshape(x.shape)
     if check:
         _check(x, model_out, table, step, noise, prev_x0, guided)
         model_out = model_out.contiguous()
@@ -233,7 +256,7 @@ def sampler_step(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor,
     """Out-of-place :func:`sampler_step_`: returns the next sample (``prev_x0`` is still
     updated in place when given)."""
     if not isinstance(x, torch.Tensor):
-        raise ShapeError(f"x must be a tensor, got {type(x).__name__}")
+        raise DTypeError(f"x must be a tensor, got {type(x).__name__}")
     out = x.clone(memory_format=torch.contiguous_format)
     return sampler_step_(out, model_out, table, step, noise=noise, prev_x0=prev_x0, guided=guided,
                          backend=backend)

@@ -33,6 +33,13 @@ from d2nwg.backends import Backend, select, triton_reason
 from d2nwg.errors import ConfigError, DeviceError, DTypeError, ShapeError
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Largest element count or offset a plan may hold: far beyond any real model, far below
+# where int64 sums of two of them could wrap in the compiled kernels.
+MAX_ELEMENTS = 2**48
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,29 @@ class ChunkPlan:
     unshift: tuple[float, ...] = field(init=False)
 
     def __post_init__(self) -> None:
+        for name in ("numel", "offset", "span", "mean", "std"):
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)):
+                raise ConfigError(f"ChunkPlan: {name} must be a tuple, got {type(value).__name__}")
+            object.__setattr__(self, name, tuple(value))
+        # Every count is a true int (bool is not one) that fits the kernels' int64 arithmetic
+        # with room to spare: no sum or product below can wrap in a compiled backend.
+        for name in ("numel", "offset", "span"):
+            for v in getattr(self, name):
+                if not _is_int(v) or not 0 <= v <= MAX_ELEMENTS:
+                    raise ConfigError(f"ChunkPlan: {name} entry {v!r} is not an int in "
+                                      f"[0, {MAX_ELEMENTS}]")
+        for name in ("mean", "std"):
+            for v in getattr(self, name):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ConfigError(f"ChunkPlan: {name} entry {v!r} is not a finite number")
+        for name in ("num_tokens", "chunk_size"):
+            v = getattr(self, name)
+            if not _is_int(v) or not 0 <= v <= MAX_ELEMENTS:
+                raise ConfigError(f"ChunkPlan: {name} {v!r} is not an int in [0, {MAX_ELEMENTS}]")
+        if self.row_size > MAX_ELEMENTS:
+            raise ConfigError(f"ChunkPlan: a row of {self.num_tokens} x {self.chunk_size} "
+                              f"elements exceeds {MAX_ELEMENTS}")
         S = len(self.numel)
         if not (len(self.offset) == len(self.span) == len(self.mean) == len(self.std) == S):
             raise ConfigError(f"ChunkPlan: numel, offset, span, mean, std need one entry per "
@@ -232,6 +262,26 @@ DETOKENIZE_BACKENDS = (
 # ----------------------------------------------------------------------------------------
 # Checks and public functions.
 # ----------------------------------------------------------------------------------------
+def _check_plan(plan) -> None:
+    if not isinstance(plan, ChunkPlan):
+        raise ConfigError(f"plan must be a ChunkPlan, got {type(plan).__name__}")
+
+
+def _check_list(tensors, what: str) -> None:
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
+        raise DTypeError(f"{what} must be a list or tuple of tensors, got {type(tensors).__name__}")
+
+
+def _check_data_tensor(t, what: str) -> None:
+    """A strided tensor with data: sparse tensors have no flat memory, meta tensors none."""
+    if not isinstance(t, torch.Tensor):
+        raise DTypeError(f"{what} is a {type(t).__name__}, not a tensor")
+    if t.layout != torch.strided:
+        raise DTypeError(f"{what} has layout {t.layout}; only dense (strided) tensors are supported")
+    if t.device.type == "meta":
+        raise DeviceError(f"{what} is on the meta device (no data to read or write)")
+
+
 def _check_segments(tensors: Sequence[torch.Tensor], plan: ChunkPlan, device: torch.device,
                     what: str) -> None:
     S = plan.num_segments
@@ -239,6 +289,7 @@ def _check_segments(tensors: Sequence[torch.Tensor], plan: ChunkPlan, device: to
         raise ShapeError(f"{what}: got {len(tensors)} tensors, expected a multiple of {S} segments")
     for i, t in enumerate(tensors):
         s = i % S
+        _check_data_tensor(t, f"{what}[{i}] (segment {s})")
         if t.numel() != plan.numel[s]:
             raise ShapeError(f"{what}[{i}] (segment {s}) has {t.numel()} elements, "
                              f"the plan expects {plan.numel[s]}")
@@ -256,13 +307,28 @@ def tokenize(sources: Sequence[torch.Tensor], plan: ChunkPlan, *, num_models: in
 
     Each weight is read once and each token element written once (padding included).
     """
-    n = len(sources) // max(plan.num_segments, 1) if num_models is None else num_models
+    _check_plan(plan)
+    _check_list(sources, "sources")
+    if num_models is None:
+        n = len(sources) // max(plan.num_segments, 1)
+    elif not isinstance(num_models, int) or isinstance(num_models, bool) or num_models < 0:
+        raise ConfigError(f"num_models must be an int >= 0, got {num_models!r}")
+    else:
+        n = num_models
+    if len(sources) != n * plan.num_segments:
+        raise ShapeError(f"got {len(sources)} sources for num_models={n} models of "
+                         f"{plan.num_segments} segments")
+    if len(sources):
+        _check_data_tensor(sources[0], "sources[0]")
     device = sources[0].device if len(sources) else torch.device("cpu")
-    _check_segments(sources, plan, device, "sources")
+    if len(sources):
+        _check_segments(sources, plan, device, "sources")
     if out is None:
         if dtype not in FLOAT_DTYPES:
             raise DTypeError(f"token dtype {dtype} is not one of {FLOAT_DTYPES}")
         out = torch.empty(n, plan.num_tokens, plan.chunk_size, dtype=dtype, device=device)
+    elif not isinstance(out, torch.Tensor) or out.layout != torch.strided:
+        raise DTypeError(f"out must be a dense tensor or None, got {type(out).__name__}")
     elif out.shape != (n, plan.num_tokens, plan.chunk_size) or not out.is_contiguous():
         raise ShapeError(f"out has shape {tuple(out.shape)}, expected contiguous "
                          f"{(n, plan.num_tokens, plan.chunk_size)}")
@@ -279,6 +345,9 @@ def tokenize(sources: Sequence[torch.Tensor], plan: ChunkPlan, *, num_models: in
 def detokenize(tokens: torch.Tensor, dests: Sequence[torch.Tensor], plan: ChunkPlan, *,
                backend: str | None = None) -> None:
     """De-normalize tokens ``[N, T, C]`` and scatter them into N*S tensors, in place."""
+    _check_plan(plan)
+    _check_data_tensor(tokens, "tokens")
+    _check_list(dests, "dests")
     if tokens.dim() != 3 or tokens.shape[1:] != (plan.num_tokens, plan.chunk_size):
         raise ShapeError(f"tokens have shape {tuple(tokens.shape)}, expected "
                          f"[N, {plan.num_tokens}, {plan.chunk_size}]")
@@ -288,6 +357,12 @@ def detokenize(tokens: torch.Tensor, dests: Sequence[torch.Tensor], plan: ChunkP
     if len(dests) != tokens.shape[0] * plan.num_segments:
         raise ShapeError(f"{len(dests)} destination tensors for {tokens.shape[0]} models of "
                          f"{plan.num_segments} segments")
+    for i, d in enumerate(dests):
+        if torch.compiler.is_compiling() or d.is_contiguous():  # contiguous: no overlap
+            continue
+        if torch._debug_has_internal_overlap(d) == 1:  # expanded: elements share memory
+            raise ShapeError(f"dests[{i}] has overlapping elements (an expanded view?); "
+                             "it cannot be written in place")
     rows = tokens.contiguous().view(tokens.shape[0], plan.row_size)
     direct = [d if d.is_contiguous() else torch.empty_like(d, memory_format=torch.contiguous_format)
               for d in dests]
