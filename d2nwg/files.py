@@ -81,3 +81,31 @@ def read_safetensors(path: str | os.PathLike, *, load_tensors: bool = True,
         raise FileFormatError(f"{path}: not a readable safetensors file "
                               f"(truncated or corrupt?): {exc}") from exc
     return metadata, tensors
+
+
+def loads_json(text: str, where: str, *, allow_nan: bool = False) -> object:
+    """Parse JSON text read from a file; any malformed text raises FileFormatError naming
+    ``where`` (the file, and the field it came from). Besides syntax errors this covers what
+    ``json.loads`` raises other than JSONDecodeError: integers of more than 4300 digits
+    (ValueError), nesting deep enough to exhaust the stack (RecursionError), and, unless
+    ``allow_nan``, the non-JSON constants NaN, Infinity and -Infinity."""
+    if not isinstance(text, str):
+        raise FileFormatError(f"{where}: expected JSON text, got {type(text).__name__}")
+
+    def no_constant(name: str) -> float:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        return json.loads(text, parse_constant=None if allow_nan else no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise FileFormatError(f"{where}: invalid JSON ({type(exc).__name__}: {str(exc)[:200]})") \
+            from None
+
+
+def parse_json_metadata(metadata: dict[str, str], key: str, path: str | os.PathLike,
+                        what: str) -> object:
+    """The JSON value stored under ``key`` in a safetensors file's metadata."""
+    path = os.fspath(path)
+    if key not in metadata:
+        raise FileFormatError(f"{path}: no {what} (metadata key {key!r}) in the file")
+    return loads_json(metadata[key], f"{path}: metadata {key!r}")

@@ -26,6 +26,7 @@ import torch
 from d2nwg import ops
 from d2nwg.errors import (
     ConfigError,
+    D2NWGError,
     DeviceError,
     DTypeError,
     FileFormatError,
@@ -34,8 +35,10 @@ from d2nwg.errors import (
     ShapeError,
     shape_of,
 )
-from d2nwg.files import read_safetensors, save_safetensors
+from d2nwg.files import parse_json_metadata, read_safetensors, save_safetensors
 from d2nwg.ops.tokenize import FLOAT_DTYPES, ChunkPlan
+
+_FLOAT_DTYPE_NAMES = frozenset(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
 
 FORMAT = "d2nwg.WeightTokenizer"
 FORMAT_VERSION = 1
@@ -43,6 +46,14 @@ FORMAT_VERSION = 1
 DEFAULT_EXCLUDE = ("*running_mean", "*running_var", "*num_batches_tracked")
 StateDict = Mapping[str, torch.Tensor]
 CENTER_THRESHOLD = 0.5  # center a layer when |mean| >= this * std
+# Size limits, checked before anything is allocated (a file that names a [2^20, 2^20] layer
+# or a chunk size of 2^40 is refused, not attempted). Generous for real models; raise them
+# at module level if you mean it.
+MAX_CHUNK_SIZE = 2**20      # values per token
+MAX_NUM_TOKENS = 2**24      # tokens per model (positions/kinds cost 24 bytes each)
+MAX_NUM_PARAMS = 2**36      # weights per model, tied tensors counted once
+MAX_LAYERS = 2**20          # tensors in a layout (names and aliases)
+MAX_RANK = 64               # dimensions of one tensor
 
 
 @dataclass(frozen=True)
@@ -74,8 +85,99 @@ def _layer_kind(name: str, shape: tuple[int, ...]) -> str:
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
-    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+    """Identity of the memory a tensor views. The storage is named by its StorageImpl, not its
+    address: every meta tensor (and every empty storage) has address 0, so addresses would
+    tie unrelated tensors of the same shape."""
+    return (t.device, t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape),
             t.stride(), t.dtype)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shape, dtype and bits (NaN == NaN, -0.0 != +0.0): what a tie must hold."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.device.type == "meta" or b.device.type == "meta":
+        return False
+    if _storage_key(a) == _storage_key(b):
+        return True
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.view(bits), b.to(a.device).view(bits))
+
+
+def _check_no_shared_memory(named: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """Destinations that the layout writes separately must not share memory: the second write
+    would silently overwrite the first (a target whose tensors are tied when the template's
+    were not)."""
+    ranges = []
+    for name, t in named:
+        if t.numel() == 0:
+            continue
+        lo = t.storage_offset() * t.element_size()
+        hi = lo + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+        ranges.append((t.untyped_storage()._cdata, lo, hi, name))
+    ranges.sort()
+    for (sa, _, ha, na), (sb, lb, _, nb) in zip(ranges, ranges[1:]):
+        if sa == sb and lb < ha:
+            raise ShapeError(f"target[{na!r}] and target[{nb!r}] share memory, but the layout "
+                             f"holds them as separate tensors; writing one would overwrite the "
+                             f"other (untie them in the target)")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_layers(layers: Sequence, ignored: frozenset) -> None:
+    """Types, sizes and names of a layout, before anything is allocated for it."""
+    if len(layers) > MAX_LAYERS:
+        raise ConfigError(f"{len(layers)} layers, more than MAX_LAYERS = {MAX_LAYERS}")
+    seen: set[str] = set()
+    for i, spec in enumerate(layers):
+        if not isinstance(spec, LayerSpec):
+            raise ConfigError(f"layers[{i}] is a {type(spec).__name__}, not a LayerSpec")
+        if not isinstance(spec.name, str):
+            raise ConfigError(f"layers[{i}].name must be a string, got {spec.name!r}")
+        where = f"layer {spec.name!r}"
+        if not isinstance(spec.shape, tuple) or len(spec.shape) > MAX_RANK \
+                or not all(_is_int(n) and 0 <= n <= MAX_NUM_PARAMS for n in spec.shape):
+            raise ConfigError(f"{where}: shape must be at most {MAX_RANK} ints in "
+                              f"[0, {MAX_NUM_PARAMS}], got {spec.shape!r}")
+        numel = 1
+        for n in spec.shape:  # stops growing past the limit: no huge intermediate integers
+            numel = min(numel * n, MAX_NUM_PARAMS + 1)
+        if numel > MAX_NUM_PARAMS:
+            raise ConfigError(f"{where}: shape {spec.shape} holds more than MAX_NUM_PARAMS = "
+                              f"{MAX_NUM_PARAMS} weights")
+        if spec.dtype not in _FLOAT_DTYPE_NAMES:
+            raise ConfigError(f"{where}: dtype {spec.dtype!r} is not one of "
+                              f"{sorted(_FLOAT_DTYPE_NAMES)}")
+        if not isinstance(spec.kind, str):
+            raise ConfigError(f"{where}: kind must be a string, got {spec.kind!r}")
+        if not isinstance(spec.aliases, tuple) or not all(isinstance(a, str) for a in spec.aliases):
+            raise ConfigError(f"{where}: aliases must be strings, got {spec.aliases!r}")
+        for name in (spec.name,) + spec.aliases:
+            if name in seen:
+                raise ConfigError(f"the name {name!r} appears twice in the layout")
+            if name in ignored:
+                raise ConfigError(f"the name {name!r} is both tokenized and ignored")
+            seen.add(name)
+    if not all(isinstance(name, str) for name in ignored):
+        raise ConfigError("ignored names must be strings")
+
+
+def _stat(value, name: str, S: int) -> torch.Tensor:
+    """Per-layer mean or std: a finite floating tensor [S], as float64."""
+    if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+        raise DTypeError(f"{name} must be a dense tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise DTypeError(f"{name} has dtype {value.dtype}; expected a floating dtype")
+    if tuple(value.shape) != (S,):
+        raise ShapeError(f"{name} must have shape [{S}] (one entry per layer), got "
+                         f"{tuple(value.shape)}")
+    value = value.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(value).all()):
+        raise NonFiniteError(f"{name} holds NaN or Inf")
+    return value
 
 
 def normalization(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,26 +216,46 @@ class WeightTokenizer:
                  normalize: str | None = "layer", ignored: Iterable[str] = (),
                  mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
                  allow_nonfinite: bool = False) -> None:
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) \
+                or not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+            raise ConfigError(f"chunk_size must be an int in [1, {MAX_CHUNK_SIZE}], got "
+                              f"{chunk_size!r}")
         if granularity not in ("layer", "model"):
             raise ConfigError(f"granularity must be 'layer' or 'model', got {granularity!r}")
         if normalize not in ("layer", None):
             raise ConfigError(f"normalize must be 'layer' or None, got {normalize!r}")
+        if not isinstance(allow_nonfinite, bool):
+            raise ConfigError(f"allow_nonfinite must be a bool, got {allow_nonfinite!r}")
+        if isinstance(layers, (str, bytes, Mapping)) or not isinstance(layers, Sequence):
+            raise ConfigError(f"layers must be a sequence of LayerSpec, got {type(layers).__name__}")
         if not layers:
             raise ConfigError("no tensor selected for tokenization (check include/exclude)")
+        if isinstance(ignored, (str, bytes)):
+            raise ConfigError(f"ignored must be a collection of names, got {ignored!r}")
+        ignored = frozenset(ignored)
+        _check_layers(layers, ignored)
         self.layers = tuple(layers)
         self.chunk_size = chunk_size
         self.granularity = granularity
         self.normalize = normalize
-        self.ignored = frozenset(ignored)
+        self.ignored = ignored
         self.allow_nonfinite = allow_nonfinite
         S = len(self.layers)
-        self.mean = torch.zeros(S, dtype=torch.float64) if mean is None else mean.double()
-        self.std = torch.ones(S, dtype=torch.float64) if std is None else std.double()
-        if self.mean.shape != (S,) or self.std.shape != (S,):
-            raise ShapeError(f"mean/std must have shape [{S}], got {tuple(self.mean.shape)} "
-                             f"and {tuple(self.std.shape)}")
+        self.mean = torch.zeros(S, dtype=torch.float64) if mean is None else _stat(mean, "mean", S)
+        self.std = torch.ones(S, dtype=torch.float64) if std is None else _stat(std, "std", S)
+        if not bool((self.std > 0).all()):
+            raise ConfigError("std must be positive (fit() gives constant layers std 1)")
+        numel = [spec.numel for spec in self.layers]
+        total = sum(numel)
+        if total > MAX_NUM_PARAMS:
+            raise ConfigError(f"the layout holds {total} weights per model, more than "
+                              f"d2nwg.tokenizer.MAX_NUM_PARAMS = {MAX_NUM_PARAMS}")
+        C = chunk_size
+        T = sum(-(-n // C) for n in numel) if granularity == "layer" else -(-total // C)
+        if T > MAX_NUM_TOKENS:
+            raise ConfigError(f"the layout needs {T} tokens of {C} values per model, more than "
+                              f"d2nwg.tokenizer.MAX_NUM_TOKENS = {MAX_NUM_TOKENS} (use a larger "
+                              f"chunk_size)")
         self._index = {spec.name: i for i, spec in enumerate(self.layers)}
         self._aliases = {a: spec.name for spec in self.layers for a in spec.aliases}
         self._place()
@@ -157,6 +279,9 @@ class WeightTokenizer:
             if not selected:
                 ignored.append(name)
                 continue
+            if t.layout != torch.strided:
+                raise DTypeError(f"state_dict[{name!r}] has layout {t.layout}; only dense "
+                                 f"(strided) tensors can be tokenized")
             if t.dtype not in FLOAT_DTYPES:
                 if include is not None:  # asked for by name: say why it cannot be
                     raise DTypeError(f"state_dict[{name!r}] has dtype {t.dtype}; only floating "
@@ -193,14 +318,11 @@ class WeightTokenizer:
         self._offsets, self._spans, self._numel = tuple(offsets), tuple(spans), tuple(numel)
 
         T = self.num_tokens
-        flat_mask = torch.zeros(T * C, dtype=torch.bool)
-        for off, n in zip(offsets, numel):
-            flat_mask[off:off + n] = True
+        self._mask = None  # built on first use (T * C bytes)
         # A token belongs to the layer its first element belongs to (empty layers own none).
         starts = torch.tensor(offsets, dtype=torch.long)
         token_start = torch.arange(T, dtype=torch.long) * C
         layer_of_token = torch.searchsorted(starts, token_start, right=True) - 1
-        self.mask = flat_mask.view(T, C)
         if self.granularity == "layer":
             chunk_idx = (token_start - starts[layer_of_token]) // C
         else:
@@ -209,6 +331,16 @@ class WeightTokenizer:
         self.kind_names = tuple(sorted({spec.kind for spec in self.layers}))
         kind_of_layer = torch.tensor([self.kind_names.index(s.kind) for s in self.layers])
         self.kinds = kind_of_layer[layer_of_token]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """``[T, C]`` bool, True where a token element holds a weight (False = padding)."""
+        if self._mask is None:
+            flat = torch.zeros(self.num_tokens * self.chunk_size, dtype=torch.bool)
+            for off, n in zip(self._offsets, self._numel):
+                flat[off:off + n] = True
+            self._mask = flat.view(self.num_tokens, self.chunk_size)
+        return self._mask
 
     @property
     def plan(self) -> ChunkPlan:
@@ -254,6 +386,22 @@ class WeightTokenizer:
             if t.dtype != spec.torch_dtype:
                 raise DTypeError(f"{where}[{spec.name!r}] has dtype {t.dtype}, the layout "
                                  f"expects {spec.torch_dtype}")
+            if t.layout != torch.strided:
+                raise DTypeError(f"{where}[{spec.name!r}] has layout {t.layout}; only dense "
+                                 f"(strided) tensors can be tokenized")
+            if t.device.type == "meta":
+                raise DeviceError(f"{where}[{spec.name!r}] is on the meta device: it holds no "
+                                  f"weights to tokenize (a meta template only fixes the layout)")
+            # Ties are a property of the template; each model must hold them too, or its
+            # tied copy would silently be replaced by the tensor it is tied to.
+            for alias in spec.aliases:
+                if alias in state_dict and not (isinstance(state_dict[alias], torch.Tensor)
+                                                and _same_bits(t, state_dict[alias])):
+                    raise KeyMismatchError(
+                        f"{where}[{alias!r}] differs from {where}[{spec.name!r}], but the two "
+                        f"are tied in the template (one tensor), so the layout stores only "
+                        f"{spec.name!r}; to tokenize both, build the layout from a template "
+                        f"where they are separate tensors (e.g. a .clone() of one)")
             out.append(t)
         return out
 
@@ -377,25 +525,45 @@ class WeightTokenizer:
         missing = [s.name for s in self.layers if s.name not in named]
         if missing:
             raise KeyMismatchError(f"target lacks keys of the layout: {missing[:8]}")
-        dests = []
+        # Every destination (tied copies included) is checked before any is written, so a bad
+        # one never leaves the target half-overwritten.
+        dests, copies = [], []
         for spec in self.layers:
-            t = named[spec.name]
-            if tuple(t.shape) != spec.shape:
-                raise ShapeError(f"target[{spec.name!r}] has shape {tuple(t.shape)}, the layout "
-                                 f"expects {spec.shape}")
-            if t.dtype not in FLOAT_DTYPES:
-                raise DTypeError(f"target[{spec.name!r}] has dtype {t.dtype}, not floating")
-            dests.append(t.detach())
-        devices = {d.device for d in dests}
+            dests.append(self._check_destination(named, spec.name, spec))
+            for alias in spec.aliases:
+                if alias in named:
+                    copies.append((self._check_destination(named, alias, spec), len(dests) - 1))
+        devices = {d.device for d in dests} | {c.device for c, _ in copies}
         if len(devices) > 1:
             raise DeviceError(f"target tensors are on several devices: {sorted(map(str, devices))}")
+        _check_no_shared_memory([(spec.name, d) for spec, d in zip(self.layers, dests)])
         with torch.no_grad():
             ops.detokenize(tokens.to(dests[0].device)[None], dests, self.plan, backend=backend)
-            for spec, d in zip(self.layers, dests):
-                for alias in spec.aliases:  # untied copies in the target get the same values
-                    if alias in named and named[alias].data_ptr() != d.data_ptr():
-                        named[alias].detach().copy_(d)
+            for copy, i in copies:  # untied copies in the target get the same values
+                if _storage_key(copy) != _storage_key(dests[i]):
+                    copy.copy_(dests[i])
         return target
+
+    @staticmethod
+    def _check_destination(named: Mapping, name: str, spec: LayerSpec) -> torch.Tensor:
+        t = named[name]
+        if not isinstance(t, torch.Tensor):
+            raise DTypeError(f"target[{name!r}] is a {type(t).__name__}, not a tensor")
+        if tuple(t.shape) != spec.shape:
+            raise ShapeError(f"target[{name!r}] has shape {tuple(t.shape)}, the layout "
+                             f"expects {spec.shape}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise DTypeError(f"target[{name!r}] has dtype {t.dtype}, not floating")
+        if t.layout != torch.strided:
+            raise DTypeError(f"target[{name!r}] has layout {t.layout}; only dense tensors "
+                             f"can be written in place")
+        if t.device.type == "meta":
+            raise DeviceError(f"target[{name!r}] is on the meta device (no memory to write "
+                              f"into; materialize the module first, e.g. with to_empty())")
+        if torch._debug_has_internal_overlap(t) == 1:
+            raise ShapeError(f"target[{name!r}] has overlapping elements (an expanded view?) "
+                             f"and cannot be written in place")
+        return t.detach()
 
     # ------------------------------------------------------------------ files
     def _layout(self) -> dict:
@@ -414,27 +582,83 @@ class WeightTokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "WeightTokenizer":
-        """Load a file written by :meth:`save`; a bad file raises :class:`FileFormatError`."""
+        """Load a file written by :meth:`save`; a bad file raises :class:`FileFormatError`
+        naming the file and the field. Sizes are checked against the MAX_* limits of this
+        module before anything is allocated; nothing is unpickled."""
         path = os.fspath(path)
         meta, tensors = read_safetensors(path)
-        try:
-            layout = json.loads(meta["d2nwg"])
-        except (KeyError, json.JSONDecodeError) as exc:
-            raise FileFormatError(f"{path}: no d2nwg tokenizer layout in the metadata") from exc
+        layout = parse_json_metadata(meta, "d2nwg", path, "tokenizer layout")
+        if not isinstance(layout, dict):
+            raise FileFormatError(f"{path}: the tokenizer layout is a {type(layout).__name__}, "
+                                  f"not a JSON object")
         if layout.get("format") != FORMAT:
             raise FileFormatError(f"{path}: format {layout.get('format')!r} is not {FORMAT!r}")
         version = layout.get("version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not _is_int(version) or version < 1:
+            raise FileFormatError(f"{path}: field 'version' must be an int >= 1, got {version!r}")
+        if version > FORMAT_VERSION:
             raise FileFormatError(f"{path}: format version {version} is newer than this d2nwg "
                                   f"reads ({FORMAT_VERSION}); upgrade d2nwg")
+        known = {"format", "version", "chunk_size", "granularity", "normalize",
+                 "allow_nonfinite", "ignored", "layers"}
+        unknown = sorted(set(layout) - known)
+        if unknown:
+            raise FileFormatError(f"{path}: unknown fields {unknown} in the tokenizer layout")
+        if sorted(tensors) != ["mean", "std"]:
+            raise FileFormatError(f"{path}: expected the tensors ['mean', 'std'], got "
+                                  f"{sorted(tensors)}")
+
+        def field(d: dict, key: str, types, where: str = "layout"):
+            if key not in d:
+                raise FileFormatError(f"{path}: {where} lacks the field {key!r}")
+            value = d[key]
+            if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+                raise FileFormatError(f"{path}: {where} field {key!r} must be "
+                                      f"{' or '.join(t.__name__ for t in types)}, got {value!r:.80}")
+            return value
+
+        layers_json = field(layout, "layers", (list,))
+        if len(layers_json) > MAX_LAYERS:
+            raise FileFormatError(f"{path}: {len(layers_json)} layers, more than {MAX_LAYERS}")
+        layers = []
+        for i, d in enumerate(layers_json):
+            where = f"layers[{i}]"
+            if not isinstance(d, dict):
+                raise FileFormatError(f"{path}: {where} is a {type(d).__name__}, not an object")
+            extra = sorted(set(d) - {"name", "shape", "dtype", "aliases", "kind"})
+            if extra:
+                raise FileFormatError(f"{path}: {where} has unknown fields {extra}")
+            shape = field(d, "shape", (list,), where)
+            if len(shape) > MAX_RANK or not all(_is_int(n) for n in shape):
+                raise FileFormatError(f"{path}: {where} field 'shape' must be a list of at most "
+                                      f"{MAX_RANK} ints, got {shape!r:.80}")
+            aliases = field(d, "aliases", (list,), where)
+            if not all(isinstance(a, str) for a in aliases):
+                raise FileFormatError(f"{path}: {where} field 'aliases' must hold strings")
+            layers.append(LayerSpec(field(d, "name", (str,), where), tuple(shape),
+                                    field(d, "dtype", (str,), where), tuple(aliases),
+                                    field(d, "kind", (str,), where)))
+        ignored = field(layout, "ignored", (list,))
+        if not all(isinstance(a, str) for a in ignored):
+            raise FileFormatError(f"{path}: field 'ignored' must hold strings")
+        chunk_size = field(layout, "chunk_size", (int,))
+        granularity = field(layout, "granularity", (str,))
+        if "normalize" not in layout:
+            raise FileFormatError(f"{path}: layout lacks the field 'normalize'")
+        normalize = layout["normalize"]
+        if normalize is not None and not isinstance(normalize, str):
+            raise FileFormatError(f"{path}: field 'normalize' must be a string or null, got "
+                                  f"{normalize!r:.80}")
+        allow_nonfinite = layout.get("allow_nonfinite", False)
+        if not isinstance(allow_nonfinite, bool):
+            raise FileFormatError(f"{path}: field 'allow_nonfinite' must be a bool, got "
+                                  f"{allow_nonfinite!r:.80}")
+        for key in ("mean", "std"):
+            if tensors[key].dtype != torch.float64:
+                raise FileFormatError(f"{path}: tensor {key!r} has dtype {tensors[key].dtype}, "
+                                      f"expected float64")
         try:
-            layers = [LayerSpec(d["name"], tuple(d["shape"]), d["dtype"], tuple(d["aliases"]),
-                                d["kind"]) for d in layout["layers"]]
-            for spec in layers:
-                if not isinstance(getattr(torch, spec.dtype, None), torch.dtype):
-                    raise ValueError(f"unknown dtype {spec.dtype!r} of {spec.name!r}")
-            return cls(layers, layout["chunk_size"], layout["granularity"], layout["normalize"],
-                       layout["ignored"], tensors["mean"], tensors["std"],
-                       layout.get("allow_nonfinite", False))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FileFormatError(f"{path}: malformed tokenizer layout: {exc}") from exc
+            return cls(layers, chunk_size, granularity, normalize, ignored, tensors["mean"],
+                       tensors["std"], allow_nonfinite)
+        except D2NWGError as exc:  # ConfigError, ShapeError, ...: what is wrong, with the file
+            raise FileFormatError(f"{path}: invalid tokenizer layout: {exc}") from exc

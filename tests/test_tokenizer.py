@@ -296,3 +296,100 @@ def test_bad_input_is_named(gen):
     with pytest.raises(d2nwg.ShapeError, match="'3.weight'"):
         tok.detokenize_into({**template, "3.weight": torch.zeros(3)}, tokens[0])
     assert isinstance(d2nwg.KeyMismatchError("x"), KeyError)  # catchable the builtin way too
+
+
+# ---- issue 10: ties are checked per model; meta templates; destinations checked first ----
+def test_tie_from_storage_is_checked_in_every_model():
+    w = torch.randn(4, 3)
+    tok = WeightTokenizer.from_state_dict({"emb": w, "head": w}, chunk_size=4, normalize=None)
+    assert tok.layers[0].aliases == ("head",)
+    same = {"emb": torch.randn(4, 3)}
+    same["head"] = same["emb"].clone()  # equal values in separate tensors: still a valid tie
+    back = tok.detokenize(tok.tokenize(same))[0]
+    assert torch.equal(back["head"], same["head"])
+    lenient = WeightTokenizer.from_state_dict({"emb": w, "head": w}, chunk_size=4,
+                                              normalize=None, allow_nonfinite=True)
+    nan = torch.full((4, 3), float("nan"))
+    lenient.tokenize({"emb": nan, "head": nan.clone()})  # NaN ties hold bit for bit
+    differs = {"emb": torch.randn(4, 3), "head": torch.randn(4, 3)}
+    with pytest.raises(d2nwg.KeyMismatchError, match="'head'.*'emb'"):
+        tok.tokenize(differs)
+    with pytest.raises(d2nwg.KeyMismatchError, match="'head'.*'emb'"):
+        WeightTokenizer.from_state_dict({"emb": w, "head": w}, chunk_size=4).fit([same, differs])
+    signed = {"emb": torch.zeros(4, 3), "head": -torch.zeros(4, 3)}  # bits differ: -0.0
+    with pytest.raises(d2nwg.KeyMismatchError):
+        tok.tokenize(signed)
+    with pytest.raises(d2nwg.KeyMismatchError):  # a tied copy of another shape or dtype
+        tok.tokenize({"emb": w, "head": w.double()})
+
+
+def test_meta_template_does_not_tie_unrelated_tensors():
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+        tied = torch.nn.ModuleDict({"emb": torch.nn.Embedding(5, 3), "head": torch.nn.Linear(3, 5)})
+    tied.head.weight = tied.emb.weight
+    tok = WeightTokenizer.from_state_dict(model.state_dict(), chunk_size=4, normalize=None)
+    assert all(spec.aliases == () for spec in tok.layers)
+    assert tok.layer_names == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    real = {k: torch.randn(v.shape) for k, v in model.state_dict().items()}
+    back = tok.detokenize(tok.tokenize(real))[0]
+    assert all(torch.equal(back[k], real[k]) for k in real)
+    # Real ties of a meta module are still found (same storage object).
+    tok2 = WeightTokenizer.from_state_dict(tied.state_dict(), chunk_size=4, normalize=None)
+    assert tok2.layers[0].aliases == ("head.weight",)
+    # Meta tensors hold no weights: tokenizing or writing into them is refused by name.
+    with pytest.raises(d2nwg.DeviceError, match="meta"):
+        tok.tokenize(model.state_dict())
+    with pytest.raises(d2nwg.DeviceError, match="meta"):
+        tok.detokenize_into(model, tok.tokenize(real)[0])
+
+
+def test_sparse_weights_are_refused_by_name():
+    sd = {"a": torch.randn(3, 3), "b": torch.randn(3, 3)}
+    with pytest.raises(d2nwg.DTypeError, match="'b'.*layout"):
+        WeightTokenizer.from_state_dict({"a": sd["a"], "b": sd["b"].to_sparse()}, chunk_size=4)
+    tok = WeightTokenizer.from_state_dict(sd, chunk_size=4)
+    with pytest.raises(d2nwg.DTypeError, match="'b'.*layout"):
+        tok.tokenize({"a": sd["a"], "b": sd["b"].to_sparse()})
+    with pytest.raises(d2nwg.DTypeError, match="'b'.*layout"):
+        tok.detokenize_into({"a": torch.zeros(3, 3), "b": torch.zeros(3, 3).to_sparse()},
+                            tok.tokenize(sd)[0])
+
+
+def test_detokenize_into_checks_every_destination_before_writing():
+    sd = {"a": torch.randn(3, 3), "b": torch.randn(3, 3), "c": torch.randn(2)}
+    tok = WeightTokenizer.from_state_dict(sd, chunk_size=4)
+    tokens = tok.tokenize(sd)[0]
+    bad_targets = [
+        ({"b": torch.zeros(1, 3).expand(3, 3)}, d2nwg.ShapeError, "'b'.*overlapping"),
+        ({"c": torch.zeros(2, dtype=torch.int64)}, d2nwg.DTypeError, "'c'"),
+        ({"c": torch.zeros(3)}, d2nwg.ShapeError, "'c'"),
+        ({"c": [0.0, 0.0]}, d2nwg.DTypeError, "'c'"),
+        ({"c": torch.zeros(2, device="meta")}, d2nwg.DeviceError, "'c'"),
+    ]
+    for change, exc, match in bad_targets:
+        target = {"a": torch.zeros(3, 3), "b": torch.zeros(3, 3), "c": torch.zeros(2)}
+        target.update(change)
+        with pytest.raises(exc, match=match):
+            tok.detokenize_into(target, tokens)
+        assert bool((target["a"] == 0).all()), "a destination was written before the check"
+    # A target that ties two tensors the layout holds separately would lose one of them.
+    shared = torch.zeros(3, 3)
+    target = {"a": shared, "b": shared, "c": torch.zeros(2)}
+    with pytest.raises(d2nwg.ShapeError, match="share memory"):
+        tok.detokenize_into(target, tokens)
+    assert bool((shared == 0).all())
+    # Views of one flat buffer that do not overlap are fine.
+    flat = torch.zeros(20)
+    target = {"a": flat[:9].view(3, 3), "b": flat[9:18].view(3, 3), "c": flat[18:]}
+    tok.detokenize_into(target, tokens)
+    assert all(torch.equal(target[k], sd[k]) for k in sd)
+
+
+def test_template_aliases_in_target_checked_before_writing():
+    w = torch.randn(4, 3)
+    tok = WeightTokenizer.from_state_dict({"emb": w, "head": w}, chunk_size=4, normalize=None)
+    target = {"emb": torch.zeros(4, 3), "head": torch.zeros(3, 4)}
+    with pytest.raises(d2nwg.ShapeError, match="'head'"):
+        tok.detokenize_into(target, tok.tokenize({"emb": w, "head": w})[0])
+    assert bool((target["emb"] == 0).all())
