@@ -43,6 +43,11 @@ class FileFormatError(D2NWGError, ValueError):
     """A file is missing, truncated, of a newer format version, or does not match."""
 
 
+class FileWriteError(D2NWGError, OSError):
+    """A file could not be written (full or read-only disk, or content the format cannot
+    hold); the message names the path, and no partial file is left behind."""
+
+
 class BackendUnavailableError(D2NWGError, RuntimeError):
     """No backend (or not the forced one) can run an op on the given inputs."""
 

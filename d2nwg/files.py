@@ -9,7 +9,7 @@ import tempfile
 
 import torch
 
-from d2nwg.errors import FileFormatError
+from d2nwg.errors import D2NWGError, FileFormatError, FileWriteError
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
@@ -20,15 +20,22 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
 
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
+        os.close(fd)
+    except OSError as exc:
+        raise FileWriteError(f"{path}: cannot write here ({exc})") from exc
     try:
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(exc, Exception) and not isinstance(exc, D2NWGError):
+            # SafetensorError (a full disk), OSError, or a tensor safetensors cannot store
+            raise FileWriteError(f"{path}: could not be written ({type(exc).__name__}: "
+                                 f"{str(exc)[:300]}); nothing was left behind") from exc
         raise
 
 

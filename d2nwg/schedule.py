@@ -79,7 +79,8 @@ class NoiseSchedule:
         _check_T(T)
         if not (isinstance(s, (int, float)) and math.isfinite(s) and s >= 0):
             raise ConfigError(f"s must be a finite number >= 0, got {s!r}")
-        if not (0 < max_beta < 1):
+        if isinstance(max_beta, bool) or not isinstance(max_beta, (int, float)) \
+                or not 0 < max_beta < 1:
             raise ConfigError(f"max_beta must lie in (0, 1), got {max_beta!r}")
         steps = torch.arange(T + 1, dtype=torch.float64) / T
         f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
@@ -143,14 +144,19 @@ class NoiseSchedule:
         return self._coef(self.alphas, t, x0) * noise - self._coef(self.sigmas_t, t, x0) * x0
 
 
+# Longest schedule: six float64 tables of T entries (48 MB here); real ones have 1000-4000.
+MAX_TIMESTEPS = 2**20
+
+
 def _check_T(T) -> None:
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ConfigError(f"T (number of timesteps) must be an int >= 1, got {T!r}")
+    if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_TIMESTEPS:
+        raise ConfigError(f"T (number of timesteps) must be an int in [1, {MAX_TIMESTEPS}], "
+                          f"got {T!r:.60}")
 
 
 def _check_beta_range(beta_start, beta_end) -> None:
     for name, v in (("beta_start", beta_start), ("beta_end", beta_end)):
-        if not (isinstance(v, (int, float)) and 0 < v < 1):
+        if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0 < v < 1):
             raise ConfigError(f"{name} must lie in the open interval (0, 1), got {v!r}")
 
 
@@ -161,6 +167,11 @@ def _check_betas(betas) -> None:
         raise DTypeError(f"betas must be a floating-point tensor, got {betas.dtype}")
     if betas.dim() != 1 or betas.numel() == 0:
         raise ShapeError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
+    if betas.numel() > MAX_TIMESTEPS:
+        raise ConfigError(f"{betas.numel()} betas, more than MAX_TIMESTEPS = {MAX_TIMESTEPS}")
+    if betas.layout != torch.strided or betas.device.type == "meta":
+        raise ConfigError(f"betas must be a dense tensor with values, got {betas.layout} on "
+                          f"{betas.device}")
     b = betas.detach().double()
     if not bool(torch.isfinite(b).all()):
         raise NonFiniteError("betas hold NaN or Inf")

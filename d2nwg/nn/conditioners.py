@@ -270,10 +270,17 @@ class DatasetEncoder(nn.Module):
         if not x.is_floating_point():
             raise DTypeError(f"x must be floating point, got {x.dtype}")
         B, N, S, _ = x.shape
+        if N == 0 or S == 0:
+            raise ShapeError(f"x must hold at least one class and one shot per class, got "
+                             f"{N} classes of {S} shots ({tuple(x.shape)})")
         for name, m, shape in (("shot_mask", shot_mask, (B, N, S)), ("class_mask", class_mask, (B, N))):
+            if m is not None and not isinstance(m, torch.Tensor):
+                raise DTypeError(f"{name} must be a bool tensor or None, got {type(m).__name__}")
             if m is not None and (m.dtype != torch.bool or tuple(m.shape) != shape):
                 raise ShapeError(f"{name} must be a bool tensor of shape {list(shape)}, got "
                                  f"{m.dtype} {tuple(m.shape)}")
+            if m is not None and m.device != x.device:
+                raise DeviceError(f"{name} is on {m.device}, x on {x.device}")
         if shot_mask is not None:
             has_shot = shot_mask.any(-1)
             class_mask = has_shot if class_mask is None else class_mask & has_shot

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2nwg.errors import ConfigError
+from d2nwg.errors import ConfigError, ShapeError, shape_of
 from d2nwg.ops.latent_attention import latent_attention
 
 
@@ -45,6 +45,9 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, context_dim: int | None = None,
                  qk_norm: bool = False):
         super().__init__()
+        for name, v in (("dim", dim), ("num_heads", num_heads)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"Attention: {name} must be an int >= 1, got {v!r}")
         if dim % num_heads:
             raise ConfigError(f"width {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
@@ -62,8 +65,18 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, L, W = x.shape
+        W = self.num_heads * self.head_dim
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != W:
+            raise ShapeError(f"x must be [B, L, {W}], got {shape_of(x)}")
+        B, L, _ = x.shape
         H, D = self.num_heads, self.head_dim
+        if self.cross:
+            width = self.kv.in_features
+            if not isinstance(context, torch.Tensor) or context.dim() != 3 \
+                    or context.shape[0] != B or context.shape[-1] != width:
+                raise ShapeError(f"context must be [{B}, Lc, {width}], got {shape_of(context)}")
+        elif context is not None:
+            raise ConfigError("a self-attention layer takes no context")
         if self.cross:
             q = self.q(x).view(B, L, H, D).transpose(1, 2)
             kv = self.kv(context).view(B, context.shape[1], 2, H, D)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2nwg.errors import ConfigError, DTypeError, ShapeError, shape_of
+from d2nwg.errors import ConfigError, DeviceError, DTypeError, ShapeError, shape_of
 from d2nwg.nn.io import JSONConfig, seeded
 
 MIN_CHUNK, MAX_CHUNK = 64, 16384
@@ -58,6 +58,9 @@ class ChunkVAEConfig(JSONConfig):
         for name in ("kl_weight", "input_noise", "latent_noise"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ChunkVAEConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.logvar_min < self.logvar_max:
+            raise ConfigError(f"ChunkVAEConfig: logvar_min={self.logvar_min} must be below "
+                              f"logvar_max={self.logvar_max}")
 
     @property
     def ratio(self) -> float:
@@ -115,6 +118,22 @@ class ChunkVAE(nn.Module):
         if not x.is_floating_point():
             raise DTypeError(f"{name} must be floating point, got {x.dtype}")
 
+    @staticmethod
+    def _check_mask(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        """A bool mask of x's trailing dims ([T, C] or [N, T, C]), expanded to x's shape."""
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor):
+            raise DTypeError(f"mask must be a bool tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise DTypeError(f"mask must be bool (True = real entry), got {mask.dtype}")
+        if mask.dim() > x.dim() or tuple(mask.shape) != tuple(x.shape[x.dim() - mask.dim():]):
+            raise ShapeError(f"mask has shape {tuple(mask.shape)}; expected the trailing "
+                             f"dims of chunks {tuple(x.shape)}")
+        if mask.device != x.device:
+            raise DeviceError(f"mask is on {mask.device}, the chunks on {x.device}")
+        return mask.expand_as(x)
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Chunks ``[..., C]`` -> ``(mu, logvar)``, each ``[..., d]``."""
         self._check(x, self.config.chunk_size, "chunks")
@@ -135,7 +154,8 @@ class ChunkVAE(nn.Module):
 
     @staticmethod
     def _sliced(fn, x: torch.Tensor, out_width: int, max_batch: int | None) -> torch.Tensor:
-        if max_batch is not None and max_batch < 1:
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
+                                      or max_batch < 1):
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         lead = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1])
@@ -154,6 +174,8 @@ class ChunkVAE(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(reconstruction [..., C], mu, logvar)``; noisy and sampled in training mode."""
         c = self.config
+        self._check(x, c.chunk_size, "chunks")
+        mask = self._check_mask(mask, x)
         if self.training and c.input_noise > 0:
             noise = _randn_like(x, generator) * c.input_noise
             x = x + (noise if mask is None else noise * mask.to(noise.dtype))
@@ -173,13 +195,7 @@ class ChunkVAE(nn.Module):
         contribute to the reconstruction loss, all-padding tokens not to the KL term.
         """
         self._check(x, self.config.chunk_size, "chunks")
-        if mask is not None:
-            if mask.dtype != torch.bool:
-                raise DTypeError(f"mask must be bool (True = real entry), got {mask.dtype}")
-            if mask.dim() > x.dim() or tuple(mask.shape) != tuple(x.shape[x.dim() - mask.dim():]):
-                raise ShapeError(f"mask has shape {tuple(mask.shape)}; expected the trailing "
-                                 f"dims of chunks {tuple(x.shape)}")
-            mask = mask.expand_as(x)
+        mask = self._check_mask(mask, x)
         recon, mu, logvar = self(x, mask, generator)
         err = (recon.float() - x.float()).square()
         kl = 0.5 * (mu.float().square() + logvar.float().exp() - 1.0 - logvar.float()).mean(-1)

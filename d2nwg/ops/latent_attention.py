@@ -38,17 +38,32 @@ def _safe_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mask | ~has_key[:, None], has_key
 
 
+def _drop_masked(k: torch.Tensor, v: torch.Tensor, safe: torch.Tensor):
+    """k and v with masked-out keys zeroed. A masked key takes no part, whatever it holds: a
+    NaN there would otherwise leak into every output (0 * NaN, NaN + -inf), where the Triton
+    kernel never reads it. So NaN inputs give the same result on every backend."""
+    drop = ~safe[:, None, :, None]
+    return k.masked_fill(drop, 0), v.masked_fill(drop, 0)
+
+
+def _zero_keyless(out: torch.Tensor, has_key: torch.Tensor) -> torch.Tensor:
+    """Rows of batch elements without any key are zeros (not NaN * 0)."""
+    return torch.where(has_key[:, None, None, None], out, torch.zeros((), dtype=out.dtype,
+                                                                     device=out.device))
+
+
 def latent_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """Plain PyTorch attention in the inputs' dtype (pass float64 for an exact oracle)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if mask is None:
-        return torch.matmul(s.softmax(-1), v)
+        return torch.matmul((torch.matmul(q, k.transpose(-1, -2)) * scale).softmax(-1), v)
     safe, has_key = _safe_mask(mask)
+    k, v = _drop_masked(k, v, safe)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
     s = s.masked_fill(~safe[:, None, None, :], float("-inf"))
     out = torch.matmul(s.softmax(-1), v)
-    return out * has_key[:, None, None, None].to(out.dtype)
+    return _zero_keyless(out, has_key)
 
 
 # ----------------------------------------------------------------------------------------
@@ -58,8 +73,9 @@ def _torch_sdpa(q, k, v, mask=None, scale=None) -> torch.Tensor:
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     safe, has_key = _safe_mask(mask)
+    k, v = _drop_masked(k, v, safe)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe[:, None, None, :], scale=scale)
-    return out * has_key[:, None, None, None].to(out.dtype)
+    return _zero_keyless(out, has_key)
 
 
 # Triton (kernels/latent_attention.py): the forward and backward launchers are torch.library
@@ -143,6 +159,8 @@ def _xformers(q, k, v, mask=None, scale=None) -> torch.Tensor:
     has_key = None
     if mask is not None:
         safe, has_key = _safe_mask(mask)
+        k, v = _drop_masked(k, v, safe)
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         # The additive bias must be allocated with its last dim padded to a multiple of 8.
         pad = (LK + 7) // 8 * 8
         storage = torch.zeros(B, H, LQ, pad, dtype=q.dtype, device=q.device)
@@ -150,7 +168,7 @@ def _xformers(q, k, v, mask=None, scale=None) -> torch.Tensor:
         bias.masked_fill_(~safe[:, None, None, :], float("-inf"))
     out = xops.memory_efficient_attention(qt, kt, vt, attn_bias=bias, scale=scale).transpose(1, 2)
     if has_key is not None:
-        out = out * has_key[:, None, None, None].to(out.dtype)
+        out = _zero_keyless(out, has_key)
     return out
 
 
