@@ -267,6 +267,14 @@ class WeightTokenizer:
                         include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
                         allow_nonfinite: bool = False) -> "WeightTokenizer":
         """Fix the layout from a template state dict (its order is the token order)."""
+        if not isinstance(state_dict, Mapping):
+            raise DTypeError(f"the template must be a state dict (a mapping of names to "
+                             f"tensors), got {type(state_dict).__name__}")
+        for name, patterns in (("include", include), ("exclude", exclude)):
+            # a bare string would be iterated as single-character patterns ('*' matches all)
+            if patterns is not None and (isinstance(patterns, (str, bytes)) or not all(
+                    isinstance(p, str) for p in patterns)):
+                raise ConfigError(f"{name} must be a list of glob patterns, got {patterns!r:.80}")
         exclude = DEFAULT_EXCLUDE if exclude is None else tuple(exclude)
         layers: list[LayerSpec] = []
         ignored: list[str] = []
@@ -429,6 +437,12 @@ class WeightTokenizer:
         ``state_dicts`` may be any iterable (a generator that loads files lazily), so the zoo
         need not fit in memory. Merges per-tensor moments with Chan et al.'s parallel rule.
         """
+        if isinstance(state_dicts, Mapping):  # one state dict, as tokenize() takes it
+            state_dicts = [state_dicts]
+        elif isinstance(state_dicts, (str, bytes, torch.Tensor)) or \
+                not isinstance(state_dicts, Iterable):
+            raise DTypeError(f"fit() takes an iterable of state dicts, got "
+                             f"{type(state_dicts).__name__}")
         if self.normalize is None:
             return self
         S = len(self.layers)
@@ -467,6 +481,12 @@ class WeightTokenizer:
         """Tokens ``[N, T, C]`` of N state dicts (one mapping gives N = 1), padding zero."""
         if isinstance(state_dicts, Mapping):
             state_dicts = [state_dicts]
+        elif isinstance(state_dicts, (str, bytes, torch.Tensor)) or \
+                not isinstance(state_dicts, Iterable):
+            raise DTypeError(f"tokenize() takes a state dict or a sequence of them, got "
+                             f"{type(state_dicts).__name__}")
+        elif not isinstance(state_dicts, Sequence):
+            state_dicts = list(state_dicts)
         if len(state_dicts) == 0:
             raise ConfigError("tokenize() needs at least one state dict")
         sources = [t.detach() for n, sd in enumerate(state_dicts) for t in self._sources(sd, n)]

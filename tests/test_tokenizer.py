@@ -393,3 +393,20 @@ def test_template_aliases_in_target_checked_before_writing():
     with pytest.raises(d2nwg.ShapeError, match="'head'"):
         tok.detokenize_into(target, tok.tokenize({"emb": w, "head": w})[0])
     assert bool((target["emb"] == 0).all())
+
+
+def test_collections_of_state_dicts_and_patterns_are_checked():
+    sd = {"a.weight": torch.randn(3, 2), "b.bias": torch.randn(2)}
+    with pytest.raises(d2nwg.ConfigError, match="include"):  # would match every name
+        WeightTokenizer.from_state_dict(sd, include="*.weight")
+    with pytest.raises(d2nwg.ConfigError, match="exclude"):
+        WeightTokenizer.from_state_dict(sd, exclude=[3])
+    with pytest.raises(d2nwg.DTypeError, match="template"):
+        WeightTokenizer.from_state_dict([sd])
+    tok = WeightTokenizer.from_state_dict(sd, chunk_size=4)
+    assert torch.equal(tok.tokenize(iter([sd, sd])), tok.tokenize([sd, sd]))
+    with pytest.raises(d2nwg.DTypeError, match="tokenize"):
+        tok.tokenize(3)
+    with pytest.raises(d2nwg.DTypeError, match="fit"):
+        tok.fit(3)
+    assert torch.equal(tok.fit(sd).mean, WeightTokenizer.from_state_dict(sd).fit([sd]).mean)
