@@ -85,7 +85,12 @@ def tile(B: int, N: int, interpret: bool) -> tuple[int, int]:
 def sampler_step_triton(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor,
                         step: torch.Tensor, noise: torch.Tensor | None,
                         prev_x0: torch.Tensor | None, guided: bool) -> None:
-    """Launch on checked, contiguous inputs (see d2nwg.ops.sampler_step.sampler_step_)."""
+    """Launch on contiguous inputs (see d2nwg.ops.sampler_step.sampler_step_). Reachable
+    directly and as torch.ops.d2nwg.sampler_step_triton_, so it checks every shape, dtype,
+    device and stride it relies on (the step index is clamped in the kernel)."""
+    from d2nwg.ops.sampler_step import _check
+
+    _check(x, model_out, table, step, noise, prev_x0, guided, launch=True)
     B, N = x.shape
     if B == 0 or N == 0:
         return

@@ -89,8 +89,7 @@ def _torch_sdpa(q, k, v, mask=None, scale=None) -> torch.Tensor:
 def _attention_fwd_op(q, k, v, mask, sm_scale):
     from d2nwg.kernels.latent_attention import attention_fwd
 
-    _check_launch(q, k, v, mask, sm_scale)
-    return attention_fwd(q, k, v, mask, sm_scale)  # out, base-2 log-sum-exp [B, H, Lq] fp32
+    return attention_fwd(q, k, v, mask, sm_scale)  # checks its inputs  # out, base-2 log-sum-exp [B, H, Lq] fp32
 
 
 @_attention_fwd_op.register_fake
@@ -106,17 +105,7 @@ def _attention_fwd_fake(q, k, v, mask, sm_scale):
 def _attention_bwd_op(do, q, k, v, o, lse, mask, sm_scale):
     from d2nwg.kernels.latent_attention import attention_bwd
 
-    _check_launch(q, k, v, mask, sm_scale)
-    for name, t in (("do", do), ("o", o)):
-        _check_tensor(name, t)
-        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
-            raise ShapeError(f"{name} must be shaped, typed and placed like q {tuple(q.shape)} "
-                             f"{q.dtype} {q.device}, got {tuple(t.shape)} {t.dtype} {t.device}")
-    _check_tensor("lse", lse)
-    if lse.shape != q.shape[:3] or lse.dtype != torch.float32 or lse.device != q.device:
-        raise ShapeError(f"lse must be float32 {tuple(q.shape[:3])} on {q.device}, got "
-                         f"{tuple(lse.shape)} {lse.dtype} {lse.device}")
-    return attention_bwd(do, q, k, v, o, lse, mask, sm_scale)  # dq, dk, dv
+    return attention_bwd(do, q, k, v, o, lse, mask, sm_scale)  # dq, dk, dv; checks its inputs
 
 
 @_attention_bwd_op.register_fake
@@ -216,8 +205,23 @@ def _check_tensor(name: str, t) -> None:
         raise DTypeError(f"{name} has layout {t.layout}; only dense tensors are supported")
 
 
-def _check_launch(q, k, v, mask, sm_scale) -> None:
-    """The checks of a Triton launch, which is reachable directly through torch.ops."""
+def check_bwd_launch(do, q, k, v, o, lse, mask, sm_scale) -> None:
+    """The checks of a Triton backward launch (see :func:`check_launch`)."""
+    check_launch(q, k, v, mask, sm_scale)
+    for name, t in (("do", do), ("o", o)):
+        _check_tensor(name, t)
+        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+            raise ShapeError(f"{name} must be shaped, typed and placed like q {tuple(q.shape)} "
+                             f"{q.dtype} {q.device}, got {tuple(t.shape)} {t.dtype} {t.device}")
+    _check_tensor("lse", lse)
+    if lse.shape != q.shape[:3] or lse.dtype != torch.float32 or lse.device != q.device:
+        raise ShapeError(f"lse must be float32 {tuple(q.shape[:3])} on {q.device}, got "
+                         f"{tuple(lse.shape)} {lse.dtype} {lse.device}")
+
+
+def check_launch(q, k, v, mask, sm_scale) -> None:
+    """The checks of a Triton launch, which is reachable directly (d2nwg.kernels) and through
+    torch.ops.d2nwg.attention_*_triton: everything the kernels index with."""
     _check(q, k, v, mask)
     if q.device.type not in ("cpu", "cuda"):
         raise DeviceError(f"the Triton kernels run on CUDA (or CPU under the interpreter), "
@@ -226,7 +230,7 @@ def _check_launch(q, k, v, mask, sm_scale) -> None:
         raise DTypeError(f"the Triton kernels take {DTYPES}, got {q.dtype}")
     if q.shape[-1] not in TRITON_HEAD_DIMS:
         raise ShapeError(f"the Triton kernels take head dims {TRITON_HEAD_DIMS}, got {q.shape[-1]}")
-    if not (isinstance(sm_scale, float) and math.isfinite(sm_scale)):
+    if isinstance(sm_scale, bool) or not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale)):
         raise ConfigError(f"sm_scale must be a finite float, got {sm_scale!r}")
 
 
@@ -283,7 +287,8 @@ def latent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         ``[B, H, Lq, D]`` in the dtype of q. Rows without any attended key are zeros.
     """
     _check(q, k, v, mask)
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+    if scale is not None and (isinstance(scale, bool) or not (
+            isinstance(scale, (int, float)) and math.isfinite(scale))):
         raise ConfigError(f"scale must be a finite float or None, got {scale!r}")
     impl = select("latent_attention", LATENT_ATTENTION_BACKENDS, q, k, v, mask, backend=backend)
     return impl.run(q, k, v, mask, scale)

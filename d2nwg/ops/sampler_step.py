@@ -94,8 +94,7 @@ def _compiled(x, model_out, table, step, noise, prev_x0, guided) -> None:
 def _triton_op(x, model_out, table, step, noise, prev_x0, guided) -> None:
     from d2nwg.kernels.sampler_step import sampler_step_triton
 
-    _check(x, model_out, table, step, noise, prev_x0, guided, launch=True)
-    sampler_step_triton(x, model_out, table, step, noise, prev_x0, guided)
+    sampler_step_triton(x, model_out, table, step, noise, prev_x0, guided)  # checks its inputs
 
 
 @_triton_op.register_fake
