@@ -89,12 +89,97 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from d2nwg.demo import tokenizer_round_trip
+    from d2nwg.demo import run
 
-    return tokenizer_round_trip(hidden=args.hidden, layers=args.layers,
-                                intermediate=args.intermediate, vocab=args.vocab,
-                                chunk_size=args.chunk_size, dtype=getattr(torch, args.dtype),
-                                device=args.device, backend=args.backend)
+    run(args.out, quick=args.quick, device=args.device, seed=args.seed, progress=not args.no_progress)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from d2nwg.files import read_json
+    from d2nwg.generator import D2NWG, D2NWGConfig
+
+    zoo = d2nwg.ModelZoo.from_directory(args.zoo)
+    data = read_json(args.config) if args.config else {}
+    try:
+        config = D2NWGConfig.from_dict(data)
+    except (d2nwg.ConfigError, TypeError) as exc:
+        raise d2nwg.ConfigError(f"{args.config}: {exc}") from None
+    gen = D2NWG(config).fit(zoo, out=args.out, resume=args.resume, progress=not args.no_progress)
+    from d2nwg.training import DistContext
+
+    if DistContext.from_env(torch.device("cpu")).is_main:
+        gen.save(os.path.join(args.out, "generator"))
+        print(f"wrote the generator to {os.path.join(args.out, 'generator')}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from d2nwg.files import read_safetensors, save_safetensors
+    from d2nwg.generator import D2NWG
+
+    gen = D2NWG.load(args.generator)
+    condition = None
+    if args.condition:
+        _, tensors = read_safetensors(args.condition)
+        if "condition" not in tensors:
+            raise d2nwg.FileFormatError(f"{args.condition}: no tensor named 'condition' "
+                                        f"(found {sorted(tensors)[:8]})")
+        condition = tensors["condition"]
+    sampling = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps),
+                                  ("guidance_scale", args.guidance_scale)) if v is not None}
+    sds = gen.generate(condition, num_samples=args.num, seed=args.seed, **sampling)
+    for i, sd in enumerate(sds):
+        unique = {k: v.contiguous() for k, v in sd.items()}
+        path = os.path.join(args.out, f"sample_{i:05d}.safetensors")
+        save_safetensors(_untied(unique), path, {"format": "d2nwg.sample/1", "seed": str(args.seed),
+                                                 "index": str(i)})
+    print(f"wrote {len(sds)} samples to {args.out}")
+    return 0
+
+
+def _untied(sd: dict) -> dict:
+    """safetensors refuses tensors that share storage: store tied names as copies."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in sd.items():
+        out[k] = v.clone() if v.data_ptr() in seen else v
+        seen.add(v.data_ptr())
+    return out
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N, auto)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: d2nwg runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is visible")
+    return text
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -117,16 +202,43 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="version, backends available and why not, CUDA archs")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("demo", help="the main job on built-in data")
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--intermediate", type=int, default=4096)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--chunk-size", type=int, default=4096)
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default=None, help="force a backend (torch, cpp, cuda, triton)")
+    p = sub.add_parser("demo", help="train a generator of digit-task heads and evaluate it",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  d2nwg demo --quick --out demo_out\n"
+                              "  torchrun --standalone --nproc_per_node=2 -m d2nwg demo --quick")
+    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    p.add_argument("--quick", action="store_true", help="a smaller run (under a minute on CPU)")
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=_nonnegative_int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a generator on a zoo directory",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  d2nwg train --zoo my_zoo --config gen.json --out run\n"
+                              "  (the generator lands in run/generator, checkpoints in run/checkpoints)")
+    p.add_argument("--zoo", required=True, help="a directory written by ModelZoo.save")
+    p.add_argument("--config", help="a JSON file of D2NWGConfig fields (default: all defaults)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample weights from a trained generator",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  d2nwg generate --generator run/generator "
+                              "--condition task.safetensors --num 8 --seed 0 --out samples\n"
+                              "  (the condition file holds one tensor named 'condition'; "
+                              "omit it for an unconditional generator)")
+    p.add_argument("--generator", required=True, help="a directory written by D2NWG.save")
+    p.add_argument("--condition", help="a safetensors file with a tensor named 'condition'")
+    p.add_argument("--num", type=_positive_int, default=1)
+    p.add_argument("--seed", type=_nonnegative_int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"])
+    p.add_argument("--steps", type=_positive_int)
+    p.add_argument("--guidance-scale", type=float)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="CPU microbenchmarks, or --suite for bench/gpu_suite.py")
     p.add_argument("--suite", action="store_true")
@@ -140,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except d2nwg.D2NWGError as exc:
+        print(f"d2nwg: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. an output folder that cannot be written
         print(f"d2nwg: error: {exc}", file=sys.stderr)
         return 2
 

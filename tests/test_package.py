@@ -55,21 +55,6 @@ def test_extension_carries_the_gpu_code_it_claims():
         assert f"sm_{digits}" in found, (arch, found)
 
 
-def test_demo_round_trip_is_exact(capsys):
-    assert main(["demo", "--hidden", "64", "--layers", "1", "--intermediate", "96",
-                 "--vocab", "50", "--chunk-size", "100"]) == 0
-    out = capsys.readouterr().out
-    assert "bit-exact" in out and "GB/s" in out
-
-
-def test_errors_exit_with_message(capsys):
-    assert main(["demo", "--hidden", "64", "--layers", "1", "--vocab", "50",
-                 "--intermediate", "96", "--backend", "cuda"]) == 2
-    err = capsys.readouterr().err
-    if not torch.cuda.is_available():
-        assert "backend 'cuda' cannot run tokenize" in err and "torch: can run" in err
-
-
 def test_select_forced_backend_lists_every_reason(monkeypatch):
     x = torch.zeros(3)
     backends = (Backend("cuda", lambda x: "cuda", lambda x: "needs CUDA tensors"),

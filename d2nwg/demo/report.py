@@ -1,0 +1,80 @@
+"""The demo's printed table and PNG plots (matplotlib is optional: without it, no plots)."""
+
+from __future__ import annotations
+
+import os
+
+METHODS = ("generated_best", "generated_mean", "zoo", "random")
+
+
+def table(results: dict) -> str:
+    acc = results["accuracy"]
+    lines = [f"{'split':8s} " + " ".join(f"{m:>15s}" for m in METHODS) + f" {'best/zoo':>9s} {'mean/zoo':>9s}"]
+    for split, row in acc.items():
+        ratio = results["ratios_to_zoo"][split]
+        lines.append(f"{split:8s} " + " ".join(f"{row[m]:15.4f}" for m in METHODS)
+                     + f" {ratio['generated_best']:9.3f} {ratio['generated_mean']:9.3f}")
+    ft = results["finetune"]["steps_to_target"]
+    lines.append(f"fine-tuning steps to 95% of zoo accuracy (unseen tasks): generated "
+                 f"{ft['generated']:.1f}, random {ft['random']:.1f}")
+    sec = results["seconds"]
+    lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in sec.items())
+                 + f" (world size {results['world_size']})")
+    return "\n".join(lines)
+
+
+def plots(results: dict, log: list[dict], out: str) -> list[str]:
+    """accuracy.png, finetune.png, losses.png in ``out``; [] without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return []
+    written = []
+    acc = results["accuracy"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.2
+    for j, m in enumerate(METHODS):
+        xs = [i + (j - 1.5) * width for i in range(len(acc))]
+        ax.bar(xs, [acc[s][m] for s in acc], width, label=m)
+    ax.set_xticks(range(len(acc)), list(acc))
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("5-way digit tasks: generated heads vs zoo vs random")
+    ax.legend(fontsize=8, loc="lower right")
+    written.append(_save(fig, out, "accuracy.png"))
+
+    ft = results["finetune"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, curve in ft["curves"].items():
+        ax.plot(range(len(curve)), curve, label=f"from {name} weights")
+    zoo = sum(results["per_task_accuracy"]["unseen"]["zoo"][:ft["tasks"]]) / ft["tasks"]
+    ax.axhline(0.95 * zoo, color="gray", ls="--", label="95% of zoo accuracy")
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("test accuracy (unseen tasks)")
+    ax.legend(fontsize=8)
+    written.append(_save(fig, out, "finetune.png"))
+
+    if log:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+        for ax, stage in zip(axes, ("vae", "diffusion")):
+            rows = [r for r in log if r["stage"] == stage]
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+            ax.set_yscale("log")
+            ax.set_title(f"{stage} loss")
+            ax.set_xlabel("step")
+        written.append(_save(fig, out, "losses.png"))
+    return written
+
+
+def _save(fig, out: str, name: str) -> str:
+    path = os.path.join(out, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
