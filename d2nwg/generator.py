@@ -390,6 +390,7 @@ class D2NWG:
         bar = _progress(progress and ctx.is_main, steps, start, stage)
         module.train()
         tick, tick_step = time.perf_counter(), start
+        stage_t0 = tick
         for step in range(start, steps):
             for group in opt.param_groups:
                 group["lr"] = lr * lr_factor(step, steps, warmup)
@@ -415,6 +416,9 @@ class D2NWG:
                 self._checkpoint(ckpt, ctx, stage, done, module, opt, gen, ema)
         bar.close()
         module.eval()
+        if steps > start:
+            self.history.setdefault("steps_per_s", {})[stage] = \
+                (steps - start) / (time.perf_counter() - stage_t0)
 
     def _checkpoint(self, ckpt: Checkpoints, ctx: DistContext, stage: str, step: int,
                     module: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
