@@ -13,10 +13,12 @@ from d2nwg.errors import (
     DeviceError,
     DTypeError,
     FileFormatError,
+    FileWriteError,
     KeyMismatchError,
     NonFiniteError,
     ShapeError,
 )
+from d2nwg.generator import D2NWG, D2NWGConfig
 from d2nwg.nn import (
     ChunkVAE,
     ChunkVAEConfig,
@@ -47,7 +49,10 @@ __all__ = [
     "SAMPLERS",
     "PREDICTION_TYPES",
     "default_timesteps",
-    "ModelZoo", "ZooItem",
+    "ModelZoo",
+    "D2NWG",
+    "D2NWGConfig",
+    "ZooItem",
     "ChunkVAE",
     "ChunkVAEConfig",
     "Condition",
@@ -67,6 +72,7 @@ __all__ = [
     "DeviceError",
     "DTypeError",
     "FileFormatError",
+    "FileWriteError",
     "KeyMismatchError",
     "NonFiniteError",
     "ShapeError",

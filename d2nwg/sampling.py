@@ -252,8 +252,7 @@ def _loop(plan: _Plan, x: torch.Tensor, prev: torch.Tensor | None, cond_in: Any,
     for k in range(plan.S):
         x_in = torch.cat([x_model, x_model]) if guided else x_model
         out = model(x_in, t_views[k], cond_in)
-        if k == 0:
-            _check_out(plan, out)
+        _check_out(plan, out)  # every step: a shape that changes later must not pass silently
         out = out.reshape(rows, N)
         if out.dtype != dtype:
             out = out.to(dtype)

@@ -533,3 +533,17 @@ def test_graph_wrapper_under_autocast_captures_without_the_weight_cache(monkeypa
     amp["on"] = False
     _graph_run(net, x_T, cond, 3, graph=True)
     assert [g.replays for g in fake.graphs] == [1, 1]
+
+
+def test_model_output_shape_checked_at_every_step():
+    """An output that changes shape after the first step is an error, not a silent reshape."""
+    calls = []
+
+    def model(x, t, cond=None):
+        calls.append(1)
+        out = torch.zeros_like(x)
+        return out if len(calls) == 1 else out.reshape(x.shape[0], -1)  # same numel, new shape
+
+    with pytest.raises(ShapeError, match="returned shape"):
+        sample(model, torch.randn(2, 3, 4), NoiseSchedule.linear(100), sampler="ddim", steps=5)
+    assert len(calls) == 2
