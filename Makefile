@@ -12,7 +12,7 @@ $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" triton numpy safetensors einops tqdm ninja \
-		setuptools wheel pytest pytest-benchmark hypothesis
+		setuptools wheel pytest pytest-benchmark scikit-learn matplotlib hypothesis
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*)
