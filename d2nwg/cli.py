@@ -82,10 +82,35 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"backends for {device.type} tensors:")
         for name, why in backend_reasons(device).items():
             print(f"  {name:9s} {'available' if why is None else 'unavailable: ' + why}")
+    print(_generator_info())
     print("ops (backends in order of preference):")
     for op, names in op_backends().items():
         print(f"  {op:18s} {', '.join(names)}")
     return 0
+
+
+def _generator_info() -> str:
+    """The generator's options and what training and the demo can use here."""
+    import importlib.metadata as md
+
+    import torch.distributed as dist
+
+    from d2nwg.generator import CONDITIONS
+
+    def version(pkg: str) -> str:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "missing (pip install d2nwg[demo])"
+
+    backends = [b for b, ok in (("gloo", dist.is_available() and dist.is_gloo_available()),
+                                ("nccl", dist.is_available() and dist.is_nccl_available())) if ok]
+    return "\n".join([
+        f"generator: d2nwg.D2NWG, conditions {', '.join(CONDITIONS)}; samplers "
+        f"{', '.join(d2nwg.SAMPLERS)}; prediction types {', '.join(d2nwg.PREDICTION_TYPES)}",
+        f"distributed training (torchrun): {', '.join(backends) or 'torch.distributed unavailable'}",
+        f"demo: scikit-learn {version('scikit-learn')}, matplotlib {version('matplotlib')}",
+    ])
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
