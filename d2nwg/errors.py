@@ -56,3 +56,20 @@ def shape_of(x: object) -> object:
     """For error messages: a tensor's shape as a tuple, or the type name of anything else."""
     shape = getattr(x, "shape", None)
     return tuple(shape) if shape is not None and hasattr(x, "dtype") else type(x).__name__
+
+
+def warn_at_caller(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """Warn naming the user's line: the first frame outside d2nwg and torch (whose decorators,
+    such as ``torch.no_grad``, wrap public functions), however deep the call."""
+    import os
+    import sys
+    import warnings
+
+    import torch
+
+    inside = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+              os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

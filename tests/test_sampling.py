@@ -326,7 +326,9 @@ def test_bad_input_names_the_argument():
 def test_graph_body_matches_eager(sampler, guided):
     """The loop that cuda_graph=True captures (static buffers, pre-drawn noise, owned tables)
     run eagerly on CPU gives what the eager loop gives (the capture itself needs a GPU)."""
-    from d2nwg.sampling import _Captured, _eager, _prepare
+    from d2nwg.sampling.api import prepare as _prepare
+    from d2nwg.sampling.cuda_graph import Captured as _Captured
+    from d2nwg.sampling.loop import run_eager as _eager
 
     B, N = 3, 10
     base = Gaussian(N)
@@ -354,7 +356,7 @@ def test_graph_body_matches_eager(sampler, guided):
 
 
 class _FakeCuda:
-    """Just enough of torch.cuda for d2nwg.sampling._with_graph on CPU tensors.
+    """Just enough of torch.cuda for d2nwg.sampling.cuda_graph.run_with_graph on CPU tensors.
 
     A capture runs the loop (so that a model which cannot be captured raises, as .item()
     would) and records it; replay() runs what was recorded; the state a replay starts from is
@@ -379,7 +381,7 @@ class _FakeCuda:
                 fn()
 
     def __init__(self, monkeypatch):
-        from d2nwg import sampling
+        from d2nwg.sampling import cuda_graph
 
         self.main = self.current = self.Stream("main")
         self.capturing, self.graphs = None, []
@@ -409,7 +411,7 @@ class _FakeCuda:
             fake.graphs.append(fake.Graph())
             return fake.graphs[-1]
 
-        body = sampling._Captured.body
+        body = cuda_graph.Captured.body
 
         def recording_body(cap, plan):
             if fake.capturing is not None:
@@ -426,7 +428,7 @@ class _FakeCuda:
         monkeypatch.setattr(cuda, "synchronize", lambda d=None: None)
         monkeypatch.setattr(cuda, "CUDAGraph", new_graph)
         monkeypatch.setattr(cuda, "graph", graph)
-        monkeypatch.setattr(sampling._Captured, "body", recording_body)
+        monkeypatch.setattr(cuda_graph.Captured, "body", recording_body)
 
 
 class _Net(torch.nn.Module):
@@ -445,7 +447,9 @@ class _Net(torch.nn.Module):
 
 
 def _graph_run(model, x_T, cond, seed, graph):
-    from d2nwg.sampling import _eager, _prepare, _with_graph
+    from d2nwg.sampling.api import prepare as _prepare
+    from d2nwg.sampling.cuda_graph import run_with_graph as _with_graph
+    from d2nwg.sampling.loop import run_eager as _eager
 
     gens = [torch.Generator().manual_seed(seed + i) for i in range(x_T.shape[0])]
     plan, x, cond_in = _prepare(model, x_T, SCHED, "ddpm", 6, None, 0.0, cond,
