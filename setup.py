@@ -119,11 +119,11 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # kernels/ ships as d2nwg.kernels, never as a top-level `kernels` package.
-    packages=["d2nwg", "d2nwg.ops", "d2nwg.nn", "d2nwg.demo", "d2nwg.kernels"],
+    packages=["d2nwg", "d2nwg.ops", "d2nwg.nn", "d2nwg.sampling", "d2nwg.demo", "d2nwg.kernels"],
     package_dir={"d2nwg": "d2nwg", "d2nwg.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.4", "numpy", "safetensors", "einops", "tqdm"],
+    install_requires=["torch>=2.4", "safetensors", "tqdm"],  # what d2nwg imports
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0"],

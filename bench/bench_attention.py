@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from d2nwg.nn.conditioners import Condition
 from d2nwg.nn.denoiser import LatentDenoiser, LatentDenoiserConfig
-from d2nwg.ops.latent_attention import latent_attention
+from d2nwg.ops.latent_attention_op import latent_attention
 from d2nwg.timing import median_ms
 
 CFG = LatentDenoiserConfig(latent_dim=32, hidden_dim=256, depth=4, num_heads=4, cond_dim=64)

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from d2nwg.ops.tokenize import ChunkPlan, detokenize, tokenize
+from d2nwg.ops.tokenize_op import ChunkPlan, detokenize, tokenize
 from d2nwg.tokenizer import WeightTokenizer
 from d2nwg.shapes import llama_state_dict
 
@@ -47,14 +47,14 @@ def layer_plan(weights: list[torch.Tensor], chunk_size: int = CHUNK) -> ChunkPla
 # ---- the plain PyTorch way (float32 arithmetic, as a user would write it) ----
 def plain_tokenize(weights: list[torch.Tensor], plan: ChunkPlan, dtype: torch.dtype) -> torch.Tensor:
     parts = []
-    for w, m, r, span in zip(weights, plan.mean, plan.rstd, plan.span):
+    for w, m, r, span in zip(weights, plan.shift, plan.rscale, plan.span):
         x = (w.flatten().float() - m) * r
         parts.append(F.pad(x, (0, span - x.numel())))
     return torch.cat(parts).view(1, plan.num_tokens, plan.chunk_size).to(dtype)
 
 
 def plain_detokenize(tokens: torch.Tensor, weights: list[torch.Tensor], plan: ChunkPlan) -> None:
-    for part, w, m, s in zip(tokens.view(-1).split(list(plan.span)), weights, plan.mean, plan.std):
+    for part, w, m, s in zip(tokens.view(-1).split(list(plan.span)), weights, plan.shift, plan.scale):
         w.copy_((part[:w.numel()].float() * s + m).view(w.shape))
 
 

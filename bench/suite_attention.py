@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from d2nwg.ops.latent_attention import latent_attention, latent_attention_ref
+from d2nwg.ops.latent_attention_op import latent_attention, latent_attention_ref
 from d2nwg.testing import assert_close_lowp
 from d2nwg.timing import median_ms
 

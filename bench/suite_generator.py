@@ -91,7 +91,7 @@ def _plain_detokenize(tok, tokens: torch.Tensor) -> dict:
     flat = tokens.reshape(-1).double()
     plan = tok.plan
     out = {}
-    for spec, off, shift, scale in zip(tok.layers, plan.offset, plan.mean, plan.std):
+    for spec, off, shift, scale in zip(tok.layers, plan.offset, plan.shift, plan.scale):
         vals = flat[off:off + spec.numel] * scale + shift
         out[spec.name] = vals.reshape(spec.shape).to(spec.torch_dtype)
     return out

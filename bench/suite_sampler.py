@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from d2nwg.ops.sampler_step import K, SAMPLER_STEP_BACKENDS, sampler_step_, sampler_step_ref  # noqa: E402
+from d2nwg.ops.sampler_step_op import K, SAMPLER_STEP_BACKENDS, sampler_step_, sampler_step_ref  # noqa: E402
 from d2nwg.sampling import sample  # noqa: E402
 from d2nwg.schedule import NoiseSchedule  # noqa: E402
 from d2nwg.timing import median_ms  # noqa: E402

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_tokenize import layer_plan, llama_state_dict, plain_detokenize, plain_tokenize  # noqa: E402
 
 from d2nwg.timing import median_ms  # noqa: E402
-from d2nwg.ops.tokenize import (  # noqa: E402
+from d2nwg.ops.tokenize_op import (  # noqa: E402
     DETOKENIZE_BACKENDS,
     TOKENIZE_BACKENDS,
     detokenize,

@@ -9,14 +9,14 @@
 #endif
 
 TORCH_LIBRARY(d2nwg, m) {
-  // tokens[N, T*C] <- normalized, cast, padded sources (N*S tensors, model-major).
-  m.def("tokenize_(Tensor(a!) out, Tensor[] sources, int[] offsets, int[] spans, float[] mean, "
-        "float[] rstd) -> ()");
-  // dests (N*S tensors) <- de-normalized, cast tokens[N, T*C].
-  m.def("detokenize_(Tensor tokens, Tensor(a!)[] dests, int[] offsets, float[] mean, "
-        "float[] std) -> ()");
+  // tokens[N, T*C] <- (sources - shift) * rscale, cast, padded (N*S tensors, model-major).
+  m.def("tokenize_(Tensor(a!) out, Tensor[] sources, int[] offsets, int[] spans, float[] shift, "
+        "float[] rscale) -> ()");
+  // dests (N*S tensors) <- tokens[N, T*C] * scale + unshift, cast.
+  m.def("detokenize_(Tensor tokens, Tensor(a!)[] dests, int[] offsets, float[] unshift, "
+        "float[] scale) -> ()");
   // x[B, N] <- one fused diffusion sampler step (guidance mix, prediction conversion, update,
-  // noise); prev_x0 <- this step's x0. Coefficients: table[step] ([S, 10] or [S, B, 10]).
+  // noise); prev_x0 <- this step's x0. Coefficients: table[step] ([S, K] or [S, B, K], columns in sampler_step_layout.h).
   m.def("sampler_step_(Tensor(a!) x, Tensor model_out, Tensor table, Tensor step, "
         "Tensor? noise, Tensor(b!)? prev_x0, bool guided) -> ()");
 }

@@ -1,7 +1,8 @@
 // The fused sampler step on CPU (mirrors kernels/sampler_step.py; reference and the meaning of
-// the coefficient columns in d2nwg/ops/sampler_step.py). In place on x [B, N] (and prev_x0).
+// the coefficient columns in d2nwg/ops/sampler_step_op.py). In place on x [B, N] (and prev_x0).
 // Arithmetic in float (double for double x), in the reference's order (-ffp-contract=off);
 // the inner loops are branch-free and contiguous so that the compiler vectorizes them.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -10,12 +11,12 @@
 #include <algorithm>
 
 #include "ops.h"
+#include "sampler_step_layout.h"
 
 namespace d2nwg {
 namespace {
 
-constexpr int kG = 0, kAX = 1, kAO = 2, kEX = 3, kEO = 4, kCX = 5, kC0 = 6, kCE = 7, kCP = 8,
-              kCZ = 9, kK = 10;
+using namespace sampler_col;  // kG, kAX, ..., kK
 
 template <typename acc_t>
 struct Coef {
@@ -101,16 +102,6 @@ void run_flags(const at::Tensor& x, const at::Tensor& model_out, const at::Tenso
   }
 }
 
-template <typename scalar_t>
-void run_table(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& table,
-               int64_t s, const at::Tensor* noise, const at::Tensor* prev, bool guided) {
-  if (table.scalar_type() == at::kDouble) {
-    run_flags<scalar_t, double>(x, model_out, table, s, noise, prev, guided);
-  } else {
-    run_flags<scalar_t, float>(x, model_out, table, s, noise, prev, guided);
-  }
-}
-
 }  // namespace
 
 void check_sampler_step_args(const at::Tensor& x, const at::Tensor& model_out,
@@ -126,13 +117,16 @@ void check_sampler_step_args(const at::Tensor& x, const at::Tensor& model_out,
   TORCH_CHECK(model_out.is_contiguous() && rows_ok && model_out.size(1) == N,
               "sampler_step_: model_out must be contiguous [", guided ? "2 * " : "", B, ", ", N,
               "], got ", model_out.sizes());
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == at::kFloat || xt == at::kDouble || xt == at::kHalf || xt == at::kBFloat16,
+              "sampler_step_: unsupported dtype ", xt);
   TORCH_CHECK(model_out.scalar_type() == x.scalar_type(), "sampler_step_: model_out dtype != x dtype");
   TORCH_CHECK(table.is_contiguous() &&
                   ((table.dim() == 2 && table.size(1) == kK) ||
                    (table.dim() == 3 && table.size(1) == B && table.size(2) == kK)) &&
                   table.size(0) > 0,
-              "sampler_step_: table must be contiguous [S, 10] or [S, B, 10] with S > 0, got ",
-              table.sizes());
+              "sampler_step_: table must be contiguous [S, ", kK, "] or [S, B, ", kK,
+              "] with S > 0, got ", table.sizes());
   TORCH_CHECK(table.scalar_type() == at::kFloat || table.scalar_type() == at::kDouble,
               "sampler_step_: table must be float32 or float64");
   TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kLong,
@@ -158,13 +152,12 @@ void sampler_step_cpu(const at::Tensor& x, const at::Tensor& model_out, const at
   s = std::min<int64_t>(std::max<int64_t>(s, 0), table.size(0) - 1);
   const at::Tensor* z = noise.has_value() ? &*noise : nullptr;
   const at::Tensor* p = prev_x0.has_value() ? &*prev_x0 : nullptr;
-  switch (x.scalar_type()) {
-    case at::kFloat: run_table<float>(x, model_out, table, s, z, p, guided); break;
-    case at::kDouble: run_table<double>(x, model_out, table, s, z, p, guided); break;
-    case at::kHalf: run_table<c10::Half>(x, model_out, table, s, z, p, guided); break;
-    case at::kBFloat16: run_table<c10::BFloat16>(x, model_out, table, s, z, p, guided); break;
-    default: TORCH_CHECK(false, "sampler_step_: unsupported dtype ", x.scalar_type());
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_cpu", [&] {
+    using x_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "sampler_step_cpu", [&] {
+      run_flags<x_t, scalar_t>(x, model_out, table, s, z, p, guided);
+    });
+  });
 }
 
 }  // namespace d2nwg

@@ -1,9 +1,10 @@
 // The fused sampler step on CUDA (mirrors kernels/sampler_step.py; reference and the meaning
-// of the coefficient columns in d2nwg/ops/sampler_step.py). In place on x [B, N] (and
+// of the coefficient columns in d2nwg/ops/sampler_step_op.py). In place on x [B, N] (and
 // prev_x0). One block handles kThreads * VEC elements of one sample's row (VEC = 16 bytes'
 // worth when aligned); the step index is read from device memory so that a captured CUDA graph
 // replays with the right row.
 // Light headers only (ATen/cuda/CUDAContext.h would pull in cuSPARSE headers).
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -15,12 +16,14 @@
 #include <type_traits>
 
 #include "ops.h"
+#include "sampler_step_layout.h"
 
 namespace d2nwg {
 namespace {
 
+using namespace sampler_col;  // kG, kAX, ..., kK
+
 constexpr int kThreads = 256;
-constexpr int kK = 10;
 
 // VEC contiguous elements per thread: one 16-byte load / store per tensor when every pointer
 // is 16-byte aligned and N % VEC == 0 (VEC = 16 / sizeof(scalar_t)), else VEC scalar accesses.
@@ -34,7 +37,7 @@ struct Coef {
   acc_t g, ax, ao, ex, eo, cx, c0, ce, cp, cz;
 };
 
-// One element, in the reference's order (d2nwg/ops/sampler_step.py); returns x0 via *x0_out.
+// One element, in the reference's order (d2nwg/ops/sampler_step_op.py); returns x0 via *x0_out.
 template <typename acc_t>
 __device__ __forceinline__ acc_t step_one(const Coef<acc_t>& c, acc_t xv, acc_t m, acc_t u,
                                           bool guided, acc_t prev, bool has_prev, acc_t z,
@@ -65,8 +68,8 @@ sampler_step_kernel(scalar_t* __restrict__ x, const scalar_t* __restrict__ out,
   int64_t s = *step;  // device-side step index: graph replays read the current value
   s = s < 0 ? 0 : (s >= num_steps ? num_steps - 1 : s);
   const tab_t* r = table + s * stride_ts + b * stride_tb;
-  const Coef<acc_t> c{acc_t(r[0]), acc_t(r[1]), acc_t(r[2]), acc_t(r[3]), acc_t(r[4]),
-                      acc_t(r[5]), acc_t(r[6]), acc_t(r[7]), acc_t(r[8]), acc_t(r[9])};
+  const Coef<acc_t> c{acc_t(r[kG]),  acc_t(r[kAX]), acc_t(r[kAO]), acc_t(r[kEX]), acc_t(r[kEO]),
+                      acc_t(r[kCX]), acc_t(r[kC0]), acc_t(r[kCE]), acc_t(r[kCP]), acc_t(r[kCZ])};
   const bool has_prev = prev != nullptr, has_noise = z != nullptr;
   const int64_t i0 = blk * (int64_t(kThreads) * VEC) + int64_t(threadIdx.x) * VEC;
   if (i0 >= N) return;
@@ -142,17 +145,6 @@ void launch(const at::Tensor& x, const at::Tensor& out, const at::Tensor& table,
   }
 }
 
-template <typename scalar_t>
-void launch_types(const at::Tensor& x, const at::Tensor& out, const at::Tensor& table,
-                  const at::Tensor& step, const at::Tensor* noise, const at::Tensor* prev,
-                  bool guided) {
-  if (table.scalar_type() == at::kDouble) {
-    launch<scalar_t, double>(x, out, table, step, noise, prev, guided);
-  } else {
-    launch<scalar_t, float>(x, out, table, step, noise, prev, guided);
-  }
-}
-
 }  // namespace
 
 void sampler_step_cuda(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& table,
@@ -163,13 +155,12 @@ void sampler_step_cuda(const at::Tensor& x, const at::Tensor& model_out, const a
   c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor* z = noise.has_value() ? &*noise : nullptr;
   const at::Tensor* p = prev_x0.has_value() ? &*prev_x0 : nullptr;
-  switch (x.scalar_type()) {
-    case at::kFloat: launch_types<float>(x, model_out, table, step, z, p, guided); break;
-    case at::kDouble: launch_types<double>(x, model_out, table, step, z, p, guided); break;
-    case at::kHalf: launch_types<c10::Half>(x, model_out, table, step, z, p, guided); break;
-    case at::kBFloat16: launch_types<c10::BFloat16>(x, model_out, table, step, z, p, guided); break;
-    default: TORCH_CHECK(false, "sampler_step_: unsupported dtype ", x.scalar_type());
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_cuda", [&] {
+    using x_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "sampler_step_cuda", [&] {
+      launch<x_t, scalar_t>(x, model_out, table, step, z, p, guided);
+    });
+  });
 }
 
 }  // namespace d2nwg

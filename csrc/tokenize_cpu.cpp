@@ -1,10 +1,10 @@
 // Fused chunk tokenization on CPU: many parameter tensors of many models <-> one token tensor.
 //
 // Mirrors kernels/tokenize.py; the reference and the exact arithmetic are in
-// d2nwg/ops/tokenize.py:
-//   tokenize:    y = dst((float)((double(x) - mean) * rstd))     (float64 tokens skip the float cast)
-//   detokenize:  x = dst((float)(double(y) * std + unshift))     (float64 weights skip it too)
-// setup.py compiles with -ffp-contract=off, so `y * std + unshift` stays a multiply and an add
+// d2nwg/ops/tokenize_op.py:
+//   tokenize:    y = dst((float)((double(x) - shift) * rscale))     (float64 tokens skip the float cast)
+//   detokenize:  x = dst((float)(double(y) * scale + unshift))   (float64 weights skip it too)
+// setup.py compiles with -ffp-contract=off, so `y * scale + unshift` stays a multiply and an add
 // (no FMA) and every backend rounds the same way.
 //
 // Work is cut into pieces of at most kPiece elements of one (model, segment); at::parallel_for
@@ -131,25 +131,25 @@ D2NWG_INLINE bool float_exact(double shift, double factor) {
 }
 
 template <typename S, typename D>
-D2NWG_INLINE void tokenize_body(const S* __restrict x, D* __restrict y, int64_t n, double mean,
-                                double rstd) {
-  if (float_exact<S, D, false>(mean, rstd)) {
-    const float r = static_cast<float>(rstd);
+D2NWG_INLINE void tokenize_body(const S* __restrict x, D* __restrict y, int64_t n, double shift,
+                                double rscale) {
+  if (float_exact<S, D, false>(shift, rscale)) {
+    const float r = static_cast<float>(rscale);
     for (int64_t i = 0; i < n; ++i) storef(y + i, loadf(x[i]) * r);
     return;
   }
-  for (int64_t i = 0; i < n; ++i) store(y + i, (load(x[i]) - mean) * rstd);
+  for (int64_t i = 0; i < n; ++i) store(y + i, (load(x[i]) - shift) * rscale);
 }
 
 template <typename S, typename D>
-D2NWG_INLINE void detokenize_body(const S* __restrict y, D* __restrict x, int64_t n, double std,
-                                  double mean) {
-  if (float_exact<S, D, true>(mean, std)) {
-    const float f = static_cast<float>(std);
+D2NWG_INLINE void detokenize_body(const S* __restrict y, D* __restrict x, int64_t n, double scale,
+                                  double unshift) {
+  if (float_exact<S, D, true>(unshift, scale)) {
+    const float f = static_cast<float>(scale);
     for (int64_t i = 0; i < n; ++i) storef(x + i, loadf(y[i]) * f);
     return;
   }
-  for (int64_t i = 0; i < n; ++i) store(x + i, load(y[i]) * std + mean);
+  for (int64_t i = 0; i < n; ++i) store(x + i, load(y[i]) * scale + unshift);
 }
 
 // One ISA-dispatched loop per (source, destination) dtype pair.
@@ -245,7 +245,7 @@ void check_tensors(at::TensorList tensors, const at::Tensor& rows, const char* w
 
 void check_tokenize_args(const at::Tensor& out, at::TensorList sources,
                          c10::ArrayRef<int64_t> offsets, c10::ArrayRef<int64_t> spans,
-                         size_t num_mean, size_t num_rstd, c10::DeviceType device) {
+                         size_t num_shift, size_t num_rscale, c10::DeviceType device) {
   // Every bound below is compared without overflow, whatever the caller passes: sizes are
   // checked non-negative first, then `a <= R - b` instead of `a + b <= R` (a sum of two
   // int64 from the caller can wrap and pass).
@@ -253,10 +253,10 @@ void check_tokenize_args(const at::Tensor& out, at::TensorList sources,
   const int64_t S = static_cast<int64_t>(offsets.size());
   const int64_t N = out.size(0), R = out.size(1);
   TORCH_CHECK(S > 0, "d2nwg tokenize: the plan has no segments");
-  TORCH_CHECK(spans.size() == offsets.size() && num_mean == offsets.size() &&
-                  num_rstd == offsets.size(),
-              "d2nwg tokenize: offsets, spans, mean and rstd must have one entry per segment, got ",
-              offsets.size(), ", ", spans.size(), ", ", num_mean, ", ", num_rstd);
+  TORCH_CHECK(spans.size() == offsets.size() && num_shift == offsets.size() &&
+                  num_rscale == offsets.size(),
+              "d2nwg tokenize: offsets, spans, shift and rscale must have one entry per segment, got ",
+              offsets.size(), ", ", spans.size(), ", ", num_shift, ", ", num_rscale);
   // sources.size() == N * S without forming N * S (it wraps for N near 2^63 with R == 0).
   TORCH_CHECK(sources.size() % offsets.size() == 0 &&
                   static_cast<int64_t>(sources.size() / offsets.size()) == N,
@@ -285,15 +285,15 @@ void check_tokenize_args(const at::Tensor& out, at::TensorList sources,
 }
 
 void check_detokenize_args(const at::Tensor& tokens, at::TensorList dests,
-                           c10::ArrayRef<int64_t> offsets, size_t num_mean, size_t num_std,
+                           c10::ArrayRef<int64_t> offsets, size_t num_unshift, size_t num_scale,
                            c10::DeviceType device) {
   check_rows(tokens, "tokens", device);
   const int64_t S = static_cast<int64_t>(offsets.size());
   const int64_t N = tokens.size(0), R = tokens.size(1);
   TORCH_CHECK(S > 0, "d2nwg detokenize: the plan has no segments");
-  TORCH_CHECK(num_mean == offsets.size() && num_std == offsets.size(),
-              "d2nwg detokenize: offsets, mean and std must have one entry per segment, got ",
-              offsets.size(), ", ", num_mean, ", ", num_std);
+  TORCH_CHECK(num_unshift == offsets.size() && num_scale == offsets.size(),
+              "d2nwg detokenize: offsets, unshift and scale must have one entry per segment, got ",
+              offsets.size(), ", ", num_unshift, ", ", num_scale);
   TORCH_CHECK(dests.size() % offsets.size() == 0 &&
                   static_cast<int64_t>(dests.size() / offsets.size()) == N,
               "d2nwg detokenize: got ", dests.size(), " destinations for ", N, " models of ", S,
@@ -309,9 +309,9 @@ void check_detokenize_args(const at::Tensor& tokens, at::TensorList dests,
 }
 
 void tokenize_cpu(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<int64_t> offsets,
-                  c10::ArrayRef<int64_t> spans, c10::ArrayRef<double> mean,
-                  c10::ArrayRef<double> rstd) {
-  check_tokenize_args(out, sources, offsets, spans, mean.size(), rstd.size(), c10::DeviceType::CPU);
+                  c10::ArrayRef<int64_t> spans, c10::ArrayRef<double> shift,
+                  c10::ArrayRef<double> rscale) {
+  check_tokenize_args(out, sources, offsets, spans, shift.size(), rscale.size(), c10::DeviceType::CPU);
   const int64_t S = static_cast<int64_t>(offsets.size());
   const int64_t N = out.size(0), R = out.size(1);
 
@@ -330,7 +330,7 @@ void tokenize_cpu(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<i
       const int64_t stop = std::min(start + kPiece, spans[s]);
       const int64_t real = std::max<int64_t>(0, std::min(stop, numel) - start);
       pieces.push_back({x + start * src.element_size(), y + start * dst_size, real,
-                        stop - start - real, mean[s], rstd[s], loop});
+                        stop - start - real, shift[s], rscale[s], loop});
     }
     elements += spans[s];
   }
@@ -338,8 +338,8 @@ void tokenize_cpu(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<i
 }
 
 void detokenize_cpu(const at::Tensor& tokens, at::TensorList dests, c10::ArrayRef<int64_t> offsets,
-                    c10::ArrayRef<double> mean, c10::ArrayRef<double> std) {
-  check_detokenize_args(tokens, dests, offsets, mean.size(), std.size(), c10::DeviceType::CPU);
+                    c10::ArrayRef<double> unshift, c10::ArrayRef<double> scale) {
+  check_detokenize_args(tokens, dests, offsets, unshift.size(), scale.size(), c10::DeviceType::CPU);
   const int64_t S = static_cast<int64_t>(offsets.size());
   const int64_t N = tokens.size(0), R = tokens.size(1);
 
@@ -357,7 +357,7 @@ void detokenize_cpu(const at::Tensor& tokens, at::TensorList dests, c10::ArrayRe
     for (int64_t start = 0; start < numel; start += kPiece) {
       const int64_t stop = std::min(start + kPiece, numel);
       pieces.push_back({y + start * src_size, x + start * dst.element_size(), stop - start, 0,
-                        std[s], mean[s], loop});
+                        scale[s], unshift[s], loop});
     }
     elements += numel;
   }

@@ -2,9 +2,9 @@
 // in one launch per call.
 //
 // Mirrors kernels/tokenize.py; the reference and the exact arithmetic are in
-// d2nwg/ops/tokenize.py:
-//   tokenize:    y = dst(fp32((double(x) - mean) * rstd))      (float64 tokens skip fp32)
-//   detokenize:  x = dst(fp32(double(y) * std + unshift))      (float64 weights skip fp32)
+// d2nwg/ops/tokenize_op.py:
+//   tokenize:    y = dst(fp32((double(x) - shift) * rscale))    (float64 tokens skip fp32)
+//   detokenize:  x = dst(fp32(double(y) * scale + unshift))    (float64 weights skip fp32)
 // The float64 operations are spelled with __dsub_rn/__dmul_rn/__dadd_rn so that no
 // multiply-add is ever fused (setup.py also passes --fmad=false).
 //
@@ -87,8 +87,8 @@ struct TokItem {
   int64_t dst;       // element offset of the segment in out: n * T*C + offset[s]
   int64_t numel;
   int64_t span;
-  double mean;
-  double rstd;
+  double shift;
+  double rscale;
   int32_t code;      // source dtype
   int32_t aligned;   // src and out + dst both 16-byte aligned: vector accesses allowed
   int64_t first_tile;
@@ -97,7 +97,7 @@ struct TokItem {
 template <typename S, typename D>
 __device__ __forceinline__ void tokenize_tile(const S* __restrict__ x, D* __restrict__ y,
                                               int64_t start, const TokItem& w) {
-  const double mean = w.mean, rstd = w.rstd;
+  const double shift = w.shift, rscale = w.rscale;
 #pragma unroll 2
   for (int step = 0; step < kSteps; ++step) {
     const int64_t e = start + (static_cast<int64_t>(step) * kThreads + threadIdx.x) * kVec;
@@ -108,7 +108,7 @@ __device__ __forceinline__ void tokenize_tile(const S* __restrict__ x, D* __rest
       load_pack(x + e, in);
 #pragma unroll
       for (int k = 0; k < kVec; ++k)
-        from_f64(__dmul_rn(__dsub_rn(to_f64(in.v[k]), mean), rstd), out.v[k]);
+        from_f64(__dmul_rn(__dsub_rn(to_f64(in.v[k]), shift), rscale), out.v[k]);
       store_pack(y + e, out);
     } else if (w.aligned && e >= w.numel && e + kVec <= w.span) {  // full vector of padding
       Pack<D> out;
@@ -118,7 +118,7 @@ __device__ __forceinline__ void tokenize_tile(const S* __restrict__ x, D* __rest
     } else {  // ragged edge or unaligned tensors
       for (int k = 0; k < kVec && e + k < w.span; ++k) {
         D o;
-        from_f64(e + k < w.numel ? __dmul_rn(__dsub_rn(to_f64(x[e + k]), mean), rstd) : 0.0, o);
+        from_f64(e + k < w.numel ? __dmul_rn(__dsub_rn(to_f64(x[e + k]), shift), rscale) : 0.0, o);
         y[e + k] = o;
       }
     }
@@ -145,8 +145,8 @@ struct DetokItem {
   void* dst;
   int64_t src;       // element offset of the segment in tokens
   int64_t numel;
-  double std;
-  double mean;
+  double scale;
+  double unshift;
   int32_t code;      // destination dtype
   int32_t aligned;
   int64_t first_tile;
@@ -155,7 +155,7 @@ struct DetokItem {
 template <typename S, typename D>
 __device__ __forceinline__ void detokenize_tile(const S* __restrict__ y, D* __restrict__ x,
                                                 int64_t start, const DetokItem& w) {
-  const double sd = w.std, mean = w.mean;
+  const double scale = w.scale, unshift = w.unshift;
 #pragma unroll 2
   for (int step = 0; step < kSteps; ++step) {
     const int64_t e = start + (static_cast<int64_t>(step) * kThreads + threadIdx.x) * kVec;
@@ -166,12 +166,12 @@ __device__ __forceinline__ void detokenize_tile(const S* __restrict__ y, D* __re
       load_pack(y + e, in);
 #pragma unroll
       for (int k = 0; k < kVec; ++k)
-        from_f64(__dadd_rn(__dmul_rn(to_f64(in.v[k]), sd), mean), out.v[k]);
+        from_f64(__dadd_rn(__dmul_rn(to_f64(in.v[k]), scale), unshift), out.v[k]);
       store_pack(x + e, out);
     } else {
       for (int k = 0; k < kVec && e + k < w.numel; ++k) {
         D o;
-        from_f64(__dadd_rn(__dmul_rn(to_f64(y[e + k]), sd), mean), o);
+        from_f64(__dadd_rn(__dmul_rn(to_f64(y[e + k]), scale), unshift), o);
         x[e + k] = o;
       }
     }
@@ -229,101 +229,102 @@ void with_dtype(const at::Tensor& t, F&& f) {
   }
 }
 
+// The work of one launch: items, and one block per kTile elements of each item (the block ->
+// item map). Both go to the device in one buffer; `launch` runs the kernel on the dtype of
+// `rows` (the token tensor).
+template <typename Item>
+struct WorkList {
+  std::vector<Item> items;
+  std::vector<int32_t> tile_item;
+
+  void add(Item w, int64_t elements) {
+    const int64_t tiles = (elements + kTile - 1) / kTile;
+    if (tiles == 0) return;
+    w.first_tile = static_cast<int64_t>(tile_item.size());
+    tile_item.insert(tile_item.end(), tiles, static_cast<int32_t>(items.size()));
+    items.push_back(w);
+  }
+
+  template <typename F>
+  void launch(const at::Tensor& rows, const char* op, F&& kernel) const {
+    if (tile_item.empty()) return;
+    TORCH_CHECK(tile_item.size() < (size_t{1} << 31), op, ": too many tiles");
+    const c10::cuda::CUDAGuard guard(rows.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(rows.device().index()).stream();
+    auto [table, map_at] = upload(rows, items, tile_item, stream);
+    const auto* dev_items = reinterpret_cast<const Item*>(table.data_ptr());
+    const auto* dev_map =
+        reinterpret_cast<const int32_t*>(static_cast<char*>(table.data_ptr()) + map_at);
+    const dim3 grid(static_cast<unsigned>(tile_item.size()));
+    with_dtype(rows, [&](auto* tag) { kernel(tag, grid, stream, dev_items, dev_map); });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
 }  // namespace
 
 void tokenize_cuda(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<int64_t> offsets,
-                   c10::ArrayRef<int64_t> spans, c10::ArrayRef<double> mean,
-                   c10::ArrayRef<double> rstd) {
-  check_tokenize_args(out, sources, offsets, spans, mean.size(), rstd.size(), c10::DeviceType::CUDA);
+                   c10::ArrayRef<int64_t> spans, c10::ArrayRef<double> shift,
+                   c10::ArrayRef<double> rscale) {
+  check_tokenize_args(out, sources, offsets, spans, shift.size(), rscale.size(), c10::DeviceType::CUDA);
   const int64_t S = static_cast<int64_t>(offsets.size());
   const int64_t N = out.size(0), R = out.size(1);
-
   const int64_t dsize = out.element_size();
   const char* out_base = static_cast<const char*>(out.data_ptr());
-  std::vector<TokItem> items;
-  std::vector<int32_t> tile_item;
-  items.reserve(N * S);
+  WorkList<TokItem> work;
+  work.items.reserve(N * S);
   for (int64_t i = 0; i < N * S; ++i) {
     const at::Tensor& src = sources[i];
     const int64_t n = i / S, s = i % S;
-    const int64_t tiles = (spans[s] + kTile - 1) / kTile;
-    if (tiles == 0) continue;
-    const int64_t dst = n * R + offsets[s];
+    if (spans[s] == 0) continue;
     TokItem w;
     w.src = src.data_ptr();
-    w.dst = dst;
+    w.dst = n * R + offsets[s];
     w.numel = src.numel();
     w.span = spans[s];
-    w.mean = mean[s];
-    w.rstd = rstd[s];
+    w.shift = shift[s];
+    w.rscale = rscale[s];
     w.code = dtype_code(src, "sources", i);
-    w.aligned = aligned16(w.src) && aligned16(out_base + dst * dsize);
-    w.first_tile = static_cast<int64_t>(tile_item.size());
-    tile_item.insert(tile_item.end(), tiles, static_cast<int32_t>(items.size()));
-    items.push_back(w);
+    w.aligned = aligned16(w.src) && aligned16(out_base + w.dst * dsize);
+    work.add(w, spans[s]);  // the padding is written too
   }
-  if (tile_item.empty()) return;
-  TORCH_CHECK(tile_item.size() < (size_t{1} << 31), "d2nwg tokenize: too many tiles");
-
-  const c10::cuda::CUDAGuard guard(out.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(out.device().index()).stream();
-  auto [table, map_at] = upload(out, items, tile_item, stream);
-  const auto* dev_items = reinterpret_cast<const TokItem*>(table.data_ptr());
-  const auto* dev_map = reinterpret_cast<const int32_t*>(static_cast<char*>(table.data_ptr()) + map_at);
-  const dim3 grid(static_cast<unsigned>(tile_item.size()));
-  with_dtype(out, [&](auto* tag) {
+  work.launch(out, "d2nwg tokenize", [&](auto* tag, dim3 grid, cudaStream_t stream,
+                                         const TokItem* items, const int32_t* map) {
     using D = std::remove_pointer_t<decltype(tag)>;
-    tokenize_kernel<D><<<grid, kThreads, 0, stream>>>(static_cast<D*>(out.data_ptr()), dev_items,
-                                                      dev_map);
+    tokenize_kernel<D><<<grid, kThreads, 0, stream>>>(static_cast<D*>(out.data_ptr()), items, map);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void detokenize_cuda(const at::Tensor& tokens, at::TensorList dests,
-                     c10::ArrayRef<int64_t> offsets, c10::ArrayRef<double> mean,
-                     c10::ArrayRef<double> std) {
-  check_detokenize_args(tokens, dests, offsets, mean.size(), std.size(), c10::DeviceType::CUDA);
+                     c10::ArrayRef<int64_t> offsets, c10::ArrayRef<double> unshift,
+                     c10::ArrayRef<double> scale) {
+  check_detokenize_args(tokens, dests, offsets, unshift.size(), scale.size(), c10::DeviceType::CUDA);
   const int64_t S = static_cast<int64_t>(offsets.size());
   const int64_t N = tokens.size(0), R = tokens.size(1);
-
   const int64_t ssize = tokens.element_size();
   const char* tok_base = static_cast<const char*>(tokens.data_ptr());
-  std::vector<DetokItem> items;
-  std::vector<int32_t> tile_item;
-  items.reserve(N * S);
+  WorkList<DetokItem> work;
+  work.items.reserve(N * S);
   for (int64_t i = 0; i < N * S; ++i) {
     const at::Tensor& dst = dests[i];
-    const int64_t n = i / S, s = i % S, numel = dst.numel();
-    const int64_t tiles = (numel + kTile - 1) / kTile;
-    if (tiles == 0) continue;
-    const int64_t src = n * R + offsets[s];
+    const int64_t n = i / S, s = i % S;
+    if (dst.numel() == 0) continue;
     DetokItem w;
     w.dst = dst.data_ptr();
-    w.src = src;
-    w.numel = numel;
-    w.std = std[s];
-    w.mean = mean[s];
+    w.src = n * R + offsets[s];
+    w.numel = dst.numel();
+    w.scale = scale[s];
+    w.unshift = unshift[s];
     w.code = dtype_code(dst, "dests", i);
-    w.aligned = aligned16(w.dst) && aligned16(tok_base + src * ssize);
-    w.first_tile = static_cast<int64_t>(tile_item.size());
-    tile_item.insert(tile_item.end(), tiles, static_cast<int32_t>(items.size()));
-    items.push_back(w);
+    w.aligned = aligned16(w.dst) && aligned16(tok_base + w.src * ssize);
+    work.add(w, w.numel);
   }
-  if (tile_item.empty()) return;
-  TORCH_CHECK(tile_item.size() < (size_t{1} << 31), "d2nwg detokenize: too many tiles");
-
-  const c10::cuda::CUDAGuard guard(tokens.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(tokens.device().index()).stream();
-  auto [table, map_at] = upload(tokens, items, tile_item, stream);
-  const auto* dev_items = reinterpret_cast<const DetokItem*>(table.data_ptr());
-  const auto* dev_map = reinterpret_cast<const int32_t*>(static_cast<char*>(table.data_ptr()) + map_at);
-  const dim3 grid(static_cast<unsigned>(tile_item.size()));
-  with_dtype(tokens, [&](auto* tag) {
+  work.launch(tokens, "d2nwg detokenize", [&](auto* tag, dim3 grid, cudaStream_t stream,
+                                              const DetokItem* items, const int32_t* map) {
     using S = std::remove_pointer_t<decltype(tag)>;
     detokenize_kernel<S><<<grid, kThreads, 0, stream>>>(static_cast<const S*>(tokens.data_ptr()),
-                                                        dev_items, dev_map);
+                                                        items, map);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace d2nwg

@@ -97,6 +97,21 @@ def _tensors(inputs) -> list[torch.Tensor]:
     return found
 
 
-def reasons(backends: Sequence[Backend], *inputs) -> dict[str, str | None]:
-    """Every backend's reason (None = can run) for these inputs; used by `d2nwg info`."""
-    return {b.name: b.why_not(*inputs) for b in backends}
+def device_reasons(device: torch.device) -> dict[str, str | None]:
+    """Why each backend can (None) or cannot run on ``device``, for any op that has it
+    (``d2nwg info``; an op's own ``why_not`` may add reasons of its inputs)."""
+    from d2nwg import _ext
+
+    device = torch.device(device)
+    found: dict[str, str | None] = {"torch": None}
+    found["cpp"] = _ext.cpp_reason() if device.type == "cpu" else "runs on CPU tensors"
+    found["cuda"] = (_ext.cuda_reason(device.index) if device.type == "cuda"
+                     else _ext.cuda_reason() or "runs on CUDA tensors")
+    found["triton"] = triton_reason([torch.empty(1, device=device)])
+    try:
+        import xformers  # noqa: F401
+
+        found["xformers"] = None if device.type == "cuda" else "runs on CUDA tensors"
+    except ImportError:
+        found["xformers"] = "xformers is not installed (pip install d2nwg[xformers])"
+    return found

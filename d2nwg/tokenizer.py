@@ -36,7 +36,7 @@ from d2nwg.errors import (
     shape_of,
 )
 from d2nwg.files import parse_json_metadata, read_safetensors, save_safetensors
-from d2nwg.ops.tokenize import FLOAT_DTYPES, ChunkPlan
+from d2nwg.ops.tokenize_op import FLOAT_DTYPES, ChunkPlan
 
 _FLOAT_DTYPE_NAMES = frozenset(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
 

@@ -336,7 +336,7 @@ def _mask_arg(mask: torch.Tensor | None, fallback: torch.Tensor):
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   mask: torch.Tensor | None, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Output ``[B, H, Lq, D]`` (laid out as [B, Lq, H, D] in memory) and base-2 LSE [B, H, Lq]."""
-    from d2nwg.ops.latent_attention import check_launch
+    from d2nwg.ops.latent_attention_op import check_launch
 
     check_launch(q, k, v, mask, sm_scale)
     B, H, LQ, D = q.shape
@@ -374,7 +374,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   o: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
                   sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``dq, dk, dv`` from the output gradient and the saved LSE."""
-    from d2nwg.ops.latent_attention import check_bwd_launch
+    from d2nwg.ops.latent_attention_op import check_bwd_launch
 
     check_bwd_launch(do, q, k, v, o, lse, mask, sm_scale)
     B, H, LQ, D = q.shape

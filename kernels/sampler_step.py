@@ -1,4 +1,4 @@
-"""Triton kernel of the fused sampler step (reference and checks: d2nwg/ops/sampler_step.py).
+"""Triton kernel of the fused sampler step (reference and checks: d2nwg/ops/sampler_step_op.py).
 
 One program handles a tile of BLOCK_B samples x BLOCK_N elements (one row segment of 1024 for
 large samples, several short rows otherwise): it reads the step index from device memory,
@@ -26,6 +26,10 @@ def _sampler_step_kernel(
     B, N, n_col_blocks, num_steps, stride_ts, stride_tb,
     GUIDED: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_PREV: tl.constexpr,
     ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    # The table's columns (d2nwg.ops.sampler_step_op.COLUMNS, csrc/sampler_step_layout.h).
+    COL_G: tl.constexpr, COL_AX: tl.constexpr, COL_AO: tl.constexpr, COL_EX: tl.constexpr,
+    COL_EO: tl.constexpr, COL_CX: tl.constexpr, COL_C0: tl.constexpr, COL_CE: tl.constexpr,
+    COL_CP: tl.constexpr, COL_CZ: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rb = pid // n_col_blocks
@@ -42,17 +46,17 @@ def _sampler_step_kernel(
     s = tl.load(step_ptr).to(tl.int64)
     s = tl.minimum(tl.maximum(s, 0), num_steps - 1)
     crow = tab_ptr + s * stride_ts + rows.to(tl.int64) * stride_tb   # [BLOCK_B] pointers
-    c_ax = tl.load(crow + 1, mask=row_ok, other=0.0).to(acc_t)[:, None]
-    c_ao = tl.load(crow + 2, mask=row_ok, other=0.0).to(acc_t)[:, None]
-    c_ex = tl.load(crow + 3, mask=row_ok, other=0.0).to(acc_t)[:, None]
-    c_eo = tl.load(crow + 4, mask=row_ok, other=0.0).to(acc_t)[:, None]
-    c_cx = tl.load(crow + 5, mask=row_ok, other=0.0).to(acc_t)[:, None]
-    c_c0 = tl.load(crow + 6, mask=row_ok, other=0.0).to(acc_t)[:, None]
-    c_ce = tl.load(crow + 7, mask=row_ok, other=0.0).to(acc_t)[:, None]
+    c_ax = tl.load(crow + COL_AX, mask=row_ok, other=0.0).to(acc_t)[:, None]
+    c_ao = tl.load(crow + COL_AO, mask=row_ok, other=0.0).to(acc_t)[:, None]
+    c_ex = tl.load(crow + COL_EX, mask=row_ok, other=0.0).to(acc_t)[:, None]
+    c_eo = tl.load(crow + COL_EO, mask=row_ok, other=0.0).to(acc_t)[:, None]
+    c_cx = tl.load(crow + COL_CX, mask=row_ok, other=0.0).to(acc_t)[:, None]
+    c_c0 = tl.load(crow + COL_C0, mask=row_ok, other=0.0).to(acc_t)[:, None]
+    c_ce = tl.load(crow + COL_CE, mask=row_ok, other=0.0).to(acc_t)[:, None]
 
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
     if GUIDED:
-        g = tl.load(crow + 0, mask=row_ok, other=0.0).to(acc_t)[:, None]
+        g = tl.load(crow + COL_G, mask=row_ok, other=0.0).to(acc_t)[:, None]
         m = tl.load(out_ptr + offs, mask=mask, other=0.0).to(acc_t)
         u_offs = (rows.to(tl.int64) + B)[:, None] * N + cols[None, :]   # row B + b: uncond
         u = tl.load(out_ptr + u_offs, mask=mask, other=0.0).to(acc_t)
@@ -63,12 +67,12 @@ def _sampler_step_kernel(
     eps = c_ex * x + c_eo * o                        # prediction -> noise
     nxt = c_cx * x + c_c0 * x0 + c_ce * eps          # the sampler's update
     if HAS_PREV:
-        c_cp = tl.load(crow + 8, mask=row_ok, other=0.0).to(acc_t)[:, None]
+        c_cp = tl.load(crow + COL_CP, mask=row_ok, other=0.0).to(acc_t)[:, None]
         prev = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(acc_t)
         nxt = nxt + c_cp * prev
         tl.store(prev_ptr + offs, x0.to(prev_ptr.dtype.element_ty), mask=mask)
     if HAS_NOISE:
-        c_cz = tl.load(crow + 9, mask=row_ok, other=0.0).to(acc_t)[:, None]
+        c_cz = tl.load(crow + COL_CZ, mask=row_ok, other=0.0).to(acc_t)[:, None]
         z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(acc_t)
         nxt = nxt + c_cz * z
     tl.store(x_ptr + offs, nxt.to(x_ptr.dtype.element_ty), mask=mask)
@@ -85,10 +89,10 @@ def tile(B: int, N: int, interpret: bool) -> tuple[int, int]:
 def sampler_step_triton(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor,
                         step: torch.Tensor, noise: torch.Tensor | None,
                         prev_x0: torch.Tensor | None, guided: bool) -> None:
-    """Launch on contiguous inputs (see d2nwg.ops.sampler_step.sampler_step_). Reachable
+    """Launch on contiguous inputs (see d2nwg.ops.sampler_step_op.sampler_step_). Reachable
     directly and as torch.ops.d2nwg.sampler_step_triton_, so it checks every shape, dtype,
     device and stride it relies on (the step index is clamped in the kernel)."""
-    from d2nwg.ops.sampler_step import _check
+    from d2nwg.ops.sampler_step_op import COLUMNS, _check
 
     _check(x, model_out, table, step, noise, prev_x0, guided, launch=True)
     B, N = x.shape
@@ -103,5 +107,6 @@ def sampler_step_triton(x: torch.Tensor, model_out: torch.Tensor, table: torch.T
         noise if noise is not None else x, prev_x0 if prev_x0 is not None else x,
         B, N, n_col_blocks, table.shape[0], table.stride(0), stride_tb,
         GUIDED=bool(guided), HAS_NOISE=noise is not None, HAS_PREV=prev_x0 is not None,
-        ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, BLOCK_B=block_b, BLOCK_N=block_n, num_warps=NUM_WARPS,
+        ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, BLOCK_B=block_b,
+        BLOCK_N=block_n, num_warps=NUM_WARPS, **{f"COL_{name}": j for j, name in enumerate(COLUMNS)},
     )

@@ -1,4 +1,4 @@
-"""Triton kernels of fused chunk tokenization (reference, checks: d2nwg/ops/tokenize.py).
+"""Triton kernels of fused chunk tokenization (reference, checks: d2nwg/ops/tokenize_op.py).
 
 Multi-tensor: the N*S parameter tensors are reached through a table of their base addresses
 (an int64 tensor of ``data_ptr()`` values) that each program loads and casts with
@@ -12,10 +12,10 @@ segment). ``item_of_block[pid]`` names the item and ``first_block[item]`` where 
 start; these tables depend only on the plan and the dtypes, so they are cached per plan.
 
 Arithmetic, identical to the reference and the C++/CUDA kernels:
-    tokenize:    fp32((x - mean) * rstd) in float64, then the token dtype (float64: no fp32 step)
-    detokenize:  fp32(y * std + unshift) in float64, then the weight dtype (unshift: the mean,
+    tokenize:    fp32((x - shift) * rscale) in float64, then the token dtype (float64: no fp32 step)
+    detokenize:  fp32(y * scale + unshift) in float64, then the weight dtype (unshift: the shift,
                  0 spelled -0.0 so that zeros keep their sign)
-launched with ``enable_fp_fusion=False`` so ``y * std + unshift`` is never contracted to an FMA.
+launched with ``enable_fp_fusion=False`` so ``y * scale + unshift`` is never contracted to an FMA.
 
 Blocks that lie wholly inside the data take an unmasked path: with the ALIGNED hints (all
 base addresses 16-byte aligned) the compiler can then use vector loads and stores even though
@@ -80,8 +80,8 @@ def _tokenize_kernel(
     dst_ptr,            # *int64 [items] element offset of the item in out: n*T*C + offset[s]
     numel_ptr,          # *int64 [items]
     span_ptr,           # *int64 [items]
-    mean_ptr,           # *float64 [items]
-    rstd_ptr,           # *float64 [items]
+    shift_ptr,           # *float64 [items]
+    rscale_ptr,           # *float64 [items]
     SRC: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -91,8 +91,8 @@ def _tokenize_kernel(
     start = (pid - tl.load(first_block_ptr + item)).to(tl.int64) * BLOCK
     numel = tl.load(numel_ptr + item)
     span = tl.load(span_ptr + item)
-    mean = tl.load(mean_ptr + item)
-    rstd = tl.load(rstd_ptr + item)
+    shift = tl.load(shift_ptr + item)
+    rscale = tl.load(rscale_ptr + item)
     src_addr = tl.load(src_addr_ptr + item)
     dst = tl.load(dst_ptr + item)
     if ALIGNED:  # the launcher checked: every base address is 16-byte aligned
@@ -107,11 +107,11 @@ def _tokenize_kernel(
     out = out_ptr + dst
     if start + BLOCK <= numel:  # whole block of weights: no masks, vector accesses
         x = _to_f64(tl.load(src + offs), SRC)
-        tl.store(out + offs, _to_dtype((x - mean) * rstd, out_ptr.dtype.element_ty))
+        tl.store(out + offs, _to_dtype((x - shift) * rscale, out_ptr.dtype.element_ty))
     else:  # tail of the weights and/or padding (written as zeros)
         real = offs < numel
         x = _to_f64(tl.load(src + offs, mask=real, other=0.0), SRC)
-        y = tl.where(real, (x - mean) * rstd, 0.0)
+        y = tl.where(real, (x - shift) * rscale, 0.0)
         tl.store(out + offs, _to_dtype(y, out_ptr.dtype.element_ty), mask=offs < span)
 
 
@@ -123,8 +123,8 @@ def _detokenize_kernel(
     first_block_ptr,    # *int32 [items]
     src_ptr,            # *int64 [items] element offset of the item in the tokens
     numel_ptr,          # *int64 [items]
-    std_ptr,            # *float64 [items]
-    mean_ptr,           # *float64 [items]
+    scale_ptr,            # *float64 [items]
+    shift_ptr,           # *float64 [items]
     DST: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -133,8 +133,8 @@ def _detokenize_kernel(
     item = tl.load(item_of_block_ptr + pid)
     start = (pid - tl.load(first_block_ptr + item)).to(tl.int64) * BLOCK
     numel = tl.load(numel_ptr + item)
-    std = tl.load(std_ptr + item)
-    mean = tl.load(mean_ptr + item)
+    scale = tl.load(scale_ptr + item)
+    shift = tl.load(shift_ptr + item)
     dst_addr = tl.load(dst_addr_ptr + item)
     src = tl.load(src_ptr + item)
     if ALIGNED:
@@ -149,11 +149,11 @@ def _detokenize_kernel(
     tok = tok_ptr + src
     if start + BLOCK <= numel:
         y = _to_f64(tl.load(tok + offs), tok_ptr.dtype.element_ty)
-        tl.store(dst + offs, _to_dtype(y * std + mean, DST))
+        tl.store(dst + offs, _to_dtype(y * scale + shift, DST))
     else:
         mask = offs < numel
         y = _to_f64(tl.load(tok + offs, mask=mask, other=0.0), tok_ptr.dtype.element_ty)
-        tl.store(dst + offs, _to_dtype(y * std + mean, DST), mask=mask)
+        tl.store(dst + offs, _to_dtype(y * scale + shift, DST), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def _layout(plan, num_models: int, dtypes: tuple[torch.dtype, ...], block: int, 
     groups = []
     for dtype in sorted(set(dtypes), key=str):
         items = [i for i, d in enumerate(dtypes) if d == dtype]
-        item_of_block, first_block, offset, numel, span, mean, scale = [], [], [], [], [], [], []
+        item_of_block, first_block, offset, numel, span, shift, scale = [], [], [], [], [], [], []
         kept = []
         for i in items:
             n, s = divmod(i, S)
@@ -195,8 +195,8 @@ def _layout(plan, num_models: int, dtypes: tuple[torch.dtype, ...], block: int, 
             offset.append(n * R + plan.offset[s])
             numel.append(plan.numel[s])
             span.append(plan.span[s])
-            mean.append(plan.mean[s] if padded else plan.unshift[s])
-            scale.append(plan.rstd[s] if padded else plan.std[s])
+            shift.append(plan.shift[s] if padded else plan.unshift[s])
+            scale.append(plan.rscale[s] if padded else plan.scale[s])
         if not kept:
             continue
         i32 = dict(dtype=torch.int32, device=device)
@@ -209,7 +209,7 @@ def _layout(plan, num_models: int, dtypes: tuple[torch.dtype, ...], block: int, 
             "offset_list": offset,
             "numel": torch.tensor(numel, **i64),
             "span": torch.tensor(span, **i64),
-            "mean": torch.tensor(mean, **f64),
+            "shift": torch.tensor(shift, **f64),
             "scale": torch.tensor(scale, **f64),
         }
         groups.append((dtype, kept, tables))
@@ -222,8 +222,11 @@ def _check_launch(rows: torch.Tensor, tensors: Sequence[torch.Tensor], plan, wha
     contiguous floating, ``N * S`` contiguous floating tensors on the rows' device, each with
     exactly the plan's element count for its segment (a smaller tensor would be read or
     written past its end)."""
-    from d2nwg.errors import DeviceError, DTypeError, ShapeError
+    from d2nwg.errors import ConfigError, DeviceError, DTypeError, ShapeError
+    from d2nwg.ops.tokenize_op import ChunkPlan
 
+    if not isinstance(plan, ChunkPlan):  # a ChunkPlan checked its own tiling when it was made
+        raise ConfigError(f"{what}: plan must be a ChunkPlan, got {type(plan).__name__}")
     if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.layout != torch.strided:
         raise ShapeError(f"{what}: tokens must be a strided [N, T*C] tensor, got "
                          f"{getattr(rows, 'shape', type(rows).__name__)}")
@@ -251,21 +254,6 @@ def _check_launch(rows: torch.Tensor, tensors: Sequence[torch.Tensor], plan, wha
                              f"plan has {plan.numel[s]}")
 
 
-def _check_tiling(plan) -> None:
-    """Tokenize writes each span once; the spans must tile the row (no gap, no overlap)."""
-    from d2nwg.errors import ConfigError
-
-    covered = 0
-    for s in sorted(range(plan.num_segments), key=lambda s: plan.offset[s]):
-        if plan.offset[s] != covered or plan.span[s] < plan.numel[s]:
-            raise ConfigError(f"the plan's spans do not tile the row: segment {s} at offset "
-                             f"{plan.offset[s]} (expected {covered}), span {plan.span[s]}, "
-                             f"numel {plan.numel[s]}")
-        covered += plan.span[s]
-    if covered != plan.row_size:
-        raise ConfigError(f"the plan's spans cover {covered} elements, the row has {plan.row_size}")
-
-
 def _aligned(addresses: Sequence[int], base: int, offsets: Sequence[int], itemsize: int) -> bool:
     """The kernels' ALIGNED hints: every address 16-byte aligned, and every element offset into
     the tokens a multiple of 16 bytes (``tl.multiple_of(dst, 16 // itemsize)``). The base must
@@ -283,7 +271,6 @@ def tokenize_triton(out_rows: torch.Tensor, sources: Sequence[torch.Tensor], pla
     dtypes; one launch per source dtype.
     """
     _check_launch(out_rows, sources, plan, "tokenize_triton")
-    _check_tiling(plan)
     if out_rows.numel() == 0:
         return
     block = block or _block_size(out_rows.device)
@@ -298,7 +285,7 @@ def tokenize_triton(out_rows: torch.Tensor, sources: Sequence[torch.Tensor], pla
         with _on_device(out_rows):
             _tokenize_kernel[grid](
                 out_rows, src_addr, tab["item_of_block"], tab["first_block"], tab["offset"],
-                tab["numel"], tab["span"], tab["mean"], tab["scale"],
+                tab["numel"], tab["span"], tab["shift"], tab["scale"],
                 SRC=_TL_DTYPE[dtype], ALIGNED=aligned, BLOCK=block,
                 num_warps=NUM_WARPS, enable_fp_fusion=False,
             )
@@ -311,7 +298,6 @@ def detokenize_triton(tokens_rows: torch.Tensor, dests: Sequence[torch.Tensor], 
     Destinations are model-major and may mix dtypes; one launch per destination dtype.
     """
     _check_launch(tokens_rows, dests, plan, "detokenize_triton")
-    _check_tiling(plan)
     if tokens_rows.numel() == 0 or not dests:
         return
     block = block or _block_size(tokens_rows.device)
@@ -326,7 +312,7 @@ def detokenize_triton(tokens_rows: torch.Tensor, dests: Sequence[torch.Tensor], 
         with _on_device(tokens_rows):
             _detokenize_kernel[grid](
                 tokens_rows, dst_addr, tab["item_of_block"], tab["first_block"], tab["offset"],
-                tab["numel"], tab["scale"], tab["mean"],
+                tab["numel"], tab["scale"], tab["shift"],
                 DST=_TL_DTYPE[dtype], ALIGNED=aligned, BLOCK=block,
                 num_warps=NUM_WARPS, enable_fp_fusion=False,
             )

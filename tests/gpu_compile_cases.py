@@ -64,9 +64,9 @@ def cases() -> list[dict]:
     import importlib
 
     # (d2nwg.ops re-exports functions of these names: import the modules themselves.)
-    la_ops = importlib.import_module("d2nwg.ops.latent_attention")
-    ss_ops = importlib.import_module("d2nwg.ops.sampler_step")
-    tk_ops = importlib.import_module("d2nwg.ops.tokenize")
+    la_ops = importlib.import_module("d2nwg.ops.latent_attention_op")
+    ss_ops = importlib.import_module("d2nwg.ops.sampler_step_op")
+    tk_ops = importlib.import_module("d2nwg.ops.tokenize_op")
 
     out: list[dict] = []
 
@@ -308,7 +308,7 @@ def _sampler_job(c: dict):
     import triton
     import triton.language as tl
     from d2nwg.kernels import sampler_step as ss
-    from d2nwg.ops.sampler_step import K
+    from d2nwg.ops.sampler_step_op import K
 
     B, N, x = c["B"], c["N"], c["x"]
     block_b, block_n = ss.tile(B, N, False)

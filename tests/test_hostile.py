@@ -33,9 +33,9 @@ from d2nwg.nn.io import load_module, save_module
 from d2nwg.nn.layers import Attention
 from d2nwg.nn.vae import ChunkVAE, ChunkVAEConfig
 from d2nwg.ops import detokenize, tokenize
-from d2nwg.ops.latent_attention import latent_attention
-from d2nwg.ops.sampler_step import sampler_step
-from d2nwg.ops.tokenize import ChunkPlan
+from d2nwg.ops.latent_attention_op import latent_attention
+from d2nwg.ops.sampler_step_op import sampler_step
+from d2nwg.ops.tokenize_op import ChunkPlan
 
 DEEP = "[" * 100_000 + "]" * 100_000
 HUGE_INT = "9" * 5000

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from d2nwg.errors import BackendUnavailableError, ConfigError, D2NWGError, DTypeError, ShapeError
-from d2nwg.ops.latent_attention import latent_attention, latent_attention_ref
+from d2nwg.ops.latent_attention_op import latent_attention, latent_attention_ref
 from d2nwg.testing import assert_close_lowp, max_abs_err
 
 BACKENDS = ["triton", "torch"]

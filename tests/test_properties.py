@@ -26,7 +26,7 @@ from d2nwg import _ext
 from d2nwg.errors import FileFormatError
 from d2nwg.nn.io import load_module, save_module
 from d2nwg.nn.vae import ChunkVAE, ChunkVAEConfig
-from d2nwg.ops.tokenize import FLOAT_DTYPES, ChunkPlan, detokenize, tokenize
+from d2nwg.ops.tokenize_op import FLOAT_DTYPES, ChunkPlan, detokenize, tokenize
 from d2nwg.tokenizer import WeightTokenizer
 
 BACKENDS = ["torch", "triton"] + (["cpp"] if _ext._C is not None else [])

@@ -6,7 +6,11 @@ import torch
 from d2nwg import _ext
 from d2nwg.errors import (BackendUnavailableError, ConfigError, D2NWGError, DeviceError,
                           DTypeError, ShapeError)
-from d2nwg.ops.sampler_step import K, sampler_step, sampler_step_, sampler_step_ref
+import re
+from pathlib import Path
+
+from d2nwg.ops import sampler_step_op as step_op
+from d2nwg.ops.sampler_step_op import COLUMNS, K, sampler_step, sampler_step_, sampler_step_ref
 
 
 BACKENDS = ["torch", "triton", "cpp", "cuda"]
@@ -216,7 +220,7 @@ def test_bad_input_names_the_argument():
         (dict(table=torch.zeros(4, 3, K)), ShapeError, "table"),
         (dict(table=torch.zeros(4, K, dtype=torch.float16)), DTypeError, "table"),
         (dict(step=torch.zeros(1)), DTypeError, "step"),
-        (dict(step=torch.zeros(2, dtype=torch.long)), DTypeError, "step"),
+        (dict(step=torch.zeros(2, dtype=torch.long)), ShapeError, "step"),  # a count, not a dtype
         (dict(step=torch.tensor([4])), ShapeError, "step"),
         (dict(noise=torch.zeros(2, 4)), ShapeError, "noise"),
         (dict(prev_x0=torch.zeros(2, 3, dtype=torch.float64)), DTypeError, "prev_x0"),
@@ -229,3 +233,39 @@ def test_bad_input_names_the_argument():
         with pytest.raises(exc, match=name) as info:
             sampler_step(kw.pop("x"), kw.pop("model_out"), kw.pop("table"), kw.pop("step"), **kw)
         assert isinstance(info.value, D2NWGError)
+
+
+def test_column_layout_agrees_with_the_csrc_header():
+    """csrc/sampler_step_layout.h and d2nwg.ops.sampler_step_op name the same columns at the same
+    indices (the Triton kernel gets the Python ones as constexprs)."""
+    header = Path(__file__).resolve().parents[1] / "csrc" / "sampler_step_layout.h"
+    found = dict(re.findall(r"constexpr int k(\w+) = (\d+);", header.read_text()))
+    assert {name: int(v) for name, v in found.items()} == \
+        {**{name: j for j, name in enumerate(COLUMNS)}, "K": K}
+    for j, name in enumerate(COLUMNS):
+        assert getattr(step_op, name) == j
+
+
+@pytest.mark.parametrize("B, N, block", [(5, 13, 8), (5, 3, 8), (7, 5, 16), (3, 37, 32)])
+def test_triton_gpu_tiling_on_cpu(B, N, block, gen, monkeypatch):
+    """The Triton kernel with GPU-like tiles on CPU (the interpreter's default is one program
+    per launch): several row tiles and column tiles, partial ones at both edges, per-sample
+    coefficients, so that a swapped or mis-strided row / column index changes the result."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1")
+    from d2nwg.kernels import sampler_step as kernel_mod
+
+    monkeypatch.setattr(kernel_mod, "INTERPRET_BLOCK", block)
+    block_b, block_n = kernel_mod.tile(B, N, True)
+    assert block_b * block_n <= block and (block_b < B or block_n < N)
+    for guided, noise, prev in [(True, True, True), (False, False, True), (False, True, False)]:
+        x, out, table, step, z, p = _inputs(B, N, guided=guided, noise=noise, prev=prev,
+                                            per_sample=True, gen=gen,
+                                            device=torch.device("cpu"))
+        y, p1 = _run("triton", x, out, table, step, z, p, guided)
+        y_ref, p_ref = _ref(x, out, table, step, z, p, guided)
+        torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+        if prev:
+            torch.testing.assert_close(p1, p_ref, rtol=1e-6, atol=1e-6)

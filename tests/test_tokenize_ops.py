@@ -14,7 +14,7 @@ import torch
 import d2nwg
 from d2nwg import _ext
 from d2nwg.backends import select, triton_reason
-from d2nwg.ops.tokenize import (
+from d2nwg.ops.tokenize_op import (
     DETOKENIZE_BACKENDS,
     TOKENIZE_BACKENDS,
     ChunkPlan,
@@ -86,7 +86,7 @@ def random_sources(plan: ChunkPlan, num_models: int, gen: torch.Generator,
     for n in range(num_models):
         for s, numel in enumerate(plan.numel):
             dtype = dtypes[int(torch.randint(len(dtypes), (1,), generator=gen))]
-            x = torch.randn(numel, generator=gen, dtype=torch.float64) * plan.std[s] * 3 + plan.mean[s]
+            x = torch.randn(numel, generator=gen, dtype=torch.float64) * plan.scale[s] * 3 + plan.shift[s]
             out.append(x.to(dtype))
     return out
 
@@ -181,7 +181,7 @@ def test_zero_mean_of_either_sign(backend, gen):
     x = torch.tensor([-0.0, 0.0, -0.0, 1.5, -2.0, -0.0], dtype=torch.float64)
     for mean in (-0.0, 0.0, -0.0):
         plan = ChunkPlan((6,), (0,), (8,), (mean,), (0.5,), 2, 4)
-        assert not torch.signbit(torch.tensor(plan.mean)).any()
+        assert not torch.signbit(torch.tensor(plan.shift)).any()
         for dtype in DTYPES:
             src = x.to(dtype)
             ref = torch.empty(1, 2, 4, dtype=torch.float32)
@@ -421,7 +421,7 @@ def test_compiled_op_rejects_bad_arguments(gen):
     backend_device("cpp")
     plan, sources = small_case(gen)
     out = torch.empty(1, plan.row_size)
-    args = (list(plan.offset), list(plan.span), list(plan.mean), list(plan.rstd))
+    args = (list(plan.offset), list(plan.span), list(plan.shift), list(plan.rscale))
     torch.ops.d2nwg.tokenize_(out, sources, *args)  # fine
     with pytest.raises(RuntimeError, match="tile"):
         torch.ops.d2nwg.tokenize_(out, sources, [0, 4], list(plan.span), *args[2:])
@@ -435,8 +435,8 @@ def test_compiled_op_rejects_bad_arguments(gen):
         torch.ops.d2nwg.tokenize_(out, [sources[0], torch.ones(9, dtype=torch.int32)], *args)
     dests = [torch.empty(5), torch.empty(9)]
     with pytest.raises(RuntimeError, match="overruns"):
-        torch.ops.d2nwg.detokenize_(out, dests, [0, out.shape[1] - 4], list(plan.mean),
-                                    list(plan.std))
+        torch.ops.d2nwg.detokenize_(out, dests, [0, out.shape[1] - 4], list(plan.shift),
+                                    list(plan.scale))
 
 
 def test_out_of_wrong_dtype_or_device_is_rejected(gen):
@@ -454,7 +454,7 @@ def test_plan_must_tile_the_row():
         ChunkPlan((5, 5), (0, 8), (8, 4), (0.0, 0.0), (1.0, 1.0), 3, 4)
     with pytest.raises(d2nwg.ConfigError, match="cover 12 elements, the row has 16"):
         ChunkPlan((5, 3), (0, 8), (8, 4), (0.0, 0.0), (1.0, 1.0), 4, 4)
-    with pytest.raises(d2nwg.ConfigError, match="std"):
+    with pytest.raises(d2nwg.ConfigError, match="scale"):
         ChunkPlan((5, 3), (0, 8), (8, 4), (0.0, 0.0), (0.0, 1.0), 3, 4)
     with pytest.raises(d2nwg.ConfigError, match="one entry per segment"):
         ChunkPlan((5, 3), (0, 8), (8, 4), (0.0,), (1.0, 1.0), 3, 4)

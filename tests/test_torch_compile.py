@@ -23,7 +23,7 @@ from d2nwg.nn.denoiser import LatentDenoiser, LatentDenoiserConfig
 from d2nwg.ops import ChunkPlan, detokenize, latent_attention, sampler_step, sampler_step_
 
 # (d2nwg.ops re-exports functions named like these modules: import the modules themselves.)
-tokenize_ops = importlib.import_module("d2nwg.ops.tokenize")
+tokenize_ops = importlib.import_module("d2nwg.ops.tokenize_op")
 tokenize = tokenize_ops.tokenize
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2nwg.errors import ConfigError, ShapeError, shape_of
-from d2nwg.ops.latent_attention import latent_attention
+from d2nwg.ops.latent_attention_op import latent_attention
 
 
 def sinusoidal(x: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

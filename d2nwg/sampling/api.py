@@ -8,7 +8,7 @@ import torch
 
 from d2nwg.backends import select
 from d2nwg.errors import warn_at_caller
-from d2nwg.ops.sampler_step import SAMPLER_STEP_BACKENDS
+from d2nwg.ops.sampler_step_op import SAMPLER_STEP_BACKENDS
 from d2nwg.sampling.checks import check_arguments, check_cond, check_generator
 from d2nwg.sampling.cuda_graph import run_with_graph
 from d2nwg.sampling.loop import Plan, noise_drawer, run_eager

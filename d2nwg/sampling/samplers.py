@@ -1,11 +1,11 @@
 """The samplers' equations, one function each, and the one registry of samplers.
 
-Every sampler is one fused step per timestep (:mod:`d2nwg.ops.sampler_step`):
+Every sampler is one fused step per timestep (:mod:`d2nwg.ops.sampler_step_op`):
 
     x_next = CX * x_t + C0 * x0_hat + CE * eps_hat [+ CP * x0_hat_prev] [+ CZ * z]
 
 A sampler is a function ``(abar_t, abar_prev, eta) -> {column: [S] float64}`` giving those
-columns (the names of :mod:`d2nwg.ops.sampler_step`; a column it leaves out is zero) for its
+columns (the names of :mod:`d2nwg.ops.sampler_step_op`; a column it leaves out is zero) for its
 ``S`` steps, where step ``k`` goes from timestep ``ts[k]`` (``abar_t[k]``) to ``ts[k + 1]``
 (``abar_prev[k]``), and the last step to ``abar_prev = 1`` (sigma = 0). Adding one that fits
 this formula (Euler-ancestral, say) is one function decorated with :func:`register`.
@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from d2nwg.ops.sampler_step import AO, AX, C0, CE, CP, CX, CZ, EO, EX
+from d2nwg.ops.sampler_step_op import AO, AX, C0, CE, CP, CX, CZ, EO, EX
 from d2nwg.schedule import PREDICTION_TYPES
 
 Columns = dict[int, torch.Tensor]

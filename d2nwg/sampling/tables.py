@@ -1,7 +1,7 @@
 """The fused step's coefficient tables: built once in float64, cached per schedule on device.
 
 A run of ``S`` steps reads row ``k`` of a ``[S, K]`` table (columns named in
-:mod:`d2nwg.ops.sampler_step`) at a device-side step index, so a captured CUDA graph replays
+:mod:`d2nwg.ops.sampler_step_op`) at a device-side step index, so a captured CUDA graph replays
 with the right coefficients. :func:`device_tables` caches everything a run needs on its
 device, per schedule (entries die with the schedule), so repeated runs pay neither the
 float64 arithmetic nor the host-to-device copies.
@@ -14,7 +14,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from d2nwg.ops.sampler_step import CP, CZ, G, K
+from d2nwg.ops.sampler_step_op import CP, CZ, G, K
 from d2nwg.sampling.samplers import REGISTRY, prediction_coefficients
 from d2nwg.schedule import NoiseSchedule
 

@@ -7,14 +7,14 @@ row exactly, so tokenization writes every token element exactly once.
 
 Arithmetic (identical in every backend, so they agree to the last bit):
 
-    tokenize:    y = fp32((x - mean) * rstd)          in float64, then cast to the token dtype
-    detokenize:  x = fp32(y * std + unshift)          in float64, then cast to the weight dtype
+    tokenize:    y = fp32((x - shift) * rscale)          in float64, then cast to the token dtype
+    detokenize:  x = fp32(y * scale + unshift)          in float64, then cast to the weight dtype
                  (no fused multiply-add; a float64 destination skips the fp32 step)
 
-``rstd = 1 / std`` is computed once in float64; a zero mean is stored as +0.0 and ``unshift``
-is the mean with 0 spelled -0.0, so that subtracting and adding back keep the sign of zero
-weights. Layers without normalization use mean
-0, std 1, for which both directions are exact. Files of this op: this one (reference, checks,
+``rscale = 1 / scale`` is computed once in float64; a zero shift is stored as +0.0 and ``unshift``
+is the shift with 0 spelled -0.0, so that subtracting and adding back keep the sign of zero
+weights. Layers without normalization use shift
+0, scale 1, for which both directions are exact. Files of this op: this one (reference, checks,
 dispatch, public functions), ``kernels/tokenize.py`` (Triton), ``csrc/tokenize_cpu.cpp`` and
 ``csrc/tokenize_cuda.cu`` (C++ and CUDA, registered in ``csrc/registration.cpp``).
 """
@@ -49,15 +49,15 @@ class ChunkPlan:
     numel: tuple[int, ...]
     offset: tuple[int, ...]
     span: tuple[int, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    shift: tuple[float, ...]
+    scale: tuple[float, ...]
     num_tokens: int
     chunk_size: int
-    rstd: tuple[float, ...] = field(init=False)
+    rscale: tuple[float, ...] = field(init=False)
     unshift: tuple[float, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        for name in ("numel", "offset", "span", "mean", "std"):
+        for name in ("numel", "offset", "span", "shift", "scale"):
             value = getattr(self, name)
             if not isinstance(value, (tuple, list)):
                 raise ConfigError(f"ChunkPlan: {name} must be a tuple, got {type(value).__name__}")
@@ -69,7 +69,7 @@ class ChunkPlan:
                 if not _is_int(v) or not 0 <= v <= MAX_ELEMENTS:
                     raise ConfigError(f"ChunkPlan: {name} entry {v!r} is not an int in "
                                       f"[0, {MAX_ELEMENTS}]")
-        for name in ("mean", "std"):
+        for name in ("shift", "scale"):
             for v in getattr(self, name):
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                     raise ConfigError(f"ChunkPlan: {name} entry {v!r} is not a finite number")
@@ -81,10 +81,10 @@ class ChunkPlan:
             raise ConfigError(f"ChunkPlan: a row of {self.num_tokens} x {self.chunk_size} "
                               f"elements exceeds {MAX_ELEMENTS}")
         S = len(self.numel)
-        if not (len(self.offset) == len(self.span) == len(self.mean) == len(self.std) == S):
-            raise ConfigError(f"ChunkPlan: numel, offset, span, mean, std need one entry per "
+        if not (len(self.offset) == len(self.span) == len(self.shift) == len(self.scale) == S):
+            raise ConfigError(f"ChunkPlan: numel, offset, span, shift, scale need one entry per "
                               f"segment, got {len(self.numel)}, {len(self.offset)}, "
-                              f"{len(self.span)}, {len(self.mean)}, {len(self.std)}")
+                              f"{len(self.span)}, {len(self.shift)}, {len(self.scale)}")
         if self.chunk_size < 1 or self.num_tokens < 0:
             raise ConfigError(f"ChunkPlan: chunk_size {self.chunk_size} / num_tokens "
                               f"{self.num_tokens} out of range")
@@ -98,17 +98,17 @@ class ChunkPlan:
         if end != self.row_size:
             raise ConfigError(f"ChunkPlan: spans cover {end} elements, the row has "
                               f"{self.row_size} (num_tokens * chunk_size)")
-        if not all(math.isfinite(s) and s != 0 for s in self.std):
-            raise ConfigError("ChunkPlan: every std must be finite and nonzero")
-        object.__setattr__(self, "rstd", tuple(1.0 / s for s in self.std))
-        # A zero mean is stored as +0.0: x - (+0.0) == x for every x, so -0.0 weights keep
+        if not all(math.isfinite(s) and s != 0 for s in self.scale):
+            raise ConfigError("ChunkPlan: every scale must be finite and nonzero")
+        object.__setattr__(self, "rscale", tuple(1.0 / s for s in self.scale))
+        # A zero shift is stored as +0.0: x - (+0.0) == x for every x, so -0.0 weights keep
         # their sign (x - (-0.0) made them +0.0, and the round trip lost them). Plans that
         # compare equal (-0.0 == 0.0) then also compute the same bits, which the caches keyed
         # by plan (_cached_plan here, the Triton launchers' tables) rely on.
-        object.__setattr__(self, "mean", tuple(m if m != 0 else 0.0 for m in self.mean))
-        # The mean detokenize adds back, with 0 spelled -0.0: v + (-0.0) == v for every v, so
+        object.__setattr__(self, "shift", tuple(m if m != 0 else 0.0 for m in self.shift))
+        # The shift detokenize adds back, with 0 spelled -0.0: v + (-0.0) == v for every v, so
         # an unshifted layer's -0.0 weights come back as -0.0 (v + 0.0 would make them +0.0).
-        object.__setattr__(self, "unshift", tuple(m if m != 0 else -0.0 for m in self.mean))
+        object.__setattr__(self, "unshift", tuple(m if m != 0 else -0.0 for m in self.shift))
 
     @property
     def row_size(self) -> int:
@@ -134,7 +134,7 @@ def tokenize_ref(out: torch.Tensor, sources: Sequence[torch.Tensor], plan: Chunk
     for i, src in enumerate(sources):
         n, s = divmod(i, S)
         x = src.reshape(-1).double()
-        y = (x - plan.mean[s]) * plan.rstd[s]
+        y = (x - plan.shift[s]) * plan.rscale[s]
         out[n, plan.offset[s] : plan.offset[s] + plan.numel[s]] = _round_to(y, out.dtype)
 
 
@@ -144,7 +144,7 @@ def detokenize_ref(tokens: torch.Tensor, dests: Sequence[torch.Tensor], plan: Ch
     for i, dst in enumerate(dests):
         n, s = divmod(i, S)
         y = tokens[n, plan.offset[s] : plan.offset[s] + plan.numel[s]].double()
-        x = y * plan.std[s] + plan.unshift[s]
+        x = y * plan.scale[s] + plan.unshift[s]
         dst.copy_(_round_to(x, dst.dtype).view(dst.shape))
 
 
@@ -153,21 +153,21 @@ def detokenize_ref(tokens: torch.Tensor, dests: Sequence[torch.Tensor], plan: Ch
 # ----------------------------------------------------------------------------------------
 def _tokenize_compiled(out, sources, plan: ChunkPlan) -> None:
     torch.ops.d2nwg.tokenize_(out, list(sources), list(plan.offset), list(plan.span),
-                              list(plan.mean), list(plan.rstd))
+                              list(plan.shift), list(plan.rscale))
 
 
 def _detokenize_compiled(tokens, dests, plan: ChunkPlan) -> None:
     torch.ops.d2nwg.detokenize_(tokens, list(dests), list(plan.offset), list(plan.unshift),
-                                list(plan.std))
+                                list(plan.scale))
 
 
 if _ext._C is not None:  # shapes for torch.compile: both ops write in place, return nothing
     @torch.library.register_fake("d2nwg::tokenize_")
-    def _tokenize_fake(out, sources, offsets, spans, mean, rstd) -> None:
+    def _tokenize_fake(out, sources, offsets, spans, shift, rscale) -> None:
         return None
 
     @torch.library.register_fake("d2nwg::detokenize_")
-    def _detokenize_fake(tokens, dests, offsets, mean, std) -> None:
+    def _detokenize_fake(tokens, dests, offsets, shift, scale) -> None:
         return None
 
 
@@ -177,20 +177,20 @@ if _ext._C is not None:  # shapes for torch.compile: both ops write in place, re
 # interpreter's kernels are Python); as opaque in-place ops they stay in one graph. A ChunkPlan
 # is no op argument type: it travels as its fields and is rebuilt (cached) inside the op.
 # ----------------------------------------------------------------------------------------
-_PLAN_ARGS = "int[] numel, int[] offset, int[] span, float[] mean, float[] std, int num_tokens, " \
+_PLAN_ARGS = "int[] numel, int[] offset, int[] span, float[] shift, float[] scale, int num_tokens, " \
              "int chunk_size"
 
 
 def _plan_args(plan: ChunkPlan) -> tuple:
-    return (list(plan.numel), list(plan.offset), list(plan.span), [float(m) for m in plan.mean],
-            [float(s) for s in plan.std], plan.num_tokens, plan.chunk_size)
+    return (list(plan.numel), list(plan.offset), list(plan.span), [float(m) for m in plan.shift],
+            [float(s) for s in plan.scale], plan.num_tokens, plan.chunk_size)
 
 
 _cached_plan = functools.lru_cache(maxsize=64)(ChunkPlan)  # the kernels cache tables per plan
 
 
-def _plan_from(numel, offset, span, mean, std, num_tokens, chunk_size) -> ChunkPlan:
-    return _cached_plan(tuple(numel), tuple(offset), tuple(span), tuple(mean), tuple(std),
+def _plan_from(numel, offset, span, shift, scale, num_tokens, chunk_size) -> ChunkPlan:
+    return _cached_plan(tuple(numel), tuple(offset), tuple(span), tuple(shift), tuple(scale),
                         num_tokens, chunk_size)
 
 

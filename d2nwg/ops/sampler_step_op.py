@@ -29,10 +29,12 @@ from d2nwg import _ext
 from d2nwg.backends import Backend, select, triton_reason
 from d2nwg.errors import DeviceError, DTypeError, ShapeError, shape_of
 
-# Columns of a coefficient table row.
-G, AX, AO, EX, EO, CX, C0, CE, CP, CZ = range(10)
-K = 10
+# Columns of a coefficient table row: the one definition for Python and Triton (the kernel
+# gets them as constexprs COL_<name>). csrc/sampler_step_layout.h holds the same for C++ and
+# CUDA; tests/test_sampler_step.py checks that the two agree.
 COLUMNS = ("G", "AX", "AO", "EX", "EO", "CX", "C0", "CE", "CP", "CZ")
+G, AX, AO, EX, EO, CX, C0, CE, CP, CZ = range(len(COLUMNS))
+K = len(COLUMNS)
 X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TABLE_DTYPES = (torch.float32, torch.float64)
 STEP_DTYPES = (torch.int64,)
@@ -179,9 +181,10 @@ def _check(x, model_out, table, step, noise, prev_x0, guided, *, launch: bool = 
         raise ShapeError(f"table has shape {tuple(table.shape)}, expected [S, {K}] or [S, {B}, {K}]")
     if table.shape[0] == 0:
         raise ShapeError("table has no steps")
-    if step.dtype not in STEP_DTYPES or step.numel() != 1:
-        raise DTypeError(f"step must be a one-element int64 tensor, got {step.dtype} "
-                         f"with {step.numel()} elements")
+    if step.dtype not in STEP_DTYPES:
+        raise DTypeError(f"step must be a one-element int64 tensor, got dtype {step.dtype}")
+    if step.numel() != 1:
+        raise ShapeError(f"step must be a one-element int64 tensor, got {step.numel()} elements")
     for name, t in (("noise", noise), ("prev_x0", prev_x0)):
         if t is None:
             continue
