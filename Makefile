@@ -6,13 +6,13 @@ TORCH     ?= torch==2.14.1
 FORCE_CUDA ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: demo test build bench gpu-suite wheel clean
+.PHONY: demo test lint build bench gpu-suite wheel clean
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" triton numpy safetensors einops tqdm ninja \
-		setuptools wheel pytest pytest-benchmark scikit-learn matplotlib hypothesis
+		setuptools wheel pytest pytest-benchmark scikit-learn matplotlib hypothesis ruff
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*)
@@ -26,6 +26,17 @@ demo: build
 
 test: build
 	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff (rules in pyproject.toml): lint, and the formatting check. TEMPORARY: files being edited
+# in another branch of work are left out until they are formatted (then empty this list).
+LINT_EXCLUDE ?= d2nwg/generator.py,d2nwg/training.py,d2nwg/demo,d2nwg/cli.py,d2nwg/zoo.py
+LINT_EXCLUDE += tests/test_generator.py tests/test_zoo.py bench/suite_generator.py
+LINT_EXCLUDE += bench/bench_generator.py
+comma := ,
+space := $(subst ,, )
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check --extend-exclude "$(subst $(space),$(comma),$(LINT_EXCLUDE))" .
+	$(VENV)/bin/ruff format --check --extend-exclude "$(subst $(space),$(comma),$(LINT_EXCLUDE))" .
 
 bench: build
 	$(PY) -m pytest -q bench --benchmark-columns=median,iqr,ops

@@ -42,10 +42,17 @@ def find_cuda_home() -> str | None:
     with tempfile.TemporaryDirectory() as tmp:
         cu = os.path.join(tmp, "probe.cu")
         open(cu, "w").write("__global__ void k() {}\n")
-        res = subprocess.run([nvcc, "--dryrun", "-c", cu, "-o", os.path.join(tmp, "p.o")],
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            [nvcc, "--dryrun", "-c", cu, "-o", os.path.join(tmp, "p.o")],
+            capture_output=True,
+            text=True,
+        )
     m = re.search(r"TOP=(\S+)", res.stdout + res.stderr)
-    return os.path.realpath(m.group(1)) if m else os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return (
+        os.path.realpath(m.group(1))
+        if m
+        else os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    )
 
 
 def cap_max_jobs() -> None:
@@ -66,8 +73,11 @@ def want_cuda(torch) -> tuple[bool, str]:
         return False, "torch is a CPU build"
     if find_cuda_home() is None:
         return False, "no CUDA toolkit found (set CUDA_HOME)"
-    if torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1" \
-            or os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    if (
+        torch.cuda.is_available()
+        or os.environ.get("FORCE_CUDA") == "1"
+        or os.environ.get("TORCH_CUDA_ARCH_LIST")
+    ):
         return True, "enabled"
     return False, "no GPU visible (set FORCE_CUDA=1 or TORCH_CUDA_ARCH_LIST)"
 
@@ -87,8 +97,12 @@ def extensions():
     if not cuda:
         print(f"d2nwg: building the C++ CPU ops only ({why})")
         ext = cpp_extension.CppExtension(
-            "d2nwg._C", cpp_sources, extra_compile_args={"cxx": cxx + ["-fopenmp"]},
-            extra_link_args=["-fopenmp"], define_macros=define)
+            "d2nwg._C",
+            cpp_sources,
+            extra_compile_args={"cxx": cxx + ["-fopenmp"]},
+            extra_link_args=["-fopenmp"],
+            define_macros=define,
+        )
         return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
     cuda_home = find_cuda_home()
@@ -97,15 +111,21 @@ def extensions():
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or ";".join(
-        f"{major}.{minor}" for major, minor in
-        {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        f"{major}.{minor}"
+        for major, minor in {
+            torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())
+        }
+    )
     print(f"d2nwg: building C++ and CUDA ops for {archs} with the toolkit in {cuda_home}")
     nvcc = ["-O3", "--fmad=false", "--expt-relaxed-constexpr", "-lineinfo"]
     define += [("D2NWG_WITH_CUDA", "1"), ("D2NWG_CUDA_ARCHS", f'"{archs}"')]
     ext = cpp_extension.CUDAExtension(
-        "d2nwg._C", cpp_sources + sorted(glob.glob("csrc/*.cu")),
+        "d2nwg._C",
+        cpp_sources + sorted(glob.glob("csrc/*.cu")),
         extra_compile_args={"cxx": cxx + ["-fopenmp"], "nvcc": nvcc},
-        extra_link_args=["-fopenmp"], define_macros=define)
+        extra_link_args=["-fopenmp"],
+        define_macros=define,
+    )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

@@ -33,8 +33,11 @@ def make_case(B: int = 2, T: int = 256, K: int = 10, seed: int = 0):
     model.attention_backend = "torch"
     x = torch.randn(B, T, CFG.latent_dim, generator=g)
     t = torch.randint(0, 1000, (B,), generator=g)
-    cond = Condition(torch.randn(B, K, CFG.cond_dim, generator=g), torch.randn(B, CFG.cond_dim, generator=g),
-                     torch.ones(B, K, dtype=torch.bool))
+    cond = Condition(
+        torch.randn(B, K, CFG.cond_dim, generator=g),
+        torch.randn(B, CFG.cond_dim, generator=g),
+        torch.ones(B, K, dtype=torch.bool),
+    )
     return model, x, t, cond
 
 
@@ -42,6 +45,7 @@ def forward_fn(model, x, t, cond):
     def fn():
         with torch.no_grad():
             return model(x, t, cond)
+
     return fn
 
 
@@ -49,6 +53,7 @@ def forward_backward_fn(model, x, t, cond):
     def fn():
         model.zero_grad(set_to_none=True)
         model(x, t, cond).square().mean().backward()
+
     return fn
 
 
@@ -57,8 +62,10 @@ def attention_fns(B=4, H=4, L=512, D=64, seed=0):
     q, k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(3))
     mask = torch.ones(B, L, dtype=torch.bool)
     mask[:, -17:] = False
-    return (lambda: latent_attention(q, k, v, mask, backend="torch"),
-            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :]))
+    return (
+        lambda: latent_attention(q, k, v, mask, backend="torch"),
+        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :]),
+    )
 
 
 # -- pytest-benchmark -------------------------------------------------------------------------
@@ -92,18 +99,24 @@ def main(argv=None) -> None:
     model, x, t, cond = make_case(args.batch, args.tokens)
     n_tok = args.batch * args.tokens
     params = sum(p.numel() for p in model.parameters())
-    print(f"LatentDenoiser {params / 1e6:.2f}M params, B={args.batch}, T={args.tokens}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    rows = [("denoiser forward", forward_fn(model, x, t, cond)),
-            ("denoiser forward+backward", forward_backward_fn(model, x, t, cond))]
+    print(
+        f"LatentDenoiser {params / 1e6:.2f}M params, B={args.batch}, T={args.tokens}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    rows = [
+        ("denoiser forward", forward_fn(model, x, t, cond)),
+        ("denoiser forward+backward", forward_backward_fn(model, x, t, cond)),
+    ]
     for name, fn in rows:
         ms = median_ms(fn, repeat=args.repeat, warmup=1)
         print(f"{name:28s} {ms:9.2f} ms  {n_tok / ms * 1e3:12.0f} tokens/s")
     op, sdpa = attention_fns()
     op_ms = median_ms(op, repeat=args.repeat, warmup=1)
     sdpa_ms = median_ms(sdpa, repeat=args.repeat, warmup=1)
-    print(f"{'latent_attention (torch)':28s} {op_ms:9.2f} ms  vs direct SDPA {sdpa_ms:.2f} ms "
-          f"(ratio {sdpa_ms / op_ms:.2f})")
+    print(
+        f"{'latent_attention (torch)':28s} {op_ms:9.2f} ms  vs direct SDPA {sdpa_ms:.2f} ms "
+        f"(ratio {sdpa_ms / op_ms:.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ class TinyDenoiser(torch.nn.Module):
 
     def __init__(self, n: int = N, T: int = 1000) -> None:
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.randn(n, n) / n ** 0.5)
+        self.weight = torch.nn.Parameter(torch.randn(n, n) / n**0.5)
         self.bias = torch.nn.Parameter(torch.zeros(n))
         self.temb = torch.nn.Parameter(0.1 * torch.randn(T, n))
 
@@ -42,15 +42,18 @@ class TinyDenoiser(torch.nn.Module):
 
 # ---- baselines: diffusers-style loops (DDIMScheduler.step / DPMSolverMultistepScheduler) ----
 def ddim_baseline(model, x, schedule, steps=STEPS, cond=None, uncond=None, guidance_scale=1.0):
-    abar = schedule.alphas_cumprod.float()              # diffusers keeps a float32 table
+    abar = schedule.alphas_cumprod.float()  # diffusers keeps a float32 table
     final = torch.tensor(1.0)
     ts = default_timesteps(schedule.T, steps)
     guided = uncond is not None and guidance_scale != 1.0
     for i, t in enumerate(ts):
         if guided:
             x_in = torch.cat([x, x])
-            out = model(x_in, torch.full((x_in.shape[0],), t, dtype=torch.long, device=x.device),
-                        torch.cat([cond, uncond]))
+            out = model(
+                x_in,
+                torch.full((x_in.shape[0],), t, dtype=torch.long, device=x.device),
+                torch.cat([cond, uncond]),
+            )
             eps_c, eps_u = out.chunk(2)
             eps = eps_u + guidance_scale * (eps_c - eps_u)
         else:
@@ -59,9 +62,9 @@ def ddim_baseline(model, x, schedule, steps=STEPS, cond=None, uncond=None, guida
         alpha_prod_t = abar[t]
         alpha_prod_t_prev = abar[prev_t] if prev_t >= 0 else final
         beta_prod_t = 1 - alpha_prod_t
-        pred_original_sample = (x - beta_prod_t ** 0.5 * eps) / alpha_prod_t ** 0.5
+        pred_original_sample = (x - beta_prod_t**0.5 * eps) / alpha_prod_t**0.5
         pred_sample_direction = (1 - alpha_prod_t_prev) ** 0.5 * eps
-        x = alpha_prod_t_prev ** 0.5 * pred_original_sample + pred_sample_direction
+        x = alpha_prod_t_prev**0.5 * pred_original_sample + pred_sample_direction
     return x
 
 
@@ -76,7 +79,7 @@ def dpmpp_2m_baseline(model, x, schedule, steps=STEPS):
         eps = model(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device), None)
         x0 = (x - sigma[t] * eps) / alpha[t]
         if i + 1 == len(ts):
-            x = x0                                          # to sigma = 0
+            x = x0  # to sigma = 0
             break
         s = ts[i + 1]
         h = lam[s] - lam[t]
@@ -86,8 +89,11 @@ def dpmpp_2m_baseline(model, x, schedule, steps=STEPS):
             h_0 = lam[t] - lam[ts[i - 1]]
             r0 = h_0 / h
             d1 = (1.0 / r0) * (x0 - old)
-            x = ((sigma[s] / sigma[t]) * x - (alpha[s] * (torch.exp(-h) - 1.0)) * x0
-                 - 0.5 * (alpha[s] * (torch.exp(-h) - 1.0)) * d1)
+            x = (
+                (sigma[s] / sigma[t]) * x
+                - (alpha[s] * (torch.exp(-h) - 1.0)) * x0
+                - 0.5 * (alpha[s] * (torch.exp(-h) - 1.0)) * d1
+            )
         old = x0
     return x
 
@@ -98,14 +104,30 @@ def _cases():
     x_T = torch.randn(B, N)
     cond, uncond = torch.randn(B, N), torch.zeros(B, N)
     return [
-        ("ddim, 50 steps", lambda: sample(model, x_T, SCHED, sampler="ddim", steps=STEPS),
-         lambda: ddim_baseline(model, x_T, SCHED)),
-        ("ddim + CFG 3.0, 50 steps",
-         lambda: sample(model, x_T, SCHED, sampler="ddim", steps=STEPS, cond=cond, uncond=uncond,
-                        guidance_scale=3.0),
-         lambda: ddim_baseline(model, x_T, SCHED, cond=cond, uncond=uncond, guidance_scale=3.0)),
-        ("dpmpp_2m, 50 steps", lambda: sample(model, x_T, SCHED, sampler="dpmpp_2m", steps=STEPS),
-         lambda: dpmpp_2m_baseline(model, x_T, SCHED)),
+        (
+            "ddim, 50 steps",
+            lambda: sample(model, x_T, SCHED, sampler="ddim", steps=STEPS),
+            lambda: ddim_baseline(model, x_T, SCHED),
+        ),
+        (
+            "ddim + CFG 3.0, 50 steps",
+            lambda: sample(
+                model,
+                x_T,
+                SCHED,
+                sampler="ddim",
+                steps=STEPS,
+                cond=cond,
+                uncond=uncond,
+                guidance_scale=3.0,
+            ),
+            lambda: ddim_baseline(model, x_T, SCHED, cond=cond, uncond=uncond, guidance_scale=3.0),
+        ),
+        (
+            "dpmpp_2m, 50 steps",
+            lambda: sample(model, x_T, SCHED, sampler="dpmpp_2m", steps=STEPS),
+            lambda: dpmpp_2m_baseline(model, x_T, SCHED),
+        ),
     ]
 
 
@@ -124,7 +146,7 @@ def _median_ms(fn, reps: int = 30, warmup: int = 3) -> float:
 def run_table(reps: int = 30) -> list[dict]:
     rows = []
     cases = _cases()
-    for _, fused, base in cases:          # warm every path (thread pools, caches) first
+    for _, fused, base in cases:  # warm every path (thread pools, caches) first
         _median_ms(fused, 5)
         _median_ms(base, 5)
     for name, fused, base in cases:
@@ -137,17 +159,23 @@ def run_table(reps: int = 30) -> list[dict]:
             f_ms.append(_median_ms(fused, reps // 3 + 1))
             b_ms.append(_median_ms(base, reps // 3 + 1))
         f, b = statistics.median(f_ms), statistics.median(b_ms)
-        rows.append({"case": name, "d2nwg_ms": f, "baseline_ms": b, "ratio": b / f, "max_rel_diff": err})
+        rows.append(
+            {"case": name, "d2nwg_ms": f, "baseline_ms": b, "ratio": b / f, "max_rel_diff": err}
+        )
     return rows
 
 
 def main() -> int:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; one-layer denoiser, "
-          f"x [{B}, {N}]")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; one-layer denoiser, "
+        f"x [{B}, {N}]"
+    )
     print(f"{'case':28s} {'d2nwg ms':>9s} {'baseline ms':>12s} {'ratio':>6s} {'rel diff':>9s}")
     for r in run_table():
-        print(f"{r['case']:28s} {r['d2nwg_ms']:9.3f} {r['baseline_ms']:12.3f} {r['ratio']:6.2f}x "
-              f"{r['max_rel_diff']:9.1e}")
+        print(
+            f"{r['case']:28s} {r['d2nwg_ms']:9.3f} {r['baseline_ms']:12.3f} {r['ratio']:6.2f}x "
+            f"{r['max_rel_diff']:9.1e}"
+        )
     print("ratio = baseline median / d2nwg median (>1: d2nwg faster); target >= 2x")
     return 0
 

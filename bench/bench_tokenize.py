@@ -25,15 +25,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from d2nwg.ops.tokenize_op import ChunkPlan, detokenize, tokenize
-from d2nwg.tokenizer import WeightTokenizer
 from d2nwg.shapes import llama_state_dict
+from d2nwg.tokenizer import WeightTokenizer
 
 CHUNK = 256
 
@@ -45,7 +45,9 @@ def layer_plan(weights: list[torch.Tensor], chunk_size: int = CHUNK) -> ChunkPla
 
 
 # ---- the plain PyTorch way (float32 arithmetic, as a user would write it) ----
-def plain_tokenize(weights: list[torch.Tensor], plan: ChunkPlan, dtype: torch.dtype) -> torch.Tensor:
+def plain_tokenize(
+    weights: list[torch.Tensor], plan: ChunkPlan, dtype: torch.dtype
+) -> torch.Tensor:
     parts = []
     for w, m, r, span in zip(weights, plan.shift, plan.rscale, plan.span):
         x = (w.flatten().float() - m) * r
@@ -54,8 +56,10 @@ def plain_tokenize(weights: list[torch.Tensor], plan: ChunkPlan, dtype: torch.dt
 
 
 def plain_detokenize(tokens: torch.Tensor, weights: list[torch.Tensor], plan: ChunkPlan) -> None:
-    for part, w, m, s in zip(tokens.view(-1).split(list(plan.span)), weights, plan.shift, plan.scale):
-        w.copy_((part[:w.numel()].float() * s + m).view(w.shape))
+    for part, w, m, s in zip(
+        tokens.view(-1).split(list(plan.span)), weights, plan.shift, plan.scale
+    ):
+        w.copy_((part[: w.numel()].float() * s + m).view(w.shape))
 
 
 @dataclass
@@ -93,17 +97,24 @@ class Case:
         }
 
 
-def make_case(dtype: torch.dtype, scale: str = "cpu", backend: str = "cpp",
-              device: str | torch.device = "cpu") -> Case:
-    sizes = {"cpu": dict(hidden=1024, layers=4, intermediate=4096, vocab=32000, heads=16, kv_heads=4),
-             "tiny": dict(hidden=64, layers=2, intermediate=256, vocab=512, heads=4, kv_heads=1)}[scale]
+def make_case(
+    dtype: torch.dtype, scale: str = "cpu", backend: str = "cpp", device: str | torch.device = "cpu"
+) -> Case:
+    sizes = {
+        "cpu": dict(hidden=1024, layers=4, intermediate=4096, vocab=32000, heads=16, kv_heads=4),
+        "tiny": dict(hidden=64, layers=2, intermediate=256, vocab=512, heads=4, kv_heads=1),
+    }[scale]
     sd = llama_state_dict(dtype=dtype, device=device, **sizes)
     weights = list(sd.values())
     return Case(f"llama-{scale}-{str(dtype).split('.')[-1]}", weights, layer_plan(weights), backend)
 
 
-def medians(fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 1,
-            sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+def medians(
+    fns: dict[str, Callable[[], object]],
+    rounds: int = 7,
+    warmup: int = 1,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
     """Median seconds of each function, rounds interleaved so that noise hits all alike."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(warmup):
@@ -125,21 +136,25 @@ def compare(case: Case, direction: str, rounds: int = 7) -> dict[str, float]:
     op = t[case.backend]
     return {
         **{f"{k}_ms": v * 1e3 for k, v in t.items()},
-        "clone_fraction": t["clone"] / op,      # >= 0.75: fraction of clone bandwidth
+        "clone_fraction": t["clone"] / op,  # >= 0.75: fraction of clone bandwidth
         "copy_fraction": t["copy_"] / op,
-        "plain_speedup": t["plain"] / op,       # >= 2
+        "plain_speedup": t["plain"] / op,  # >= 2
         "GBs": case.bytes / op / 1e9,
     }
 
 
 def report_line(case: Case, direction: str, r: dict[str, float]) -> str:
-    return (f"{case.name:<18} {direction:<14} {r[case.backend + '_ms']:8.1f} {r['clone_ms']:8.1f} "
-            f"{r['copy__ms']:8.1f} {r['plain_ms']:8.1f} {r['GBs']:7.2f} "
-            f"{r['clone_fraction']:8.2f}x {r['copy_fraction']:7.2f}x {r['plain_speedup']:8.2f}x")
+    return (
+        f"{case.name:<18} {direction:<14} {r[case.backend + '_ms']:8.1f} {r['clone_ms']:8.1f} "
+        f"{r['copy__ms']:8.1f} {r['plain_ms']:8.1f} {r['GBs']:7.2f} "
+        f"{r['clone_fraction']:8.2f}x {r['copy_fraction']:7.2f}x {r['plain_speedup']:8.2f}x"
+    )
 
 
-HEADER = (f"{'case':<18} {'direction':<14} {'cpp ms':>8} {'clone ms':>8} {'copy_ ms':>8} "
-          f"{'plain ms':>8} {'GB/s':>7} {'vs clone':>9} {'vs copy_':>8} {'vs plain':>9}")
+HEADER = (
+    f"{'case':<18} {'direction':<14} {'cpp ms':>8} {'clone ms':>8} {'copy_ ms':>8} "
+    f"{'plain ms':>8} {'GB/s':>7} {'vs clone':>9} {'vs copy_':>8} {'vs plain':>9}"
+)
 
 
 # ---- pytest-benchmark ----
@@ -150,8 +165,7 @@ except ImportError:  # the main below needs no pytest
 
 if pytest is not None:
 
-    @pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16],
-                    ids=["fp32", "bf16"])
+    @pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
     def case(request) -> Case:
         from d2nwg import _ext
 
@@ -176,13 +190,17 @@ if pytest is not None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="cpp tokenize/detokenize vs clone and plain PyTorch")
+    parser = argparse.ArgumentParser(
+        description="cpp tokenize/detokenize vs clone and plain PyTorch"
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--scale", choices=["cpu", "tiny"], default="cpu")
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of "
-          f"{args.rounds} interleaved rounds; 'vs clone' = clone_ms / cpp_ms (target >= 0.75), "
-          f"'vs plain' = plain_ms / cpp_ms (target >= 2)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of "
+        f"{args.rounds} interleaved rounds; 'vs clone' = clone_ms / cpp_ms (target >= 0.75), "
+        f"'vs plain' = plain_ms / cpp_ms (target >= 2)"
+    )
     print(HEADER)
     for dtype in (torch.float32, torch.bfloat16):
         case = make_case(dtype, args.scale)

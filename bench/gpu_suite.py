@@ -28,8 +28,18 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-COLUMNS = ("op", "case", "backend", "check", "ms", "baseline", "baseline_ms", "ratio",
-           "bandwidth_GBs", "target")
+COLUMNS = (
+    "op",
+    "case",
+    "backend",
+    "check",
+    "ms",
+    "baseline",
+    "baseline_ms",
+    "ratio",
+    "bandwidth_GBs",
+    "target",
+)
 
 
 def build_extension() -> float:
@@ -41,14 +51,27 @@ def build_extension() -> float:
         major, minor = torch.cuda.get_device_capability()
         env["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                    "--no-build-isolation", "-e", ROOT], check=True, env=env)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-e",
+            ROOT,
+        ],
+        check=True,
+        env=env,
+    )
     return time.time() - t0
 
 
 def sections(only: list[str] | None):
     for path in sorted(glob.glob(os.path.join(HERE, "suite_*.py"))):
-        name = os.path.basename(path)[len("suite_"):-3]
+        name = os.path.basename(path)[len("suite_") : -3]
         if only and name not in only:
             continue
         spec = importlib.util.spec_from_file_location(f"d2nwg_bench_suite_{name}", path)
@@ -66,11 +89,16 @@ def fmt(value) -> str:
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
-    lines = [f"# d2nwg GPU suite: {meta['device']} ({meta['date']})", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
-             f"mode {'tiny' if meta['tiny'] else 'full'}, {meta['seconds']:.0f} s in all; "
-             "ratio = baseline_ms / ms (> 1: d2nwg is faster); times are medians.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = [
+        f"# d2nwg GPU suite: {meta['device']} ({meta['date']})",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
+        f"mode {'tiny' if meta['tiny'] else 'full'}, {meta['seconds']:.0f} s in all; "
+        "ratio = baseline_ms / ms (> 1: d2nwg is faster); times are medians.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
     lines += ["| " + " | ".join(fmt(row.get(c)) for c in COLUMNS) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -109,22 +137,37 @@ def main(argv: list[str] | None = None) -> int:
             section_rows = module.run(device, tiny)
         except Exception as exc:  # one broken section must not hide the others
             traceback.print_exc()
-            section_rows = [{"op": name, "case": "section", "backend": "-",
-                             "check": f"FAIL: {type(exc).__name__}: {exc}"}]
+            section_rows = [
+                {
+                    "op": name,
+                    "case": "section",
+                    "backend": "-",
+                    "check": f"FAIL: {type(exc).__name__}: {exc}",
+                }
+            ]
         rows += section_rows
         print(f"[{name}] {len(section_rows)} rows in {time.time() - start:.1f} s", flush=True)
     meta = {
-        "device": torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()})",
-        "date": dt.date.today().isoformat(), "torch": torch.__version__,
-        "triton": triton_version, "cuda": torch.version.cuda, "d2nwg": d2nwg.__version__,
-        "extension": _ext.IMPORT_ERROR or _ext.build_info(), "tiny": tiny,
-        "build_seconds": build_s, "seconds": time.time() - t0,
+        "device": torch.cuda.get_device_name()
+        if gpu
+        else f"CPU ({platform.processor() or platform.machine()})",
+        "date": dt.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "d2nwg": d2nwg.__version__,
+        "extension": _ext.IMPORT_ERROR or _ext.build_info(),
+        "tiny": tiny,
+        "build_seconds": build_s,
+        "seconds": time.time() - t0,
     }
     os.makedirs(args.out, exist_ok=True)
     card = meta["device"].split("(")[0].strip().replace(" ", "_").replace("/", "_")
     stem = os.path.join(args.out, f"gpu_suite_{card}_{meta['date']}{'_tiny' if tiny else ''}")
-    for suffix, text in ((".json", json.dumps({"meta": meta, "rows": rows}, indent=1, default=str)),
-                         (".md", markdown(meta, rows))):
+    for suffix, text in (
+        (".json", json.dumps({"meta": meta, "rows": rows}, indent=1, default=str)),
+        (".md", markdown(meta, rows)),
+    ):
         tmp = stem + suffix + ".tmp"
         with open(tmp, "w") as f:
             f.write(text)

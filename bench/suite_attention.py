@@ -33,8 +33,12 @@ def _sdpa_backends() -> dict:
         from torch.nn.attention import SDPBackend
     except ImportError:
         return {}
-    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
-             "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+    names = {
+        "flash": "FLASH_ATTENTION",
+        "efficient": "EFFICIENT_ATTENTION",
+        "cudnn": "CUDNN_ATTENTION",
+        "math": "MATH",
+    }
     return {k: getattr(SDPBackend, v) for k, v in names.items() if hasattr(SDPBackend, v)}
 
 
@@ -45,6 +49,7 @@ def _sdpa_fn(which):
         attn_mask = None if mask is None else mask[:, None, None, :]
         with sdpa_kernel([which]):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
     return fn
 
 
@@ -63,6 +68,7 @@ def _xformers_fn():
             bias = torch.zeros(B, H, LQ, pad, dtype=q.dtype, device=q.device)[..., :LK]
             bias.masked_fill_(~mask[:, None, None, :], float("-inf"))
         return xops.memory_efficient_attention(q, k, v, attn_bias=bias)
+
     return fn, None
 
 
@@ -72,7 +78,9 @@ def _triton(q, k, v, mask):
 
 def _inputs(B, H, L, D, dtype, device, masked, seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
-    q, k, v, do = (torch.randn(B, H, L, D, generator=g, device=device, dtype=dtype) for _ in range(4))
+    q, k, v, do = (
+        torch.randn(B, H, L, D, generator=g, device=device, dtype=dtype) for _ in range(4)
+    )
     mask = None
     if masked:
         lengths = torch.randint(L // 2, L + 1, (B,), generator=g, device=device)
@@ -95,7 +103,9 @@ def _check(q, k, v, do, mask, backward: bool) -> str:
 
     try:
         got = run(_triton, q, k, v)
-        ref = run(lambda a, b, c, mm: latent_attention_ref(a, b, c, mm), q.float(), k.float(), v.float())
+        ref = run(
+            lambda a, b, c, mm: latent_attention_ref(a, b, c, mm), q.float(), k.float(), v.float()
+        )
         pt = run(lambda a, b, c, mm: latent_attention(a, b, c, mm, backend="torch"), q, k, v)
         for name, a, r, p in zip(("out", "dq", "dk", "dv"), got, ref, pt):
             assert_close_lowp(a, r, p, name=name)
@@ -106,6 +116,7 @@ def _check(q, k, v, do, mask, backward: bool) -> str:
 
 def _timed(fn, q, k, v, do, mask, backward: bool, device) -> float:
     if not backward:
+
         def call():
             with torch.no_grad():
                 fn(q, k, v, mask)
@@ -115,20 +126,32 @@ def _timed(fn, q, k, v, do, mask, backward: bool, device) -> float:
         def call():
             out = fn(qs, ks, vs, mask)
             torch.autograd.grad(out, (qs, ks, vs), do)
+
     return median_ms(call, device=device, repeat=10, warmup=3)
 
 
 def _tiny_rows(device) -> list[dict]:
     rows = []
-    for (B, H, L, D, masked) in ((1, 2, 48, 16, True), (2, 1, 33, 32, False)):
+    for B, H, L, D, masked in ((1, 2, 48, 16, True), (2, 1, 33, 32, False)):
         q, k, v, do, mask = _inputs(B, H, L, D, torch.float32, device, masked)
         for backward in (False, True):
             mode = "fwd+bwd" if backward else "fwd"
             check = _check_fp32(q, k, v, do, mask, backward)
-            rows.append({"op": OP, "case": f"tiny B={B} H={H} L={L} D={D}"
-                         f"{' masked' if masked else ''} fp32 {mode}", "backend": "triton",
-                         "check": check, "ms": None, "baseline": "torch", "baseline_ms": None,
-                         "ratio": None, "bandwidth_GBs": None, "target": "correctness only (CPU)"})
+            rows.append(
+                {
+                    "op": OP,
+                    "case": f"tiny B={B} H={H} L={L} D={D}"
+                    f"{' masked' if masked else ''} fp32 {mode}",
+                    "backend": "triton",
+                    "check": check,
+                    "ms": None,
+                    "baseline": "torch",
+                    "baseline_ms": None,
+                    "ratio": None,
+                    "bandwidth_GBs": None,
+                    "target": "correctness only (CPU)",
+                }
+            )
     return rows
 
 
@@ -136,8 +159,10 @@ def _check_fp32(q, k, v, do, mask, backward: bool) -> str:
     try:
         outs = []
         for fn in (_triton, lambda a, b, c, m: latent_attention_ref(a, b, c, m)):
-            xs = [t.detach().double().clone() if fn is not _triton else t.detach().clone()
-                  for t in (q, k, v)]
+            xs = [
+                t.detach().double().clone() if fn is not _triton else t.detach().clone()
+                for t in (q, k, v)
+            ]
             xs = [x.requires_grad_(backward) for x in xs]
             out = fn(*xs, mask)
             res = [out.detach()]
@@ -181,21 +206,34 @@ def _full_rows(device, cases, tokens) -> list[dict]:
             try:
                 ms = _timed(_triton, q, k, v, do, mask, backward, device)
             except Exception as exc:  # noqa: BLE001
-                rows.append({"op": OP, "case": case, "backend": "triton",
-                             "check": f"FAIL: {type(exc).__name__}: {str(exc)[:200]}"})
+                rows.append(
+                    {
+                        "op": OP,
+                        "case": case,
+                        "backend": "triton",
+                        "check": f"FAIL: {type(exc).__name__}: {str(exc)[:200]}",
+                    }
+                )
                 continue
             tflops = flops / ms / 1e9
             base_rows = []
             for name, which in sdpa.items():
                 if name == "math" and L > MATH_MAX_L:
-                    base_rows.append((f"sdpa-{name}", None, f"skip: math materializes LxL at L={L}"))
+                    base_rows.append(
+                        (f"sdpa-{name}", None, f"skip: math materializes LxL at L={L}")
+                    )
                     continue
                 try:
                     bms = _timed(_sdpa_fn(which), q, k, v, do, mask, backward, device)
                     base_rows.append((f"sdpa-{name}", bms, check))
                 except Exception as exc:  # noqa: BLE001 - e.g. flash takes no mask
-                    base_rows.append((f"sdpa-{name}", None, f"skip: {type(exc).__name__}: "
-                                      f"{str(exc).splitlines()[0][:120]}"))
+                    base_rows.append(
+                        (
+                            f"sdpa-{name}",
+                            None,
+                            f"skip: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}",
+                        )
+                    )
             if xfn is None:
                 base_rows.append(("xformers", None, f"skip: {xwhy}"))
             else:
@@ -204,23 +242,47 @@ def _full_rows(device, cases, tokens) -> list[dict]:
                     bms = _timed(xfn, qt, kt, vt, dot, mask, backward, device)
                     base_rows.append(("xformers", bms, check))
                 except Exception as exc:  # noqa: BLE001
-                    base_rows.append(("xformers", None, f"skip: {type(exc).__name__}: {str(exc)[:120]}"))
+                    base_rows.append(
+                        ("xformers", None, f"skip: {type(exc).__name__}: {str(exc)[:120]}")
+                    )
             for baseline, bms, row_check in base_rows:
-                rows.append({"op": OP, "case": f"{case} ({tflops:.0f} TFLOP/s)", "backend": "triton",
-                             "check": row_check, "ms": ms, "baseline": baseline, "baseline_ms": bms,
-                             "ratio": None if bms is None else bms / ms, "bandwidth_GBs": None,
-                             "target": None, "tflops": tflops,
-                             "baseline_tflops": None if bms is None else flops / bms / 1e9})
+                rows.append(
+                    {
+                        "op": OP,
+                        "case": f"{case} ({tflops:.0f} TFLOP/s)",
+                        "backend": "triton",
+                        "check": row_check,
+                        "ms": ms,
+                        "baseline": baseline,
+                        "baseline_ms": bms,
+                        "ratio": None if bms is None else bms / ms,
+                        "bandwidth_GBs": None,
+                        "target": None,
+                        "tflops": tflops,
+                        "baseline_tflops": None if bms is None else flops / bms / 1e9,
+                    }
+                )
             timed = [(b, t) for b, t, _ in base_rows if t is not None and b.startswith("sdpa")]
             if timed:
                 best, bms = min(timed, key=lambda x: x[1])
                 target = FWDBWD_TARGET if backward else FWD_TARGET
                 ratio = bms / ms
-                rows.append({"op": OP, "case": f"{case} vs best SDPA", "backend": "triton",
-                             "check": check, "ms": ms, "baseline": f"best SDPA ({best})",
-                             "baseline_ms": bms, "ratio": ratio, "bandwidth_GBs": None,
-                             "target": f">= {target}x ({'met' if ratio >= target else 'MISSED'})",
-                             "tflops": tflops, "baseline_tflops": flops / bms / 1e9})
+                rows.append(
+                    {
+                        "op": OP,
+                        "case": f"{case} vs best SDPA",
+                        "backend": "triton",
+                        "check": check,
+                        "ms": ms,
+                        "baseline": f"best SDPA ({best})",
+                        "baseline_ms": bms,
+                        "ratio": ratio,
+                        "bandwidth_GBs": None,
+                        "target": f">= {target}x ({'met' if ratio >= target else 'MISSED'})",
+                        "tflops": tflops,
+                        "baseline_tflops": flops / bms / 1e9,
+                    }
+                )
         del q, k, v, do
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from d2nwg.ops.sampler_step_op import K, SAMPLER_STEP_BACKENDS, sampler_step_, sampler_step_ref  # noqa: E402
+from d2nwg.ops.sampler_step_op import SAMPLER_STEP_BACKENDS, K, sampler_step_, sampler_step_ref  # noqa: E402
 from d2nwg.sampling import sample  # noqa: E402
 from d2nwg.schedule import NoiseSchedule  # noqa: E402
 from d2nwg.timing import median_ms  # noqa: E402
@@ -49,9 +49,15 @@ def _step_inputs(B, N, dtype, guided, noise, prev, device, seed=0):
 
     S = 50
     table = torch.randn(S, K, generator=g, device=device, dtype=torch.float32)
-    return dict(x=rnd(B), model_out=rnd(2 * B if guided else B), table=table,
-                step=torch.tensor([S // 2], device=device), noise=rnd(B) if noise else None,
-                prev_x0=rnd(B) if prev else None, guided=guided)
+    return dict(
+        x=rnd(B),
+        model_out=rnd(2 * B if guided else B),
+        table=table,
+        step=torch.tensor([S // 2], device=device),
+        noise=rnd(B) if noise else None,
+        prev_x0=rnd(B) if prev else None,
+        guided=guided,
+    )
 
 
 def _bytes_moved(inp) -> int:
@@ -66,12 +72,27 @@ def _check_step(backend, inp) -> str:
     x = inp["x"]
     args = {k: v for k, v in inp.items() if k != "x"}
     mine, p_mine = x.clone(), (args["prev_x0"].clone() if args["prev_x0"] is not None else None)
-    sampler_step_(mine, args["model_out"], args["table"], args["step"], noise=args["noise"],
-                  prev_x0=p_mine, guided=args["guided"], backend=backend)
+    sampler_step_(
+        mine,
+        args["model_out"],
+        args["table"],
+        args["step"],
+        noise=args["noise"],
+        prev_x0=p_mine,
+        guided=args["guided"],
+        backend=backend,
+    )
     if x.dtype == torch.float32:
         ref, p_ref = x.clone(), (args["prev_x0"].clone() if args["prev_x0"] is not None else None)
-        sampler_step_ref(ref, args["model_out"], args["table"], args["step"], args["noise"], p_ref,
-                         args["guided"])
+        sampler_step_ref(
+            ref,
+            args["model_out"],
+            args["table"],
+            args["step"],
+            args["noise"],
+            p_ref,
+            args["guided"],
+        )
         pairs = [(mine, ref)] + ([(p_mine, p_ref)] if p_ref is not None else [])
         for a, b in pairs:
             err = ((a - b).abs() / (1e-5 * (1 + b.abs()))).max().item()
@@ -79,13 +100,27 @@ def _check_step(backend, inp) -> str:
                 return f"FAIL: error {err:.2f}x the fp32 tolerance"
         return "pass"
     # low precision: at most twice PyTorch's own error in that dtype vs a float64 reference
-    hi = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "table"
-              else v) for k, v in inp.items()}
+    hi = {
+        k: (
+            v.double()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "table"
+            else v
+        )
+        for k, v in inp.items()
+    }
     r64, p64 = hi["x"].clone(), (hi["prev_x0"].clone() if hi["prev_x0"] is not None else None)
     sampler_step_ref(r64, hi["model_out"], hi["table"], hi["step"], hi["noise"], p64, hi["guided"])
     own, p_own = x.clone(), (args["prev_x0"].clone() if args["prev_x0"] is not None else None)
-    sampler_step_ref(own, args["model_out"], args["table"], args["step"], args["noise"], p_own,
-                     args["guided"], compute_dtype=x.dtype)
+    sampler_step_ref(
+        own,
+        args["model_out"],
+        args["table"],
+        args["step"],
+        args["noise"],
+        p_own,
+        args["guided"],
+        compute_dtype=x.dtype,
+    )
     for a, o, r in [(mine, own, r64)] + ([(p_mine, p_own, p64)] if p64 is not None else []):
         err = (a.double() - r).abs().max().item()
         own_err = (o.double() - r).abs().max().item()
@@ -96,17 +131,29 @@ def _check_step(backend, inp) -> str:
 
 def _step_rows(device: torch.device, tiny: bool) -> list[dict]:
     B, N = (4, 3000) if tiny else (32, 1 << 20)
-    cases = [("fp32, noise", torch.float32, False, True, False),
-             ("bf16, guided + DPM++ buffer", torch.bfloat16, True, False, True)]
+    cases = [
+        ("fp32, noise", torch.float32, False, True, False),
+        ("bf16, guided + DPM++ buffer", torch.bfloat16, True, False, True),
+    ]
     reps = dict(repeat=3, warmup=1) if tiny else dict(repeat=20, warmup=3)
     rows = []
     for label, dtype, guided, noise, prev in cases:
         inp = _step_inputs(B, N, dtype, guided, noise, prev, device)
         nbytes = _bytes_moved(inp)
         case = f"{label}, x [{B}, {N}]"
-        ref_ms = median_ms(lambda: sampler_step_ref(inp["x"], inp["model_out"], inp["table"],
-                                                    inp["step"], inp["noise"], inp["prev_x0"],
-                                                    inp["guided"]), device, **reps)
+        ref_ms = median_ms(
+            lambda: sampler_step_ref(
+                inp["x"],
+                inp["model_out"],
+                inp["table"],
+                inp["step"],
+                inp["noise"],
+                inp["prev_x0"],
+                inp["guided"],
+            ),
+            device,
+            **reps,
+        )
         blob = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)  # read + write = nbytes
         clone_ms = median_ms(lambda: blob.clone(), device, **reps)
         for b in SAMPLER_STEP_BACKENDS:
@@ -116,29 +163,66 @@ def _step_rows(device: torch.device, tiny: bool) -> list[dict]:
             if why is None and b.name == "triton" and device.type == "cpu" and not tiny:
                 why = "the Triton interpreter is only for tiny runs"
             if why is not None:
-                rows.append({"op": OP_STEP, "case": case, "backend": b.name, "check": f"skip: {why}"})
+                rows.append(
+                    {"op": OP_STEP, "case": case, "backend": b.name, "check": f"skip: {why}"}
+                )
                 continue
             try:
                 check = _check_step(b.name, inp)
             except Exception as exc:  # noqa: BLE001 - report, keep going
-                rows.append({"op": OP_STEP, "case": case, "backend": b.name,
-                             "check": f"FAIL: {type(exc).__name__}: {exc}"})
+                rows.append(
+                    {
+                        "op": OP_STEP,
+                        "case": case,
+                        "backend": b.name,
+                        "check": f"FAIL: {type(exc).__name__}: {exc}",
+                    }
+                )
                 continue
 
             def fn(name=b.name):
-                sampler_step_(inp["x"], inp["model_out"], inp["table"], inp["step"],
-                              noise=inp["noise"], prev_x0=inp["prev_x0"], guided=inp["guided"],
-                              backend=name, check=False)
+                sampler_step_(
+                    inp["x"],
+                    inp["model_out"],
+                    inp["table"],
+                    inp["step"],
+                    noise=inp["noise"],
+                    prev_x0=inp["prev_x0"],
+                    guided=inp["guided"],
+                    backend=name,
+                    check=False,
+                )
 
             ms = median_ms(fn, device, **reps)
             bw = nbytes / ms / 1e6
-            rows.append({"op": OP_STEP, "case": case, "backend": b.name, "check": check, "ms": ms,
-                         "baseline": "torch reference", "baseline_ms": ref_ms,
-                         "ratio": ref_ms / ms, "bandwidth_GBs": bw, "target": None})
-            rows.append({"op": OP_STEP, "case": case, "backend": b.name, "check": check, "ms": ms,
-                         "baseline": "clone (same bytes)", "baseline_ms": clone_ms,
-                         "ratio": clone_ms / ms, "bandwidth_GBs": bw,
-                         "target": f">= {BW_TARGET} of copy bandwidth"})
+            rows.append(
+                {
+                    "op": OP_STEP,
+                    "case": case,
+                    "backend": b.name,
+                    "check": check,
+                    "ms": ms,
+                    "baseline": "torch reference",
+                    "baseline_ms": ref_ms,
+                    "ratio": ref_ms / ms,
+                    "bandwidth_GBs": bw,
+                    "target": None,
+                }
+            )
+            rows.append(
+                {
+                    "op": OP_STEP,
+                    "case": case,
+                    "backend": b.name,
+                    "check": check,
+                    "ms": ms,
+                    "baseline": "clone (same bytes)",
+                    "baseline_ms": clone_ms,
+                    "ratio": clone_ms / ms,
+                    "bandwidth_GBs": bw,
+                    "target": f">= {BW_TARGET} of copy bandwidth",
+                }
+            )
     return rows
 
 
@@ -153,16 +237,27 @@ class SmallDenoiser(torch.nn.Module):
         super().__init__()
         self.width, self.heads = width, heads
         self.inp = torch.nn.Linear(C, width)
-        self.temb = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.SiLU(),
-                                        torch.nn.Linear(width, width))
+        self.temb = torch.nn.Sequential(
+            torch.nn.Linear(width, width), torch.nn.SiLU(), torch.nn.Linear(width, width)
+        )
         self.cond = torch.nn.Linear(cond_dim, width)
         self.blocks = torch.nn.ModuleList()
         for _ in range(blocks):
-            self.blocks.append(torch.nn.ModuleDict({
-                "n1": torch.nn.LayerNorm(width), "qkv": torch.nn.Linear(width, 3 * width),
-                "proj": torch.nn.Linear(width, width), "n2": torch.nn.LayerNorm(width),
-                "mlp": torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(),
-                                           torch.nn.Linear(4 * width, width))}))
+            self.blocks.append(
+                torch.nn.ModuleDict(
+                    {
+                        "n1": torch.nn.LayerNorm(width),
+                        "qkv": torch.nn.Linear(width, 3 * width),
+                        "proj": torch.nn.Linear(width, width),
+                        "n2": torch.nn.LayerNorm(width),
+                        "mlp": torch.nn.Sequential(
+                            torch.nn.Linear(width, 4 * width),
+                            torch.nn.GELU(),
+                            torch.nn.Linear(4 * width, width),
+                        ),
+                    }
+                )
+            )
         self.out = torch.nn.Linear(width, C)
 
     def time_embedding(self, t):
@@ -202,8 +297,10 @@ def _sample_rows(device: torch.device, tiny: bool) -> list[dict]:
     reps = dict(repeat=2, warmup=1) if tiny else dict(repeat=10, warmup=2)
     cases = [
         ("ddim, 50 steps", dict(sampler="ddim", steps=50, cond=cond)),
-        ("dpmpp_2m, 25 steps, CFG 4.0", dict(sampler="dpmpp_2m", steps=25, cond=cond,
-                                             uncond=uncond, guidance_scale=4.0)),
+        (
+            "dpmpp_2m, 25 steps, CFG 4.0",
+            dict(sampler="dpmpp_2m", steps=25, cond=cond, uncond=uncond, guidance_scale=4.0),
+        ),
     ]
     rows = []
     for label, kw in cases:
@@ -212,43 +309,92 @@ def _sample_rows(device: torch.device, tiny: bool) -> list[dict]:
             eager = sample(model, x_T, sched, **kw)
             eager_ms = median_ms(lambda: sample(model, x_T, sched, **kw), device, **reps)
             if kw["sampler"] == "ddim":
-                base_ms = median_ms(lambda: _diffusers_style_ddim(model, x_T, sched, kw["steps"],
-                                                                  cond=cond), device, **reps)
+                base_ms = median_ms(
+                    lambda: _diffusers_style_ddim(model, x_T, sched, kw["steps"], cond=cond),
+                    device,
+                    **reps,
+                )
         if device.type != "cuda":
-            rows.append({"op": OP_SAMPLE, "case": case, "backend": "cuda_graph",
-                         "check": "skip: CUDA graphs need a GPU", "baseline": "eager loop",
-                         "baseline_ms": eager_ms})
+            rows.append(
+                {
+                    "op": OP_SAMPLE,
+                    "case": case,
+                    "backend": "cuda_graph",
+                    "check": "skip: CUDA graphs need a GPU",
+                    "baseline": "eager loop",
+                    "baseline_ms": eager_ms,
+                }
+            )
             continue
         try:
             with warnings.catch_warnings(record=True) as caught, torch.no_grad():
                 warnings.simplefilter("always")
-                sample(model, x_T, sched, cuda_graph=True, **kw)       # capture (eager answer)
+                sample(model, x_T, sched, cuda_graph=True, **kw)  # capture (eager answer)
                 graphed = sample(model, x_T, sched, cuda_graph=True, **kw)  # replay
         except Exception as exc:  # noqa: BLE001 - report, keep going
-            rows.append({"op": OP_SAMPLE, "case": case, "backend": "cuda_graph",
-                         "check": f"FAIL: {type(exc).__name__}: {exc}"})
+            rows.append(
+                {
+                    "op": OP_SAMPLE,
+                    "case": case,
+                    "backend": "cuda_graph",
+                    "check": f"FAIL: {type(exc).__name__}: {exc}",
+                }
+            )
             continue
         fallback = [str(w.message) for w in caught if "cuda_graph" in str(w.message)]
         if fallback:
             check = f"FAIL: {fallback[0]}"
         else:
             err = (graphed - eager).abs().max().item()
-            check = "pass" if err <= 1e-4 * (1 + eager.abs().max().item()) else \
-                f"FAIL: graph replay differs from eager by {err:.3g}"
+            check = (
+                "pass"
+                if err <= 1e-4 * (1 + eager.abs().max().item())
+                else f"FAIL: graph replay differs from eager by {err:.3g}"
+            )
         with torch.no_grad():
-            graph_ms = median_ms(lambda: sample(model, x_T, sched, cuda_graph=True, **kw), device,
-                                 **reps)
-        rows.append({"op": OP_SAMPLE, "case": case, "backend": "cuda_graph", "check": check,
-                     "ms": graph_ms, "baseline": "same loop, eager", "baseline_ms": eager_ms,
-                     "ratio": eager_ms / graph_ms, "target": f">= {GRAPH_TARGET}x"})
+            graph_ms = median_ms(
+                lambda: sample(model, x_T, sched, cuda_graph=True, **kw), device, **reps
+            )
+        rows.append(
+            {
+                "op": OP_SAMPLE,
+                "case": case,
+                "backend": "cuda_graph",
+                "check": check,
+                "ms": graph_ms,
+                "baseline": "same loop, eager",
+                "baseline_ms": eager_ms,
+                "ratio": eager_ms / graph_ms,
+                "target": f">= {GRAPH_TARGET}x",
+            }
+        )
         if kw["sampler"] == "ddim":
-            rows.append({"op": OP_SAMPLE, "case": case, "backend": "cuda_graph", "check": check,
-                         "ms": graph_ms, "baseline": "diffusers-style eager loop",
-                         "baseline_ms": base_ms, "ratio": base_ms / graph_ms, "target": None})
-            rows.append({"op": OP_SAMPLE, "case": case, "backend": "eager (fused step)",
-                         "check": "pass", "ms": eager_ms,
-                         "baseline": "diffusers-style eager loop", "baseline_ms": base_ms,
-                         "ratio": base_ms / eager_ms, "target": None})
+            rows.append(
+                {
+                    "op": OP_SAMPLE,
+                    "case": case,
+                    "backend": "cuda_graph",
+                    "check": check,
+                    "ms": graph_ms,
+                    "baseline": "diffusers-style eager loop",
+                    "baseline_ms": base_ms,
+                    "ratio": base_ms / graph_ms,
+                    "target": None,
+                }
+            )
+            rows.append(
+                {
+                    "op": OP_SAMPLE,
+                    "case": case,
+                    "backend": "eager (fused step)",
+                    "check": "pass",
+                    "ms": eager_ms,
+                    "baseline": "diffusers-style eager loop",
+                    "baseline_ms": base_ms,
+                    "ratio": base_ms / eager_ms,
+                    "target": None,
+                }
+            )
     return rows
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -24,7 +24,6 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_tokenize import layer_plan, llama_state_dict, plain_detokenize, plain_tokenize  # noqa: E402
 
-from d2nwg.timing import median_ms  # noqa: E402
 from d2nwg.ops.tokenize_op import (  # noqa: E402
     DETOKENIZE_BACKENDS,
     TOKENIZE_BACKENDS,
@@ -33,6 +32,7 @@ from d2nwg.ops.tokenize_op import (  # noqa: E402
     tokenize,
     tokenize_ref,
 )
+from d2nwg.timing import median_ms  # noqa: E402
 
 FULL = dict(hidden=2048, layers=16, intermediate=8192, vocab=128256, heads=32, kv_heads=8)
 TINY = dict(hidden=32, layers=2, intermediate=96, vocab=200, heads=4, kv_heads=2)
@@ -56,11 +56,14 @@ def run(device: torch.device, tiny: bool) -> list[dict]:
     weights = list(sd.values())
     plan = layer_plan(weights)
     n = sum(w.numel() for w in weights)
-    case = f"llama-{'tiny' if tiny else '3.2-1B'} {str(dtype).split('.')[-1]} ({n / 1e6:.2f}M weights, C={plan.chunk_size})"
+    name = f"llama-{'tiny' if tiny else '3.2-1B'} {str(dtype).split('.')[-1]}"
+    case = f"{name} ({n / 1e6:.2f}M weights, C={plan.chunk_size})"
     moved = 2 * n * dtype.itemsize  # bytes read + written (no padding at these shapes)
     time_ms = _timer(device, tiny)
     backends = ["cuda", "triton"] + (["cpp"] if device.type == "cpu" else [])
-    gpu_target = "clone >= 0.85 of copy bandwidth" if device.type == "cuda" else "clone >= 0.75 (CPU)"
+    gpu_target = (
+        "clone >= 0.85 of copy bandwidth" if device.type == "cuda" else "clone >= 0.75 (CPU)"
+    )
 
     rows_ref = torch.empty(1, plan.row_size, dtype=dtype, device=device)
     tokenize_ref(rows_ref, weights, plan)
@@ -70,10 +73,14 @@ def run(device: torch.device, tiny: bool) -> list[dict]:
     dests = [torch.empty_like(w) for w in weights]
 
     baselines = {
-        "tokenize": {"clone": lambda: [w.clone() for w in weights],
-                     "plain": lambda: plain_tokenize(weights, plan, dtype)},
-        "detokenize": {"clone": lambda: [w.clone() for w in weights],
-                       "plain": lambda: plain_detokenize(tokens, dests, plan)},
+        "tokenize": {
+            "clone": lambda: [w.clone() for w in weights],
+            "plain": lambda: plain_tokenize(weights, plan, dtype),
+        },
+        "detokenize": {
+            "clone": lambda: [w.clone() for w in weights],
+            "plain": lambda: plain_detokenize(tokens, dests, plan),
+        },
     }
     baseline_ms = {d: {k: time_ms(f) for k, f in fns.items()} for d, fns in baselines.items()}
 
@@ -84,9 +91,18 @@ def run(device: torch.device, tiny: bool) -> list[dict]:
             impl = next(b for b in table if b.name == backend)
             reason = impl.why_not(rows_ref, weights, plan)
             if reason is not None:
-                rows.append({**row, "check": f"skip: {reason}", "ms": None, "baseline": "clone",
-                             "baseline_ms": baseline_ms[direction]["clone"], "ratio": None,
-                             "bandwidth_GBs": None, "target": gpu_target})
+                rows.append(
+                    {
+                        **row,
+                        "check": f"skip: {reason}",
+                        "ms": None,
+                        "baseline": "clone",
+                        "baseline_ms": baseline_ms[direction]["clone"],
+                        "ratio": None,
+                        "bandwidth_GBs": None,
+                        "target": gpu_target,
+                    }
+                )
                 continue
             if direction == "tokenize":
                 fn = lambda: tokenize(weights, plan, dtype=dtype, backend=backend)
@@ -107,15 +123,34 @@ def run(device: torch.device, tiny: bool) -> list[dict]:
                 ms, check = None, f"FAIL: {type(exc).__name__}: {exc}"
             for baseline, target in (("clone", gpu_target), ("plain", "plain > 1 (>= 2 on CPU)")):
                 b_ms = baseline_ms[direction][baseline]
-                rows.append({**row, "check": check, "ms": ms, "baseline": baseline,
-                             "baseline_ms": b_ms, "ratio": b_ms / ms if ms else None,
-                             "bandwidth_GBs": moved / (ms * 1e-3) / 1e9 if ms else None,
-                             "target": target})
+                rows.append(
+                    {
+                        **row,
+                        "check": check,
+                        "ms": ms,
+                        "baseline": baseline,
+                        "baseline_ms": b_ms,
+                        "ratio": b_ms / ms if ms else None,
+                        "bandwidth_GBs": moved / (ms * 1e-3) / 1e9 if ms else None,
+                        "target": target,
+                    }
+                )
     # The limit itself, for reference: the bandwidth of clone().
     clone_ms = baseline_ms["tokenize"]["clone"]
-    rows.append({"op": "clone", "case": case, "backend": "torch", "check": "-", "ms": clone_ms,
-                 "baseline": None, "baseline_ms": None, "ratio": None,
-                 "bandwidth_GBs": moved / (clone_ms * 1e-3) / 1e9, "target": "the limit"})
+    rows.append(
+        {
+            "op": "clone",
+            "case": case,
+            "backend": "torch",
+            "check": "-",
+            "ms": clone_ms,
+            "baseline": None,
+            "baseline_ms": None,
+            "ratio": None,
+            "bandwidth_GBs": moved / (clone_ms * 1e-3) / 1e9,
+            "target": "the limit",
+        }
+    )
     return rows
 
 

@@ -4,8 +4,10 @@ Learn the distribution of a zoo of trained weights and synthesize new, task-spec
 with a conditional latent diffusion model, on fused Triton / CUDA / C++ kernels.
 """
 
-from d2nwg import _kernels_path  # noqa: F401  (maps kernels/ to d2nwg.kernels in a source tree)
-from d2nwg import ops
+from d2nwg import (
+    _kernels_path,  # noqa: F401  (maps kernels/ to d2nwg.kernels in a source tree)
+    ops,
+)
 from d2nwg.errors import (
     BackendUnavailableError,
     ConfigError,

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
-
 import importlib
 import importlib.util
+from typing import Any
 
 IMPORT_ERROR: str | None = None
 if importlib.util.find_spec("d2nwg._C") is None:  # not built: torch and Triton still work
@@ -20,7 +19,7 @@ else:
         IMPORT_ERROR = f"d2nwg._C failed to import ({exc}); rebuild it for this torch"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_info() -> dict[str, Any]:
     """What the extension was compiled with: {"with_cuda", "cuda_archs", "torch"}."""
     if _C is None:
@@ -41,7 +40,9 @@ def cuda_reason(device_index: int | None = None) -> str | None:
         return IMPORT_ERROR
     info = build_info()
     if not info["with_cuda"]:
-        return "d2nwg._C was built without CUDA (set FORCE_CUDA=1 or TORCH_CUDA_ARCH_LIST and rebuild)"
+        return (
+            "d2nwg._C was built without CUDA (set FORCE_CUDA=1 or TORCH_CUDA_ARCH_LIST and rebuild)"
+        )
     import torch
 
     if not torch.cuda.is_available():
@@ -58,13 +59,16 @@ def cuda_reason(device_index: int | None = None) -> str | None:
         ptx_forward = arch.endswith("+PTX") and (int(a_major), int(a_minor)) <= (major, minor)
         if same_major or ptx_forward:
             return None
-    return f"d2nwg._C has no code for compute capability {major}.{minor} (compiled for {';'.join(compiled)})"
+    return (
+        f"d2nwg._C has no code for compute capability {major}.{minor} "
+        f"(compiled for {';'.join(compiled)})"
+    )
 
 
 FATBIN_MAGIC = b"\x50\xed\x55\xba"  # 0xBA55ED50, little-endian
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def machine_code_archs() -> list[str]:
     """The GPU code really inside d2nwg._C, read from its fat binaries: ["sm_80", "ptx_90"].
 

@@ -9,8 +9,8 @@ or fails with every backend's reason listed.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -74,7 +74,9 @@ def select(op: str, backends: Sequence[Backend], *inputs, backend: str | None = 
         if forced is not None and b.name != forced:
             continue
         if forced is None and b.name == "triton" and on_cpu:
-            reasons[b.name] = "the Triton interpreter is for tests; force backend='triton' to use it"
+            reasons[b.name] = (
+                "the Triton interpreter is for tests; force backend='triton' to use it"
+            )
             continue
         reason = b.why_not(*inputs)
         if reason is None:
@@ -105,8 +107,11 @@ def device_reasons(device: torch.device) -> dict[str, str | None]:
     device = torch.device(device)
     found: dict[str, str | None] = {"torch": None}
     found["cpp"] = _ext.cpp_reason() if device.type == "cpu" else "runs on CPU tensors"
-    found["cuda"] = (_ext.cuda_reason(device.index) if device.type == "cuda"
-                     else _ext.cuda_reason() or "runs on CUDA tensors")
+    found["cuda"] = (
+        _ext.cuda_reason(device.index)
+        if device.type == "cuda"
+        else _ext.cuda_reason() or "runs on CUDA tensors"
+    )
     found["triton"] = triton_reason([torch.empty(1, device=device)])
     try:
         import xformers  # noqa: F401

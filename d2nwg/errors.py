@@ -67,8 +67,10 @@ def warn_at_caller(message: str, category: type[Warning] = RuntimeWarning) -> No
 
     import torch
 
-    inside = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
-              os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+    inside = (
+        os.path.dirname(os.path.abspath(__file__)) + os.sep,
+        os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+    )
     frame, level = sys._getframe(0), 1
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1

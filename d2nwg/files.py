@@ -12,8 +12,9 @@ import torch
 from d2nwg.errors import D2NWGError, FileFormatError, FileWriteError
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: dict[str, str]) -> None:
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]
+) -> None:
     """Write ``tensors`` to ``path``: a temporary file in the same folder, then a rename, so a
     reader never sees a half-written file and a failed write leaves nothing behind."""
     from safetensors.torch import save_file
@@ -34,8 +35,10 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
             os.remove(tmp)
         if isinstance(exc, Exception) and not isinstance(exc, D2NWGError):
             # SafetensorError (a full disk), OSError, or a tensor safetensors cannot store
-            raise FileWriteError(f"{path}: could not be written ({type(exc).__name__}: "
-                                 f"{str(exc)[:300]}); nothing was left behind") from exc
+            raise FileWriteError(
+                f"{path}: could not be written ({type(exc).__name__}: "
+                f"{str(exc)[:300]}); nothing was left behind"
+            ) from exc
         raise
 
 
@@ -72,8 +75,9 @@ def read_json(path: str | os.PathLike) -> object:
         raise FileFormatError(f"{path}: not a readable JSON file: {exc}") from exc
 
 
-def read_safetensors(path: str | os.PathLike, *, load_tensors: bool = True,
-                     device: str | torch.device = "cpu") -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def read_safetensors(
+    path: str | os.PathLike, *, load_tensors: bool = True, device: str | torch.device = "cpu"
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """(metadata, tensors) of a safetensors file; FileFormatError if missing or unreadable."""
     from safetensors import safe_open
 
@@ -85,8 +89,9 @@ def read_safetensors(path: str | os.PathLike, *, load_tensors: bool = True,
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()} if load_tensors else {}
     except Exception as exc:  # safetensors raises its own error types on corrupt files
-        raise FileFormatError(f"{path}: not a readable safetensors file "
-                              f"(truncated or corrupt?): {exc}") from exc
+        raise FileFormatError(
+            f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}"
+        ) from exc
     return metadata, tensors
 
 
@@ -105,12 +110,14 @@ def loads_json(text: str, where: str, *, allow_nan: bool = False) -> object:
     try:
         return json.loads(text, parse_constant=None if allow_nan else no_constant)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-        raise FileFormatError(f"{where}: invalid JSON ({type(exc).__name__}: {str(exc)[:200]})") \
-            from None
+        raise FileFormatError(
+            f"{where}: invalid JSON ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
 
 
-def parse_json_metadata(metadata: dict[str, str], key: str, path: str | os.PathLike,
-                        what: str) -> object:
+def parse_json_metadata(
+    metadata: dict[str, str], key: str, path: str | os.PathLike, what: str
+) -> object:
     """The JSON value stored under ``key`` in a safetensors file's metadata."""
     path = os.fspath(path)
     if key not in metadata:

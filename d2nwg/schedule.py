@@ -8,7 +8,8 @@ float32 cumulative products lose the tail of a 1000-step schedule):
     betas            [T]  beta_t, each in the open interval (0, 1)
     alphas_cumprod   [T]  alpha_bar_t = prod_{s <= t} (1 - beta_s)
     alphas, sigmas_t [T]  alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t)
-    log_snr          [T]  lambda_t = log(alpha_bar_t / (1 - alpha_bar_t))  (twice DPM-Solver's lambda)
+    log_snr          [T]  lambda_t = log(alpha_bar_t / (1 - alpha_bar_t))
+                          (twice DPM-Solver's lambda)
     sigmas           [T]  k-diffusion's sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t)
 
 A denoiser predicts one of ``PREDICTION_TYPES`` (the names the samplers and the training loss
@@ -20,7 +21,7 @@ or ``"sample"`` (x_0 itself). :meth:`NoiseSchedule.add_noise` and
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -31,7 +32,9 @@ PREDICTION_TYPES = ("epsilon", "v", "sample")
 
 def check_prediction_type(prediction_type: str) -> str:
     if prediction_type not in PREDICTION_TYPES:
-        raise ConfigError(f"unknown prediction_type {prediction_type!r}; choose from {PREDICTION_TYPES}")
+        raise ConfigError(
+            f"unknown prediction_type {prediction_type!r}; choose from {PREDICTION_TYPES}"
+        )
     return prediction_type
 
 
@@ -54,7 +57,9 @@ class NoiseSchedule:
 
     # ---- constructors ---------------------------------------------------------------------
     @classmethod
-    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2) -> "NoiseSchedule":
+    def linear(
+        cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2
+    ) -> NoiseSchedule:
         """Ho et al. (2020): betas linear from ``beta_start`` to ``beta_end``."""
         _check_T(T)
         _check_beta_range(beta_start, beta_end)
@@ -62,25 +67,33 @@ class NoiseSchedule:
         return cls(betas, name=f"linear(T={T}, beta_start={beta_start}, beta_end={beta_end})")
 
     @classmethod
-    def scaled_linear(cls, T: int = 1000, beta_start: float = 0.00085,
-                      beta_end: float = 0.012) -> "NoiseSchedule":
+    def scaled_linear(
+        cls, T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+    ) -> NoiseSchedule:
         """Latent diffusion (Stable Diffusion): sqrt(beta) linear, then squared."""
         _check_T(T)
         _check_beta_range(beta_start, beta_end)
-        betas = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), T,
-                               dtype=torch.float64) ** 2
-        return cls(betas, name=f"scaled_linear(T={T}, beta_start={beta_start}, beta_end={beta_end})")
+        betas = (
+            torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), T, dtype=torch.float64) ** 2
+        )
+        return cls(
+            betas, name=f"scaled_linear(T={T}, beta_start={beta_start}, beta_end={beta_end})"
+        )
 
     @classmethod
-    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "NoiseSchedule":
+    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
         """Nichol & Dhariwal (2021), eq. 17: alpha_bar(t) = f(t) / f(0) with
-        f(t) = cos(((t / T + s) / (1 + s)) * pi / 2) ** 2; beta_t = 1 - alpha_bar(t+1) / alpha_bar(t),
+        f(t) = cos(((t / T + s) / (1 + s)) * pi / 2) ** 2;
+        beta_t = 1 - alpha_bar(t+1) / alpha_bar(t),
         clipped to ``max_beta``."""
         _check_T(T)
         if not (isinstance(s, (int, float)) and math.isfinite(s) and s >= 0):
             raise ConfigError(f"s must be a finite number >= 0, got {s!r}")
-        if isinstance(max_beta, bool) or not isinstance(max_beta, (int, float)) \
-                or not 0 < max_beta < 1:
+        if (
+            isinstance(max_beta, bool)
+            or not isinstance(max_beta, (int, float))
+            or not 0 < max_beta < 1
+        ):
             raise ConfigError(f"max_beta must lie in (0, 1), got {max_beta!r}")
         steps = torch.arange(T + 1, dtype=torch.float64) / T
         f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
@@ -88,7 +101,7 @@ class NoiseSchedule:
         return cls(betas, name=f"cosine(T={T}, s={s})")
 
     @classmethod
-    def from_betas(cls, betas: torch.Tensor | Sequence[float]) -> "NoiseSchedule":
+    def from_betas(cls, betas: torch.Tensor | Sequence[float]) -> NoiseSchedule:
         """A schedule from explicit betas (1-D, each in the open interval (0, 1))."""
         if not isinstance(betas, torch.Tensor):
             try:
@@ -112,7 +125,7 @@ class NoiseSchedule:
     def device(self) -> torch.device:
         return self.betas.device
 
-    def to(self, device: torch.device | str) -> "NoiseSchedule":
+    def to(self, device: torch.device | str) -> NoiseSchedule:
         """This schedule with its (float64) tables on ``device``."""
         new = object.__new__(NoiseSchedule)
         new.name = self.name
@@ -130,11 +143,13 @@ class NoiseSchedule:
         return c.reshape(c.shape + (1,) * (like.dim() - 1))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``x_t = alpha_t x_0 + sigma_t eps`` (Ho et al. 2020, eq. 4) for ``x0 [B, ...]``, ``t [B]``."""
+        """``x_t = alpha_t x_0 + sigma_t eps`` (Ho et al. 2020, eq. 4) for ``x0 [B, ...]``,
+        ``t [B]``."""
         return self._coef(self.alphas, t, x0) * x0 + self._coef(self.sigmas_t, t, x0) * noise
 
-    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-               prediction_type: str) -> torch.Tensor:
+    def target(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, prediction_type: str
+    ) -> torch.Tensor:
         """What a model of ``prediction_type`` should output for ``add_noise(x0, noise, t)``."""
         check_prediction_type(prediction_type)
         if prediction_type == "epsilon":
@@ -150,8 +165,9 @@ MAX_TIMESTEPS = 2**20
 
 def _check_T(T) -> None:
     if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_TIMESTEPS:
-        raise ConfigError(f"T (number of timesteps) must be an int in [1, {MAX_TIMESTEPS}], "
-                          f"got {T!r:.60}")
+        raise ConfigError(
+            f"T (number of timesteps) must be an int in [1, {MAX_TIMESTEPS}], got {T!r:.60}"
+        )
 
 
 def _check_beta_range(beta_start, beta_end) -> None:
@@ -170,11 +186,14 @@ def _check_betas(betas) -> None:
     if betas.numel() > MAX_TIMESTEPS:
         raise ConfigError(f"{betas.numel()} betas, more than MAX_TIMESTEPS = {MAX_TIMESTEPS}")
     if betas.layout != torch.strided or betas.device.type == "meta":
-        raise ConfigError(f"betas must be a dense tensor with values, got {betas.layout} on "
-                          f"{betas.device}")
+        raise ConfigError(
+            f"betas must be a dense tensor with values, got {betas.layout} on {betas.device}"
+        )
     b = betas.detach().double()
     if not bool(torch.isfinite(b).all()):
         raise NonFiniteError("betas hold NaN or Inf")
     if not bool(((b > 0) & (b < 1)).all()):
-        raise ConfigError(f"betas must lie in the open interval (0, 1); got min {b.min().item():.3g}, "
-                          f"max {b.max().item():.3g}")
+        raise ConfigError(
+            f"betas must lie in the open interval (0, 1); got min {b.min().item():.3g}, "
+            f"max {b.max().item():.3g}"
+        )

@@ -5,10 +5,18 @@ from __future__ import annotations
 import torch
 
 
-def llama_state_dict(hidden: int = 2048, layers: int = 16, intermediate: int = 8192,
-                     vocab: int = 128256, heads: int = 32, kv_heads: int = 8,
-                     dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-                     seed: int = 0, tied_embeddings: bool = False) -> dict[str, torch.Tensor]:
+def llama_state_dict(
+    hidden: int = 2048,
+    layers: int = 16,
+    intermediate: int = 8192,
+    vocab: int = 128256,
+    heads: int = 32,
+    kv_heads: int = 8,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    tied_embeddings: bool = False,
+) -> dict[str, torch.Tensor]:
     """A LLaMA-shaped state dict with random weights (defaults: LLaMA-3.2-1B, untied).
 
     Names follow Hugging Face's LlamaForCausalLM. Weights are N(0, 0.02), norms are ones.

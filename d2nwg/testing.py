@@ -12,9 +12,15 @@ def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double() - b.detach().double()).abs().max().item()
 
 
-def assert_close_lowp(out: torch.Tensor, ref: torch.Tensor, torch_out: torch.Tensor, *,
-                      factor: float = 2.0, atol: float | None = None,
-                      name: str = "output") -> None:
+def assert_close_lowp(
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    torch_out: torch.Tensor,
+    *,
+    factor: float = 2.0,
+    atol: float | None = None,
+    name: str = "output",
+) -> None:
     """Low-precision rule: the kernel's error is at most ``factor`` times PyTorch's own error.
 
     ``ref`` is a high-precision reference (fp32 or better, fp64 preferred) computed from the
@@ -27,8 +33,10 @@ def assert_close_lowp(out: torch.Tensor, ref: torch.Tensor, torch_out: torch.Ten
     ``out`` must be finite.
     """
     if out.shape != ref.shape or torch_out.shape != ref.shape:
-        raise AssertionError(f"{name}: shapes differ: out {tuple(out.shape)}, ref "
-                             f"{tuple(ref.shape)}, torch_out {tuple(torch_out.shape)}")
+        raise AssertionError(
+            f"{name}: shapes differ: out {tuple(out.shape)}, ref "
+            f"{tuple(ref.shape)}, torch_out {tuple(torch_out.shape)}"
+        )
     if not torch.isfinite(out).all():
         raise AssertionError(f"{name}: kernel output has non-finite values")
     if atol is None:
@@ -38,5 +46,7 @@ def assert_close_lowp(out: torch.Tensor, ref: torch.Tensor, torch_out: torch.Ten
     e_t = max_abs_err(torch_out, ref)
     bound = factor * e_t + atol
     if not e_k <= bound:
-        raise AssertionError(f"{name}: kernel error {e_k:.3e} exceeds {factor} x PyTorch's "
-                             f"error {e_t:.3e} + {atol:.2e} (= {bound:.3e}) in {out.dtype}")
+        raise AssertionError(
+            f"{name}: kernel error {e_k:.3e} exceeds {factor} x PyTorch's "
+            f"error {e_t:.3e} + {atol:.2e} (= {bound:.3e}) in {out.dtype}"
+        )

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 
-def median_ms(fn: Callable[[], object], device: torch.device | str = "cpu", repeat: int = 10,
-              warmup: int = 2) -> float:
+def median_ms(
+    fn: Callable[[], object], device: torch.device | str = "cpu", repeat: int = 10, warmup: int = 2
+) -> float:
     """Median milliseconds of ``fn()`` over ``repeat`` runs after ``warmup`` runs."""
     cuda = torch.device(device).type == "cuda"
     for _ in range(warmup):

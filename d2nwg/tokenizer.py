@@ -18,8 +18,8 @@ import fnmatch
 import json
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -49,11 +49,11 @@ CENTER_THRESHOLD = 0.5  # center a layer when |mean| >= this * std
 # Size limits, checked before anything is allocated (a file that names a [2^20, 2^20] layer
 # or a chunk size of 2^40 is refused, not attempted). Generous for real models; raise them
 # at module level if you mean it.
-MAX_CHUNK_SIZE = 2**20      # values per token
-MAX_NUM_TOKENS = 2**24      # tokens per model (positions/kinds cost 24 bytes each)
-MAX_NUM_PARAMS = 2**36      # weights per model, tied tensors counted once
-MAX_LAYERS = 2**20          # tensors in a layout (names and aliases)
-MAX_RANK = 64               # dimensions of one tensor
+MAX_CHUNK_SIZE = 2**20  # values per token
+MAX_NUM_TOKENS = 2**24  # tokens per model (positions/kinds cost 24 bytes each)
+MAX_NUM_PARAMS = 2**36  # weights per model, tied tensors counted once
+MAX_LAYERS = 2**20  # tensors in a layout (names and aliases)
+MAX_RANK = 64  # dimensions of one tensor
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,14 @@ def _storage_key(t: torch.Tensor) -> tuple:
     """Identity of the memory a tensor views. The storage is named by its StorageImpl, not its
     address: every meta tensor (and every empty storage) has address 0, so addresses would
     tie unrelated tensors of the same shape."""
-    return (t.device, t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape),
-            t.stride(), t.dtype)
+    return (
+        t.device,
+        t.untyped_storage()._cdata,
+        t.storage_offset(),
+        tuple(t.shape),
+        t.stride(),
+        t.dtype,
+    )
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -118,9 +124,11 @@ def _check_no_shared_memory(named: Sequence[tuple[str, torch.Tensor]]) -> None:
     ranges.sort()
     for (sa, _, ha, na), (sb, lb, _, nb) in zip(ranges, ranges[1:]):
         if sa == sb and lb < ha:
-            raise ShapeError(f"target[{na!r}] and target[{nb!r}] share memory, but the layout "
-                             f"holds them as separate tensors; writing one would overwrite the "
-                             f"other (untie them in the target)")
+            raise ShapeError(
+                f"target[{na!r}] and target[{nb!r}] share memory, but the layout "
+                f"holds them as separate tensors; writing one would overwrite the "
+                f"other (untie them in the target)"
+            )
 
 
 def _is_int(v) -> bool:
@@ -138,19 +146,27 @@ def _check_layers(layers: Sequence, ignored: frozenset) -> None:
         if not isinstance(spec.name, str):
             raise ConfigError(f"layers[{i}].name must be a string, got {spec.name!r}")
         where = f"layer {spec.name!r}"
-        if not isinstance(spec.shape, tuple) or len(spec.shape) > MAX_RANK \
-                or not all(_is_int(n) and 0 <= n <= MAX_NUM_PARAMS for n in spec.shape):
-            raise ConfigError(f"{where}: shape must be at most {MAX_RANK} ints in "
-                              f"[0, {MAX_NUM_PARAMS}], got {spec.shape!r}")
+        if (
+            not isinstance(spec.shape, tuple)
+            or len(spec.shape) > MAX_RANK
+            or not all(_is_int(n) and 0 <= n <= MAX_NUM_PARAMS for n in spec.shape)
+        ):
+            raise ConfigError(
+                f"{where}: shape must be at most {MAX_RANK} ints in "
+                f"[0, {MAX_NUM_PARAMS}], got {spec.shape!r}"
+            )
         numel = 1
         for n in spec.shape:  # stops growing past the limit: no huge intermediate integers
             numel = min(numel * n, MAX_NUM_PARAMS + 1)
         if numel > MAX_NUM_PARAMS:
-            raise ConfigError(f"{where}: shape {spec.shape} holds more than MAX_NUM_PARAMS = "
-                              f"{MAX_NUM_PARAMS} weights")
+            raise ConfigError(
+                f"{where}: shape {spec.shape} holds more than MAX_NUM_PARAMS = "
+                f"{MAX_NUM_PARAMS} weights"
+            )
         if spec.dtype not in _FLOAT_DTYPE_NAMES:
-            raise ConfigError(f"{where}: dtype {spec.dtype!r} is not one of "
-                              f"{sorted(_FLOAT_DTYPE_NAMES)}")
+            raise ConfigError(
+                f"{where}: dtype {spec.dtype!r} is not one of {sorted(_FLOAT_DTYPE_NAMES)}"
+            )
         if not isinstance(spec.kind, str):
             raise ConfigError(f"{where}: kind must be a string, got {spec.kind!r}")
         if not isinstance(spec.aliases, tuple) or not all(isinstance(a, str) for a in spec.aliases):
@@ -172,8 +188,9 @@ def _stat(value, name: str, S: int) -> torch.Tensor:
     if not value.is_floating_point():
         raise DTypeError(f"{name} has dtype {value.dtype}; expected a floating dtype")
     if tuple(value.shape) != (S,):
-        raise ShapeError(f"{name} must have shape [{S}] (one entry per layer), got "
-                         f"{tuple(value.shape)}")
+        raise ShapeError(
+            f"{name} must have shape [{S}] (one entry per layer), got {tuple(value.shape)}"
+        )
     value = value.detach().to("cpu", torch.float64)
     if not bool(torch.isfinite(value).all()):
         raise NonFiniteError(f"{name} holds NaN or Inf")
@@ -212,14 +229,25 @@ class WeightTokenizer:
             tokens are ``(x - shift) / scale`` with (shift, scale) = normalization(mean, std).
     """
 
-    def __init__(self, layers: Sequence[LayerSpec], chunk_size: int, granularity: str = "layer",
-                 normalize: str | None = "layer", ignored: Iterable[str] = (),
-                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
-                 allow_nonfinite: bool = False) -> None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) \
-                or not 1 <= chunk_size <= MAX_CHUNK_SIZE:
-            raise ConfigError(f"chunk_size must be an int in [1, {MAX_CHUNK_SIZE}], got "
-                              f"{chunk_size!r}")
+    def __init__(
+        self,
+        layers: Sequence[LayerSpec],
+        chunk_size: int,
+        granularity: str = "layer",
+        normalize: str | None = "layer",
+        ignored: Iterable[str] = (),
+        mean: torch.Tensor | None = None,
+        std: torch.Tensor | None = None,
+        allow_nonfinite: bool = False,
+    ) -> None:
+        if (
+            isinstance(chunk_size, bool)
+            or not isinstance(chunk_size, int)
+            or not 1 <= chunk_size <= MAX_CHUNK_SIZE
+        ):
+            raise ConfigError(
+                f"chunk_size must be an int in [1, {MAX_CHUNK_SIZE}], got {chunk_size!r}"
+            )
         if granularity not in ("layer", "model"):
             raise ConfigError(f"granularity must be 'layer' or 'model', got {granularity!r}")
         if normalize not in ("layer", None):
@@ -227,7 +255,9 @@ class WeightTokenizer:
         if not isinstance(allow_nonfinite, bool):
             raise ConfigError(f"allow_nonfinite must be a bool, got {allow_nonfinite!r}")
         if isinstance(layers, (str, bytes, Mapping)) or not isinstance(layers, Sequence):
-            raise ConfigError(f"layers must be a sequence of LayerSpec, got {type(layers).__name__}")
+            raise ConfigError(
+                f"layers must be a sequence of LayerSpec, got {type(layers).__name__}"
+            )
         if not layers:
             raise ConfigError("no tensor selected for tokenization (check include/exclude)")
         if isinstance(ignored, (str, bytes)):
@@ -248,32 +278,45 @@ class WeightTokenizer:
         numel = [spec.numel for spec in self.layers]
         total = sum(numel)
         if total > MAX_NUM_PARAMS:
-            raise ConfigError(f"the layout holds {total} weights per model, more than "
-                              f"d2nwg.tokenizer.MAX_NUM_PARAMS = {MAX_NUM_PARAMS}")
+            raise ConfigError(
+                f"the layout holds {total} weights per model, more than "
+                f"d2nwg.tokenizer.MAX_NUM_PARAMS = {MAX_NUM_PARAMS}"
+            )
         C = chunk_size
         T = sum(-(-n // C) for n in numel) if granularity == "layer" else -(-total // C)
         if T > MAX_NUM_TOKENS:
-            raise ConfigError(f"the layout needs {T} tokens of {C} values per model, more than "
-                              f"d2nwg.tokenizer.MAX_NUM_TOKENS = {MAX_NUM_TOKENS} (use a larger "
-                              f"chunk_size)")
+            raise ConfigError(
+                f"the layout needs {T} tokens of {C} values per model, more than "
+                f"d2nwg.tokenizer.MAX_NUM_TOKENS = {MAX_NUM_TOKENS} (use a larger "
+                f"chunk_size)"
+            )
         self._index = {spec.name: i for i, spec in enumerate(self.layers)}
         self._aliases = {a: spec.name for spec in self.layers for a in spec.aliases}
         self._place()
 
     # ------------------------------------------------------------------ layout
     @classmethod
-    def from_state_dict(cls, state_dict: StateDict, chunk_size: int = 256,
-                        granularity: str = "layer", normalize: str | None = "layer",
-                        include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
-                        allow_nonfinite: bool = False) -> "WeightTokenizer":
+    def from_state_dict(
+        cls,
+        state_dict: StateDict,
+        chunk_size: int = 256,
+        granularity: str = "layer",
+        normalize: str | None = "layer",
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        allow_nonfinite: bool = False,
+    ) -> WeightTokenizer:
         """Fix the layout from a template state dict (its order is the token order)."""
         if not isinstance(state_dict, Mapping):
-            raise DTypeError(f"the template must be a state dict (a mapping of names to "
-                             f"tensors), got {type(state_dict).__name__}")
+            raise DTypeError(
+                f"the template must be a state dict (a mapping of names to "
+                f"tensors), got {type(state_dict).__name__}"
+            )
         for name, patterns in (("include", include), ("exclude", exclude)):
             # a bare string would be iterated as single-character patterns ('*' matches all)
-            if patterns is not None and (isinstance(patterns, (str, bytes)) or not all(
-                    isinstance(p, str) for p in patterns)):
+            if patterns is not None and (
+                isinstance(patterns, (str, bytes)) or not all(isinstance(p, str) for p in patterns)
+            ):
                 raise ConfigError(f"{name} must be a list of glob patterns, got {patterns!r:.80}")
         exclude = DEFAULT_EXCLUDE if exclude is None else tuple(exclude)
         layers: list[LayerSpec] = []
@@ -282,33 +325,45 @@ class WeightTokenizer:
         for name, t in state_dict.items():
             if not isinstance(t, torch.Tensor):
                 raise DTypeError(f"state_dict[{name!r}] is a {type(t).__name__}, not a tensor")
-            selected = (include is None or any(fnmatch.fnmatchcase(name, p) for p in include)) \
-                and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+            selected = (
+                include is None or any(fnmatch.fnmatchcase(name, p) for p in include)
+            ) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
             if not selected:
                 ignored.append(name)
                 continue
             if t.layout != torch.strided:
-                raise DTypeError(f"state_dict[{name!r}] has layout {t.layout}; only dense "
-                                 f"(strided) tensors can be tokenized")
+                raise DTypeError(
+                    f"state_dict[{name!r}] has layout {t.layout}; only dense "
+                    f"(strided) tensors can be tokenized"
+                )
             if t.dtype not in FLOAT_DTYPES:
                 if include is not None:  # asked for by name: say why it cannot be
-                    raise DTypeError(f"state_dict[{name!r}] has dtype {t.dtype}; only floating "
-                                     f"tensors {FLOAT_DTYPES} can be tokenized")
+                    raise DTypeError(
+                        f"state_dict[{name!r}] has dtype {t.dtype}; only floating "
+                        f"tensors {FLOAT_DTYPES} can be tokenized"
+                    )
                 ignored.append(name)
                 continue
             key = _storage_key(t)
             if key in tied and t.numel() > 0:
                 first = layers[tied[key]]
-                layers[tied[key]] = LayerSpec(first.name, first.shape, first.dtype,
-                                              first.aliases + (name,), first.kind)
+                layers[tied[key]] = LayerSpec(
+                    first.name, first.shape, first.dtype, first.aliases + (name,), first.kind
+                )
                 continue
             tied[key] = len(layers)
             shape = tuple(t.shape)
-            layers.append(LayerSpec(name, shape, _dtype_name(t.dtype), (), _layer_kind(name, shape)))
+            layers.append(
+                LayerSpec(name, shape, _dtype_name(t.dtype), (), _layer_kind(name, shape))
+            )
         if not layers:
-            raise ConfigError(f"no floating tensor of the {len(state_dict)} in the state dict "
-                              f"is selected (include={include}, exclude={list(exclude)})")
-        return cls(layers, chunk_size, granularity, normalize, ignored, allow_nonfinite=allow_nonfinite)
+            raise ConfigError(
+                f"no floating tensor of the {len(state_dict)} in the state dict "
+                f"is selected (include={include}, exclude={list(exclude)})"
+            )
+        return cls(
+            layers, chunk_size, granularity, normalize, ignored, allow_nonfinite=allow_nonfinite
+        )
 
     def _place(self) -> None:
         """Offsets, spans, token count, mask, positions and kinds from the layers."""
@@ -346,15 +401,22 @@ class WeightTokenizer:
         if self._mask is None:
             flat = torch.zeros(self.num_tokens * self.chunk_size, dtype=torch.bool)
             for off, n in zip(self._offsets, self._numel):
-                flat[off:off + n] = True
+                flat[off : off + n] = True
             self._mask = flat.view(self.num_tokens, self.chunk_size)
         return self._mask
 
     @property
     def plan(self) -> ChunkPlan:
         shift, scale = normalization(self.mean, self.std)
-        return ChunkPlan(self._numel, self._offsets, self._spans, tuple(shift.tolist()),
-                         tuple(scale.tolist()), self.num_tokens, self.chunk_size)
+        return ChunkPlan(
+            self._numel,
+            self._offsets,
+            self._spans,
+            tuple(shift.tolist()),
+            tuple(scale.tolist()),
+            self.num_tokens,
+            self.chunk_size,
+        )
 
     @property
     def layer_names(self) -> list[str]:
@@ -366,9 +428,11 @@ class WeightTokenizer:
         return sum(self._numel)
 
     def __repr__(self) -> str:
-        return (f"WeightTokenizer({len(self.layers)} tensors, {self.num_params} weights -> "
-                f"T={self.num_tokens} x C={self.chunk_size}, granularity={self.granularity!r}, "
-                f"normalize={self.normalize!r})")
+        return (
+            f"WeightTokenizer({len(self.layers)} tensors, {self.num_params} weights -> "
+            f"T={self.num_tokens} x C={self.chunk_size}, granularity={self.granularity!r}, "
+            f"normalize={self.normalize!r})"
+        )
 
     # ------------------------------------------------------------------ input checks
     def _sources(self, state_dict: StateDict, which: int) -> list[torch.Tensor]:
@@ -380,36 +444,48 @@ class WeightTokenizer:
         known = self._index.keys() | self._aliases.keys() | self.ignored
         extra = [k for k in state_dict if k not in known]
         if missing or extra:
-            raise KeyMismatchError(f"{where} does not match the layout: missing keys {missing[:8]}"
-                                   f"{' ...' if len(missing) > 8 else ''}, unexpected keys "
-                                   f"{extra[:8]}{' ...' if len(extra) > 8 else ''}")
+            raise KeyMismatchError(
+                f"{where} does not match the layout: missing keys {missing[:8]}"
+                f"{' ...' if len(missing) > 8 else ''}, unexpected keys "
+                f"{extra[:8]}{' ...' if len(extra) > 8 else ''}"
+            )
         out = []
         for spec in self.layers:
             t = state_dict[spec.name]
             if not isinstance(t, torch.Tensor):
                 raise DTypeError(f"{where}[{spec.name!r}] is a {type(t).__name__}, not a tensor")
             if tuple(t.shape) != spec.shape:
-                raise ShapeError(f"{where}[{spec.name!r}] has shape {tuple(t.shape)}, the layout "
-                                 f"expects {spec.shape}")
+                raise ShapeError(
+                    f"{where}[{spec.name!r}] has shape {tuple(t.shape)}, the layout "
+                    f"expects {spec.shape}"
+                )
             if t.dtype != spec.torch_dtype:
-                raise DTypeError(f"{where}[{spec.name!r}] has dtype {t.dtype}, the layout "
-                                 f"expects {spec.torch_dtype}")
+                raise DTypeError(
+                    f"{where}[{spec.name!r}] has dtype {t.dtype}, the layout "
+                    f"expects {spec.torch_dtype}"
+                )
             if t.layout != torch.strided:
-                raise DTypeError(f"{where}[{spec.name!r}] has layout {t.layout}; only dense "
-                                 f"(strided) tensors can be tokenized")
+                raise DTypeError(
+                    f"{where}[{spec.name!r}] has layout {t.layout}; only dense "
+                    f"(strided) tensors can be tokenized"
+                )
             if t.device.type == "meta":
-                raise DeviceError(f"{where}[{spec.name!r}] is on the meta device: it holds no "
-                                  f"weights to tokenize (a meta template only fixes the layout)")
+                raise DeviceError(
+                    f"{where}[{spec.name!r}] is on the meta device: it holds no "
+                    f"weights to tokenize (a meta template only fixes the layout)"
+                )
             # Ties are a property of the template; each model must hold them too, or its
             # tied copy would silently be replaced by the tensor it is tied to.
             for alias in spec.aliases:
-                if alias in state_dict and not (isinstance(state_dict[alias], torch.Tensor)
-                                                and _same_bits(t, state_dict[alias])):
+                if alias in state_dict and not (
+                    isinstance(state_dict[alias], torch.Tensor) and _same_bits(t, state_dict[alias])
+                ):
                     raise KeyMismatchError(
                         f"{where}[{alias!r}] differs from {where}[{spec.name!r}], but the two "
                         f"are tied in the template (one tensor), so the layout stores only "
                         f"{spec.name!r}; to tokenize both, build the layout from a template "
-                        f"where they are separate tensors (e.g. a .clone() of one)")
+                        f"where they are separate tensors (e.g. a .clone() of one)"
+                    )
             out.append(t)
         return out
 
@@ -425,13 +501,16 @@ class WeightTokenizer:
         for n, sd in enumerate(state_dicts):
             for spec in self.layers:
                 if not bool(torch.isfinite(sd[spec.name]).all()):
-                    raise NonFiniteError(f"state dict {n}[{spec.name!r}] holds NaN or Inf "
-                                         f"(pass allow_nonfinite=True to tokenize it anyway)")
-        raise NonFiniteError(f"normalized weights overflow the token dtype {tokens.dtype}; "
-                             f"use a wider dtype")
+                    raise NonFiniteError(
+                        f"state dict {n}[{spec.name!r}] holds NaN or Inf "
+                        f"(pass allow_nonfinite=True to tokenize it anyway)"
+                    )
+        raise NonFiniteError(
+            f"normalized weights overflow the token dtype {tokens.dtype}; use a wider dtype"
+        )
 
     # ------------------------------------------------------------------ statistics
-    def fit(self, state_dicts: Iterable[StateDict]) -> "WeightTokenizer":
+    def fit(self, state_dicts: Iterable[StateDict]) -> WeightTokenizer:
         """Per-layer mean and std over a zoo, in float64, one state dict at a time.
 
         ``state_dicts`` may be any iterable (a generator that loads files lazily), so the zoo
@@ -439,10 +518,12 @@ class WeightTokenizer:
         """
         if isinstance(state_dicts, Mapping):  # one state dict, as tokenize() takes it
             state_dicts = [state_dicts]
-        elif isinstance(state_dicts, (str, bytes, torch.Tensor)) or \
-                not isinstance(state_dicts, Iterable):
-            raise DTypeError(f"fit() takes an iterable of state dicts, got "
-                             f"{type(state_dicts).__name__}")
+        elif isinstance(state_dicts, (str, bytes, torch.Tensor)) or not isinstance(
+            state_dicts, Iterable
+        ):
+            raise DTypeError(
+                f"fit() takes an iterable of state dicts, got {type(state_dicts).__name__}"
+            )
         if self.normalize is None:
             return self
         S = len(self.layers)
@@ -457,8 +538,10 @@ class WeightTokenizer:
                 var_b, mean_b = torch.var_mean(t.detach().double(), correction=0)
                 mean_b, m2_b, n_b = float(mean_b), float(var_b) * t.numel(), float(t.numel())
                 if not (math.isfinite(mean_b) and math.isfinite(m2_b)) and not self.allow_nonfinite:
-                    raise NonFiniteError(f"state dict {n}[{self.layers[s].name!r}] holds NaN or "
-                                         f"Inf (pass allow_nonfinite=True to allow it)")
+                    raise NonFiniteError(
+                        f"state dict {n}[{self.layers[s].name!r}] holds NaN or "
+                        f"Inf (pass allow_nonfinite=True to allow it)"
+                    )
                 n_a = float(count[s])
                 delta = mean_b - float(mean[s])
                 total = n_a + n_b
@@ -476,15 +559,22 @@ class WeightTokenizer:
         return self
 
     # ------------------------------------------------------------------ tokens
-    def tokenize(self, state_dicts: StateDict | Sequence[StateDict],
-                 dtype: torch.dtype = torch.float32, backend: str | None = None) -> torch.Tensor:
+    def tokenize(
+        self,
+        state_dicts: StateDict | Sequence[StateDict],
+        dtype: torch.dtype = torch.float32,
+        backend: str | None = None,
+    ) -> torch.Tensor:
         """Tokens ``[N, T, C]`` of N state dicts (one mapping gives N = 1), padding zero."""
         if isinstance(state_dicts, Mapping):
             state_dicts = [state_dicts]
-        elif isinstance(state_dicts, (str, bytes, torch.Tensor)) or \
-                not isinstance(state_dicts, Iterable):
-            raise DTypeError(f"tokenize() takes a state dict or a sequence of them, got "
-                             f"{type(state_dicts).__name__}")
+        elif isinstance(state_dicts, (str, bytes, torch.Tensor)) or not isinstance(
+            state_dicts, Iterable
+        ):
+            raise DTypeError(
+                f"tokenize() takes a state dict or a sequence of them, got "
+                f"{type(state_dicts).__name__}"
+            )
         elif not isinstance(state_dicts, Sequence):
             state_dicts = list(state_dicts)
         if len(state_dicts) == 0:
@@ -492,42 +582,57 @@ class WeightTokenizer:
         sources = [t.detach() for n, sd in enumerate(state_dicts) for t in self._sources(sd, n)]
         devices = {t.device for t in sources}
         if len(devices) > 1:
-            raise DeviceError(f"state dict tensors are on several devices: {sorted(map(str, devices))}")
-        tokens = ops.tokenize(sources, self.plan, num_models=len(state_dicts), dtype=dtype,
-                              backend=backend)
+            raise DeviceError(
+                f"state dict tensors are on several devices: {sorted(map(str, devices))}"
+            )
+        tokens = ops.tokenize(
+            sources, self.plan, num_models=len(state_dicts), dtype=dtype, backend=backend
+        )
         self._check_finite(state_dicts, tokens)
         return tokens
 
     def _check_tokens(self, tokens: torch.Tensor, rank: int) -> None:
         expected = ("[N, " if rank == 3 else "[") + f"{self.num_tokens}, {self.chunk_size}]"
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != rank \
-                or tuple(tokens.shape[-2:]) != (self.num_tokens, self.chunk_size):
+        if (
+            not isinstance(tokens, torch.Tensor)
+            or tokens.dim() != rank
+            or tuple(tokens.shape[-2:]) != (self.num_tokens, self.chunk_size)
+        ):
             raise ShapeError(f"tokens have shape {shape_of(tokens)}, expected {expected}")
         if tokens.dtype not in FLOAT_DTYPES:
             raise DTypeError(f"tokens have dtype {tokens.dtype}; expected one of {FLOAT_DTYPES}")
 
-    def detokenize(self, tokens: torch.Tensor, backend: str | None = None) -> list[dict[str, torch.Tensor]]:
+    def detokenize(
+        self, tokens: torch.Tensor, backend: str | None = None
+    ) -> list[dict[str, torch.Tensor]]:
         """State dicts (original names, shapes, dtypes; on the tokens' device) from ``[N, T, C]``.
 
         Tied names share one tensor, as in the template.
         """
         self._check_tokens(tokens, 3)
         N = tokens.shape[0]
-        dests = [torch.empty(spec.shape, dtype=spec.torch_dtype, device=tokens.device)
-                 for _ in range(N) for spec in self.layers]
+        dests = [
+            torch.empty(spec.shape, dtype=spec.torch_dtype, device=tokens.device)
+            for _ in range(N)
+            for spec in self.layers
+        ]
         ops.detokenize(tokens, dests, self.plan, backend=backend)
         S = len(self.layers)
         out = []
         for n in range(N):
             sd: dict[str, torch.Tensor] = {}
-            for spec, t in zip(self.layers, dests[n * S:(n + 1) * S]):
+            for spec, t in zip(self.layers, dests[n * S : (n + 1) * S]):
                 sd[spec.name] = t
                 sd.update(dict.fromkeys(spec.aliases, t))
             out.append(sd)
         return out
 
-    def detokenize_into(self, target: torch.nn.Module | dict[str, torch.Tensor],
-                        tokens: torch.Tensor, backend: str | None = None):
+    def detokenize_into(
+        self,
+        target: torch.nn.Module | dict[str, torch.Tensor],
+        tokens: torch.Tensor,
+        backend: str | None = None,
+    ):
         """Write one model's tokens ``[T, C]`` in place into a module or a state dict.
 
         No full-size intermediate: the kernel scatters straight into the parameter tensors
@@ -540,8 +645,10 @@ class WeightTokenizer:
         elif isinstance(target, Mapping):
             named = target
         else:
-            raise DTypeError(f"detokenize_into() writes into an nn.Module or a state dict, "
-                             f"got {type(target).__name__}")
+            raise DTypeError(
+                f"detokenize_into() writes into an nn.Module or a state dict, "
+                f"got {type(target).__name__}"
+            )
         missing = [s.name for s in self.layers if s.name not in named]
         if missing:
             raise KeyMismatchError(f"target lacks keys of the layout: {missing[:8]}")
@@ -570,38 +677,54 @@ class WeightTokenizer:
         if not isinstance(t, torch.Tensor):
             raise DTypeError(f"target[{name!r}] is a {type(t).__name__}, not a tensor")
         if tuple(t.shape) != spec.shape:
-            raise ShapeError(f"target[{name!r}] has shape {tuple(t.shape)}, the layout "
-                             f"expects {spec.shape}")
+            raise ShapeError(
+                f"target[{name!r}] has shape {tuple(t.shape)}, the layout expects {spec.shape}"
+            )
         if t.dtype not in FLOAT_DTYPES:
             raise DTypeError(f"target[{name!r}] has dtype {t.dtype}, not floating")
         if t.layout != torch.strided:
-            raise DTypeError(f"target[{name!r}] has layout {t.layout}; only dense tensors "
-                             f"can be written in place")
+            raise DTypeError(
+                f"target[{name!r}] has layout {t.layout}; only dense tensors "
+                f"can be written in place"
+            )
         if t.device.type == "meta":
-            raise DeviceError(f"target[{name!r}] is on the meta device (no memory to write "
-                              f"into; materialize the module first, e.g. with to_empty())")
+            raise DeviceError(
+                f"target[{name!r}] is on the meta device (no memory to write "
+                f"into; materialize the module first, e.g. with to_empty())"
+            )
         if torch._debug_has_internal_overlap(t) == 1:
-            raise ShapeError(f"target[{name!r}] has overlapping elements (an expanded view?) "
-                             f"and cannot be written in place")
+            raise ShapeError(
+                f"target[{name!r}] has overlapping elements (an expanded view?) "
+                f"and cannot be written in place"
+            )
         return t.detach()
 
     # ------------------------------------------------------------------ files
     def _layout(self) -> dict:
-        return {"format": FORMAT, "version": FORMAT_VERSION, "chunk_size": self.chunk_size,
-                "granularity": self.granularity, "normalize": self.normalize,
-                "allow_nonfinite": self.allow_nonfinite, "ignored": sorted(self.ignored),
-                "layers": [asdict(spec) for spec in self.layers]}
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "chunk_size": self.chunk_size,
+            "granularity": self.granularity,
+            "normalize": self.normalize,
+            "allow_nonfinite": self.allow_nonfinite,
+            "ignored": sorted(self.ignored),
+            "layers": [asdict(spec) for spec in self.layers],
+        }
 
     def save(self, path: str | os.PathLike) -> None:
         """One safetensors file: statistics as tensors, the layout as JSON metadata.
 
         Written to a temporary file and renamed, so no half-written file is ever left.
         """
-        save_safetensors({"mean": self.mean.contiguous(), "std": self.std.contiguous()}, path,
-                         {"d2nwg": json.dumps(self._layout())})
+        save_safetensors(
+            {"mean": self.mean.contiguous(), "std": self.std.contiguous()},
+            path,
+            {"d2nwg": json.dumps(self._layout())},
+        )
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "WeightTokenizer":
+    def load(cls, path: str | os.PathLike) -> WeightTokenizer:
         """Load a file written by :meth:`save`; a bad file raises :class:`FileFormatError`
         naming the file and the field. Sizes are checked against the MAX_* limits of this
         module before anything is allocated; nothing is unpickled."""
@@ -609,32 +732,46 @@ class WeightTokenizer:
         meta, tensors = read_safetensors(path)
         layout = parse_json_metadata(meta, "d2nwg", path, "tokenizer layout")
         if not isinstance(layout, dict):
-            raise FileFormatError(f"{path}: the tokenizer layout is a {type(layout).__name__}, "
-                                  f"not a JSON object")
+            raise FileFormatError(
+                f"{path}: the tokenizer layout is a {type(layout).__name__}, not a JSON object"
+            )
         if layout.get("format") != FORMAT:
             raise FileFormatError(f"{path}: format {layout.get('format')!r} is not {FORMAT!r}")
         version = layout.get("version")
         if not _is_int(version) or version < 1:
             raise FileFormatError(f"{path}: field 'version' must be an int >= 1, got {version!r}")
         if version > FORMAT_VERSION:
-            raise FileFormatError(f"{path}: format version {version} is newer than this d2nwg "
-                                  f"reads ({FORMAT_VERSION}); upgrade d2nwg")
-        known = {"format", "version", "chunk_size", "granularity", "normalize",
-                 "allow_nonfinite", "ignored", "layers"}
+            raise FileFormatError(
+                f"{path}: format version {version} is newer than this d2nwg "
+                f"reads ({FORMAT_VERSION}); upgrade d2nwg"
+            )
+        known = {
+            "format",
+            "version",
+            "chunk_size",
+            "granularity",
+            "normalize",
+            "allow_nonfinite",
+            "ignored",
+            "layers",
+        }
         unknown = sorted(set(layout) - known)
         if unknown:
             raise FileFormatError(f"{path}: unknown fields {unknown} in the tokenizer layout")
         if sorted(tensors) != ["mean", "std"]:
-            raise FileFormatError(f"{path}: expected the tensors ['mean', 'std'], got "
-                                  f"{sorted(tensors)}")
+            raise FileFormatError(
+                f"{path}: expected the tensors ['mean', 'std'], got {sorted(tensors)}"
+            )
 
         def field(d: dict, key: str, types, where: str = "layout"):
             if key not in d:
                 raise FileFormatError(f"{path}: {where} lacks the field {key!r}")
             value = d[key]
             if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-                raise FileFormatError(f"{path}: {where} field {key!r} must be "
-                                      f"{' or '.join(t.__name__ for t in types)}, got {value!r:.80}")
+                raise FileFormatError(
+                    f"{path}: {where} field {key!r} must be "
+                    f"{' or '.join(t.__name__ for t in types)}, got {value!r:.80}"
+                )
             return value
 
         layers_json = field(layout, "layers", (list,))
@@ -650,14 +787,22 @@ class WeightTokenizer:
                 raise FileFormatError(f"{path}: {where} has unknown fields {extra}")
             shape = field(d, "shape", (list,), where)
             if len(shape) > MAX_RANK or not all(_is_int(n) for n in shape):
-                raise FileFormatError(f"{path}: {where} field 'shape' must be a list of at most "
-                                      f"{MAX_RANK} ints, got {shape!r:.80}")
+                raise FileFormatError(
+                    f"{path}: {where} field 'shape' must be a list of at most "
+                    f"{MAX_RANK} ints, got {shape!r:.80}"
+                )
             aliases = field(d, "aliases", (list,), where)
             if not all(isinstance(a, str) for a in aliases):
                 raise FileFormatError(f"{path}: {where} field 'aliases' must hold strings")
-            layers.append(LayerSpec(field(d, "name", (str,), where), tuple(shape),
-                                    field(d, "dtype", (str,), where), tuple(aliases),
-                                    field(d, "kind", (str,), where)))
+            layers.append(
+                LayerSpec(
+                    field(d, "name", (str,), where),
+                    tuple(shape),
+                    field(d, "dtype", (str,), where),
+                    tuple(aliases),
+                    field(d, "kind", (str,), where),
+                )
+            )
         ignored = field(layout, "ignored", (list,))
         if not all(isinstance(a, str) for a in ignored):
             raise FileFormatError(f"{path}: field 'ignored' must hold strings")
@@ -667,18 +812,29 @@ class WeightTokenizer:
             raise FileFormatError(f"{path}: layout lacks the field 'normalize'")
         normalize = layout["normalize"]
         if normalize is not None and not isinstance(normalize, str):
-            raise FileFormatError(f"{path}: field 'normalize' must be a string or null, got "
-                                  f"{normalize!r:.80}")
+            raise FileFormatError(
+                f"{path}: field 'normalize' must be a string or null, got {normalize!r:.80}"
+            )
         allow_nonfinite = layout.get("allow_nonfinite", False)
         if not isinstance(allow_nonfinite, bool):
-            raise FileFormatError(f"{path}: field 'allow_nonfinite' must be a bool, got "
-                                  f"{allow_nonfinite!r:.80}")
+            raise FileFormatError(
+                f"{path}: field 'allow_nonfinite' must be a bool, got {allow_nonfinite!r:.80}"
+            )
         for key in ("mean", "std"):
             if tensors[key].dtype != torch.float64:
-                raise FileFormatError(f"{path}: tensor {key!r} has dtype {tensors[key].dtype}, "
-                                      f"expected float64")
+                raise FileFormatError(
+                    f"{path}: tensor {key!r} has dtype {tensors[key].dtype}, expected float64"
+                )
         try:
-            return cls(layers, chunk_size, granularity, normalize, ignored, tensors["mean"],
-                       tensors["std"], allow_nonfinite)
+            return cls(
+                layers,
+                chunk_size,
+                granularity,
+                normalize,
+                ignored,
+                tensors["mean"],
+                tensors["std"],
+                allow_nonfinite,
+            )
         except D2NWGError as exc:  # ConfigError, ShapeError, ...: what is wrong, with the file
             raise FileFormatError(f"{path}: invalid tokenizer layout: {exc}") from exc

@@ -54,15 +54,35 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, MASK,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    MASK,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
     stride_maskb,
-    H, LQ, LK, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    H,
+    LQ,
+    LK,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
     FULL_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -119,11 +139,19 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_preprocess(
-    O, DO, DELTA,
-    stride_ob, stride_oh, stride_om,
-    stride_dob, stride_doh, stride_dom,
-    H, LQ,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    O,
+    DO,
+    DELTA,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    H,
+    LQ,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -135,26 +163,60 @@ def _attn_bwd_preprocess(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < LQ
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    o = tl.load(
+        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    ).to(tl.float32)
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    ).to(tl.float32)
     tl.store(DELTA + row0 + offs_m, tl.sum(o * do, 1), mask=row_ok)
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, MASK,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_dom,
-    stride_dkb, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvh, stride_dvn,
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    LSE,
+    DELTA,
+    MASK,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
     stride_maskb,
-    H, LQ, LK, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    H,
+    LQ,
+    LK,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
     FULL_M: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -173,10 +235,16 @@ def _attn_bwd_dkdv_kernel(
         keep = tl.load(MASK + b * stride_maskb + offs_n, mask=in_range, other=0)
         col_ok = col_ok & (keep != 0)
 
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
+    k = tl.load(
+        K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+        mask=col_ok[:, None],
+        other=0.0,
+    )
+    v = tl.load(
+        V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+        mask=col_ok[:, None],
+        other=0.0,
+    )
     q_base = Q + b * stride_qb + h * stride_qh + offs_d[None, :]
     do_base = DO + b * stride_dob + h * stride_doh + offs_d[None, :]
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -203,24 +271,55 @@ def _attn_bwd_dkdv_kernel(
         ds_t = p_t * (dp_t - delta[None, :])
         dk += _dot(ds_t.to(q.dtype), q, PRECISION, UPCAST)
     dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=in_range[:, None])
-    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=in_range[:, None])
+    tl.store(
+        DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=in_range[:, None],
+    )
+    tl.store(
+        DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=in_range[:, None],
+    )
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, MASK,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_dom,
-    stride_dqb, stride_dqh, stride_dqm,
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    LSE,
+    DELTA,
+    MASK,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
     stride_maskb,
-    H, LQ, LK, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    H,
+    LQ,
+    LK,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
     FULL_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -235,10 +334,16 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < LQ
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
     lse = tl.load(LSE + row0 + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + row0 + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :]
@@ -265,8 +370,11 @@ def _attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(
+        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -333,8 +441,9 @@ def _mask_arg(mask: torch.Tensor | None, fallback: torch.Tensor):
     return m, m.stride(0), True
 
 
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  mask: torch.Tensor | None, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, sm_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Output ``[B, H, Lq, D]`` (laid out as [B, Lq, H, D] in memory) and base-2 LSE [B, H, Lq]."""
     from d2nwg.ops.latent_attention_op import check_launch
 
@@ -358,21 +467,49 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             Bs = sl.stop - sl.start
             qs, ks, vs, os_ = q[sl], k[sl], v[sl], o[sl]
             _attn_fwd_kernel[(triton.cdiv(LQ, cfg["BLOCK_M"]), Bs * H)](
-                qs, ks, vs, os_, lse[sl], m[sl] if has_mask else qs,
-                qs.stride(0), qs.stride(1), qs.stride(2),
-                ks.stride(0), ks.stride(1), ks.stride(2),
-                vs.stride(0), vs.stride(1), vs.stride(2),
-                os_.stride(0), os_.stride(1), os_.stride(2),
-                stride_mb, H, LQ, LK, sm_scale * LOG2E,
-                HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=_precision(q.dtype),
-                UPCAST=_upcast(q.dtype), FULL_N=(not has_mask and LK % cfg["BLOCK_N"] == 0), **cfg,
+                qs,
+                ks,
+                vs,
+                os_,
+                lse[sl],
+                m[sl] if has_mask else qs,
+                qs.stride(0),
+                qs.stride(1),
+                qs.stride(2),
+                ks.stride(0),
+                ks.stride(1),
+                ks.stride(2),
+                vs.stride(0),
+                vs.stride(1),
+                vs.stride(2),
+                os_.stride(0),
+                os_.stride(1),
+                os_.stride(2),
+                stride_mb,
+                H,
+                LQ,
+                LK,
+                sm_scale * LOG2E,
+                HEAD_DIM=D,
+                HAS_MASK=has_mask,
+                PRECISION=_precision(q.dtype),
+                UPCAST=_upcast(q.dtype),
+                FULL_N=(not has_mask and LK % cfg["BLOCK_N"] == 0),
+                **cfg,
             )
     return o, lse
 
 
-def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  o: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
-                  sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    sm_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``dq, dk, dv`` from the output gradient and the saved LSE."""
     from d2nwg.ops.latent_attention_op import check_bwd_launch
 
@@ -397,32 +534,87 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             dqs, dks, dvs, lses, deltas = dq[sl], dk[sl], dv[sl], lse[sl], delta[sl]
             ms = m[sl] if has_mask else qs
             _attn_bwd_preprocess[(triton.cdiv(LQ, pre_block), BH)](
-                os_, dos, deltas,
-                os_.stride(0), os_.stride(1), os_.stride(2),
-                dos.stride(0), dos.stride(1), dos.stride(2),
-                H, LQ, HEAD_DIM=D, BLOCK_M=pre_block,
+                os_,
+                dos,
+                deltas,
+                os_.stride(0),
+                os_.stride(1),
+                os_.stride(2),
+                dos.stride(0),
+                dos.stride(1),
+                dos.stride(2),
+                H,
+                LQ,
+                HEAD_DIM=D,
+                BLOCK_M=pre_block,
             )
             common = (stride_mb, H, LQ, LK, sm_scale * LOG2E, sm_scale)
             _attn_bwd_dkdv_kernel[(triton.cdiv(LK, cfg["BLOCK_N"]), BH)](
-                qs, ks, vs, dos, dks, dvs, lses, deltas, ms,
-                qs.stride(0), qs.stride(1), qs.stride(2),
-                ks.stride(0), ks.stride(1), ks.stride(2),
-                vs.stride(0), vs.stride(1), vs.stride(2),
-                dos.stride(0), dos.stride(1), dos.stride(2),
-                dks.stride(0), dks.stride(1), dks.stride(2),
-                dvs.stride(0), dvs.stride(1), dvs.stride(2),
-                *common, HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=precision,
-                UPCAST=_upcast(q.dtype), FULL_M=(LQ % cfg["BLOCK_M"] == 0), **cfg,
+                qs,
+                ks,
+                vs,
+                dos,
+                dks,
+                dvs,
+                lses,
+                deltas,
+                ms,
+                qs.stride(0),
+                qs.stride(1),
+                qs.stride(2),
+                ks.stride(0),
+                ks.stride(1),
+                ks.stride(2),
+                vs.stride(0),
+                vs.stride(1),
+                vs.stride(2),
+                dos.stride(0),
+                dos.stride(1),
+                dos.stride(2),
+                dks.stride(0),
+                dks.stride(1),
+                dks.stride(2),
+                dvs.stride(0),
+                dvs.stride(1),
+                dvs.stride(2),
+                *common,
+                HEAD_DIM=D,
+                HAS_MASK=has_mask,
+                PRECISION=precision,
+                UPCAST=_upcast(q.dtype),
+                FULL_M=(LQ % cfg["BLOCK_M"] == 0),
+                **cfg,
             )
             _attn_bwd_dq_kernel[(triton.cdiv(LQ, cfg["BLOCK_M"]), BH)](
-                qs, ks, vs, dos, dqs, lses, deltas, ms,
-                qs.stride(0), qs.stride(1), qs.stride(2),
-                ks.stride(0), ks.stride(1), ks.stride(2),
-                vs.stride(0), vs.stride(1), vs.stride(2),
-                dos.stride(0), dos.stride(1), dos.stride(2),
-                dqs.stride(0), dqs.stride(1), dqs.stride(2),
-                *common, HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=precision,
+                qs,
+                ks,
+                vs,
+                dos,
+                dqs,
+                lses,
+                deltas,
+                ms,
+                qs.stride(0),
+                qs.stride(1),
+                qs.stride(2),
+                ks.stride(0),
+                ks.stride(1),
+                ks.stride(2),
+                vs.stride(0),
+                vs.stride(1),
+                vs.stride(2),
+                dos.stride(0),
+                dos.stride(1),
+                dos.stride(2),
+                dqs.stride(0),
+                dqs.stride(1),
+                dqs.stride(2),
+                *common,
+                HEAD_DIM=D,
+                HAS_MASK=has_mask,
+                PRECISION=precision,
                 UPCAST=_upcast(q.dtype),
-                FULL_N=(not has_mask and LK % cfg["BLOCK_N"] == 0), **cfg,
+                FULL_N=(not has_mask and LK % cfg["BLOCK_N"] == 0),
+                **cfg,
             )
     return dq, dk, dv

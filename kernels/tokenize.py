@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_GPU = 4096   # elements per program on a GPU (8 warps: 16 elements per thread)
-BLOCK_CPU = 256    # under the interpreter: small enough that tests cross block edges
+BLOCK_GPU = 4096  # elements per program on a GPU (8 warps: 16 elements per thread)
+BLOCK_CPU = 256  # under the interpreter: small enough that tests cross block edges
 NUM_WARPS = 8
 
 _TL_DTYPE = {
@@ -73,15 +73,15 @@ def _to_dtype(y, DTYPE: tl.constexpr):
 
 @triton.jit
 def _tokenize_kernel(
-    out_ptr,            # *OUT [N * T*C] tokens
-    src_addr_ptr,       # *int64 [items] base addresses of the sources
+    out_ptr,  # *OUT [N * T*C] tokens
+    src_addr_ptr,  # *int64 [items] base addresses of the sources
     item_of_block_ptr,  # *int32 [blocks]
-    first_block_ptr,    # *int32 [items]
-    dst_ptr,            # *int64 [items] element offset of the item in out: n*T*C + offset[s]
-    numel_ptr,          # *int64 [items]
-    span_ptr,           # *int64 [items]
-    shift_ptr,           # *float64 [items]
-    rscale_ptr,           # *float64 [items]
+    first_block_ptr,  # *int32 [items]
+    dst_ptr,  # *int64 [items] element offset of the item in out: n*T*C + offset[s]
+    numel_ptr,  # *int64 [items]
+    span_ptr,  # *int64 [items]
+    shift_ptr,  # *float64 [items]
+    rscale_ptr,  # *float64 [items]
     SRC: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -117,14 +117,14 @@ def _tokenize_kernel(
 
 @triton.jit
 def _detokenize_kernel(
-    tok_ptr,            # *TOK [N * T*C] tokens
-    dst_addr_ptr,       # *int64 [items] base addresses of the destinations
+    tok_ptr,  # *TOK [N * T*C] tokens
+    dst_addr_ptr,  # *int64 [items] base addresses of the destinations
     item_of_block_ptr,  # *int32 [blocks]
-    first_block_ptr,    # *int32 [items]
-    src_ptr,            # *int64 [items] element offset of the item in the tokens
-    numel_ptr,          # *int64 [items]
-    scale_ptr,            # *float64 [items]
-    shift_ptr,           # *float64 [items]
+    first_block_ptr,  # *int32 [items]
+    src_ptr,  # *int64 [items] element offset of the item in the tokens
+    numel_ptr,  # *int64 [items]
+    scale_ptr,  # *float64 [items]
+    shift_ptr,  # *float64 [items]
     DST: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -169,8 +169,14 @@ def _block_size(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _layout(plan, num_models: int, dtypes: tuple[torch.dtype, ...], block: int, padded: bool,
-            device: torch.device) -> list[tuple[torch.dtype, list[int], dict[str, torch.Tensor]]]:
+def _layout(
+    plan,
+    num_models: int,
+    dtypes: tuple[torch.dtype, ...],
+    block: int,
+    padded: bool,
+    device: torch.device,
+) -> list[tuple[torch.dtype, list[int], dict[str, torch.Tensor]]]:
     """Per dtype group: (dtype, item indices, device tables). Depends on the plan only.
 
     ``padded``: tokenize items cover their span (values then zeros); detokenize items cover
@@ -228,30 +234,42 @@ def _check_launch(rows: torch.Tensor, tensors: Sequence[torch.Tensor], plan, wha
     if not isinstance(plan, ChunkPlan):  # a ChunkPlan checked its own tiling when it was made
         raise ConfigError(f"{what}: plan must be a ChunkPlan, got {type(plan).__name__}")
     if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.layout != torch.strided:
-        raise ShapeError(f"{what}: tokens must be a strided [N, T*C] tensor, got "
-                         f"{getattr(rows, 'shape', type(rows).__name__)}")
+        raise ShapeError(
+            f"{what}: tokens must be a strided [N, T*C] tensor, got "
+            f"{getattr(rows, 'shape', type(rows).__name__)}"
+        )
     if rows.dtype not in _TL_DTYPE:
-        raise DTypeError(f"{what}: tokens have dtype {rows.dtype}; expected one of {list(_TL_DTYPE)}")
+        raise DTypeError(
+            f"{what}: tokens have dtype {rows.dtype}; expected one of {list(_TL_DTYPE)}"
+        )
     if rows.shape[1] != plan.row_size or not rows.is_contiguous():
-        raise ShapeError(f"{what}: tokens have shape {tuple(rows.shape)}, expected contiguous "
-                         f"[N, {plan.row_size}]")
+        raise ShapeError(
+            f"{what}: tokens have shape {tuple(rows.shape)}, expected contiguous "
+            f"[N, {plan.row_size}]"
+        )
     S = plan.num_segments
     if not isinstance(tensors, (list, tuple)) or S == 0 or len(tensors) != rows.shape[0] * S:
-        raise ShapeError(f"{what}: {len(tensors) if isinstance(tensors, (list, tuple)) else tensors!r} "
-                         f"tensors for {rows.shape[0]} models of {S} segments")
+        raise ShapeError(
+            f"{what}: {len(tensors) if isinstance(tensors, (list, tuple)) else tensors!r} "
+            f"tensors for {rows.shape[0]} models of {S} segments"
+        )
     for i, t in enumerate(tensors):
         s = i % S
         if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
             raise DTypeError(f"{what}: tensor {i} is not a strided tensor")
         if t.dtype not in _TL_DTYPE:
-            raise DTypeError(f"{what}: tensor {i} has dtype {t.dtype}; expected one of {list(_TL_DTYPE)}")
+            raise DTypeError(
+                f"{what}: tensor {i} has dtype {t.dtype}; expected one of {list(_TL_DTYPE)}"
+            )
         if t.device != rows.device:
             raise DeviceError(f"{what}: tensor {i} is on {t.device}, the tokens on {rows.device}")
         if not t.is_contiguous():
             raise ShapeError(f"{what}: tensor {i} is not contiguous")
         if t.numel() != plan.numel[s]:
-            raise ShapeError(f"{what}: tensor {i} (segment {s}) has {t.numel()} elements, the "
-                             f"plan has {plan.numel[s]}")
+            raise ShapeError(
+                f"{what}: tensor {i} (segment {s}) has {t.numel()} elements, the "
+                f"plan has {plan.numel[s]}"
+            )
 
 
 def _aligned(addresses: Sequence[int], base: int, offsets: Sequence[int], itemsize: int) -> bool:
@@ -259,12 +277,16 @@ def _aligned(addresses: Sequence[int], base: int, offsets: Sequence[int], itemsi
     the tokens a multiple of 16 bytes (``tl.multiple_of(dst, 16 // itemsize)``). The base must
     then be aligned itself: base + offset aligned with a misaligned base would make that hint
     on the offset false."""
-    return (base % 16 == 0 and all(a % 16 == 0 for a in addresses)
-            and all(o * itemsize % 16 == 0 for o in offsets))
+    return (
+        base % 16 == 0
+        and all(a % 16 == 0 for a in addresses)
+        and all(o * itemsize % 16 == 0 for o in offsets)
+    )
 
 
-def tokenize_triton(out_rows: torch.Tensor, sources: Sequence[torch.Tensor], plan, *,
-                    block: int | None = None) -> None:
+def tokenize_triton(
+    out_rows: torch.Tensor, sources: Sequence[torch.Tensor], plan, *, block: int | None = None
+) -> None:
     """Fill tokens ``out_rows`` [N, T*C] (contiguous) from N*S contiguous ``sources``.
 
     Sources are model-major (``sources[n * S + s]`` is segment s of model n) and may mix
@@ -278,21 +300,33 @@ def tokenize_triton(out_rows: torch.Tensor, sources: Sequence[torch.Tensor], pla
     layout = _layout(plan, out_rows.shape[0], dtypes, block, True, out_rows.device)
     for dtype, items, tab in layout:
         addresses = [sources[i].data_ptr() for i in items]
-        aligned = _aligned(addresses, out_rows.data_ptr(), tab["offset_list"],
-                           out_rows.element_size())
+        aligned = _aligned(
+            addresses, out_rows.data_ptr(), tab["offset_list"], out_rows.element_size()
+        )
         src_addr = torch.tensor(addresses, dtype=torch.int64, device=out_rows.device)
         grid = (tab["item_of_block"].numel(),)
         with _on_device(out_rows):
             _tokenize_kernel[grid](
-                out_rows, src_addr, tab["item_of_block"], tab["first_block"], tab["offset"],
-                tab["numel"], tab["span"], tab["shift"], tab["scale"],
-                SRC=_TL_DTYPE[dtype], ALIGNED=aligned, BLOCK=block,
-                num_warps=NUM_WARPS, enable_fp_fusion=False,
+                out_rows,
+                src_addr,
+                tab["item_of_block"],
+                tab["first_block"],
+                tab["offset"],
+                tab["numel"],
+                tab["span"],
+                tab["shift"],
+                tab["scale"],
+                SRC=_TL_DTYPE[dtype],
+                ALIGNED=aligned,
+                BLOCK=block,
+                num_warps=NUM_WARPS,
+                enable_fp_fusion=False,
             )
 
 
-def detokenize_triton(tokens_rows: torch.Tensor, dests: Sequence[torch.Tensor], plan, *,
-                      block: int | None = None) -> None:
+def detokenize_triton(
+    tokens_rows: torch.Tensor, dests: Sequence[torch.Tensor], plan, *, block: int | None = None
+) -> None:
     """Write tokens ``tokens_rows`` [N, T*C] (contiguous) into N*S contiguous ``dests``.
 
     Destinations are model-major and may mix dtypes; one launch per destination dtype.
@@ -305,14 +339,24 @@ def detokenize_triton(tokens_rows: torch.Tensor, dests: Sequence[torch.Tensor], 
     layout = _layout(plan, tokens_rows.shape[0], dtypes, block, False, tokens_rows.device)
     for dtype, items, tab in layout:
         addresses = [dests[i].data_ptr() for i in items]
-        aligned = _aligned(addresses, tokens_rows.data_ptr(), tab["offset_list"],
-                           tokens_rows.element_size())
+        aligned = _aligned(
+            addresses, tokens_rows.data_ptr(), tab["offset_list"], tokens_rows.element_size()
+        )
         dst_addr = torch.tensor(addresses, dtype=torch.int64, device=tokens_rows.device)
         grid = (tab["item_of_block"].numel(),)
         with _on_device(tokens_rows):
             _detokenize_kernel[grid](
-                tokens_rows, dst_addr, tab["item_of_block"], tab["first_block"], tab["offset"],
-                tab["numel"], tab["scale"], tab["shift"],
-                DST=_TL_DTYPE[dtype], ALIGNED=aligned, BLOCK=block,
-                num_warps=NUM_WARPS, enable_fp_fusion=False,
+                tokens_rows,
+                dst_addr,
+                tab["item_of_block"],
+                tab["first_block"],
+                tab["offset"],
+                tab["numel"],
+                tab["scale"],
+                tab["shift"],
+                DST=_TL_DTYPE[dtype],
+                ALIGNED=aligned,
+                BLOCK=block,
+                num_warps=NUM_WARPS,
+                enable_fp_fusion=False,
             )

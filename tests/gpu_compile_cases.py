@@ -77,9 +77,9 @@ def cases() -> list[dict]:
     n = len(dts)
     tok_plan = {  # arch -> [(token dtype, weight dtype, aligned)]
         90: [(t, w, True) for t in dts for w in dts]
-            + [(dts[i], dts[(i + 1) % n], False) for i in range(n)],
+        + [(dts[i], dts[(i + 1) % n], False) for i in range(n)],
         80: [(dts[i], dts[(i + 1) % n], True) for i in range(n)]
-            + [(dts[i], dts[(i + 2) % n], False) for i in range(n)],
+        + [(dts[i], dts[(i + 2) % n], False) for i in range(n)],
     }
     for arch in ARCHS:
         for kernel in ("tokenize", "detokenize"):
@@ -100,8 +100,12 @@ def cases() -> list[dict]:
     small = dims[: len(dims) // 2]
     attn_plan = {  # arch -> [(dtype, dot precision, code path, head dims)]
         80: [("fp32", "ieee", "mask", dims), ("bf16", "tf32", "mask", dims)],
-        90: [("fp32", "ieee", "full", small), ("bf16", "tf32", "full", dims),
-             ("fp16", "tf32", "mask", dims), ("fp32", "tf32", "mask", dims[-1:])],
+        90: [
+            ("fp32", "ieee", "full", small),
+            ("bf16", "tf32", "full", dims),
+            ("fp16", "tf32", "mask", dims),
+            ("fp32", "tf32", "mask", dims[-1:]),
+        ],
     }
     attn_dtypes = {_dt_name(x) for x in la_ops.DTYPES}
     assert {dt for dt, *_ in attn_plan[90]} == attn_dtypes, "a dtype is not covered"
@@ -109,8 +113,11 @@ def cases() -> list[dict]:
         for dt, prec, variant, head_dims in attn_plan[arch]:
             for d in head_dims:
                 for kernel in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"):
-                    out.append(dict(kernel=kernel, arch=arch, d=d, dtype=dt, variant=variant,
-                                    precision=prec))
+                    out.append(
+                        dict(
+                            kernel=kernel, arch=arch, d=d, dtype=dt, variant=variant, precision=prec
+                        )
+                    )
         for d in dims:  # the tiny rowsum(dO * O) kernel: every dtype, the extreme head dims
             for dt in sorted(attn_dtypes):
                 if d in (min(dims), max(dims)) and (arch == 90 or d == max(dims)):
@@ -129,17 +136,30 @@ def cases() -> list[dict]:
 
     ss_plan = {  # arch -> [(x, table, guided, extra input, (B, N))]
         90: [(x, sample_table(x), g, e, big) for x in xs for g, e in modes]
-            + [("fp32", "fp64", True, "prev", big), ("fp64", "fp32", False, "noise", big)]
-            + [("fp32", "fp32", True, "noise", short), ("fp64", "fp64", True, "noise", single)],
-        80: [(x, sample_table(x), g, e, big) for x in xs
-             for g, e in ((False, "noise"), (True, "prev"))]
-            + [("bf16", "fp32", True, "prev", short), ("fp16", "fp32", True, "none", single)],
+        + [("fp32", "fp64", True, "prev", big), ("fp64", "fp32", False, "noise", big)]
+        + [("fp32", "fp32", True, "noise", short), ("fp64", "fp64", True, "noise", single)],
+        80: [
+            (x, sample_table(x), g, e, big)
+            for x in xs
+            for g, e in ((False, "noise"), (True, "prev"))
+        ]
+        + [("bf16", "fp32", True, "prev", short), ("fp16", "fp32", True, "none", single)],
     }
     for arch in ARCHS:
         for x, tab, guided, extra, (B, N) in ss_plan[arch]:
             assert tab in tabs
-            out.append(dict(kernel="sampler_step", arch=arch, x=x, table=tab, guided=guided,
-                            extra=extra, B=B, N=N))
+            out.append(
+                dict(
+                    kernel="sampler_step",
+                    arch=arch,
+                    x=x,
+                    table=tab,
+                    guided=guided,
+                    extra=extra,
+                    B=B,
+                    N=N,
+                )
+            )
     for c in out:
         c["id"] = case_id(c)
     assert len({c["id"] for c in out}) == len(out), "duplicate case ids"
@@ -154,7 +174,8 @@ def case_id(c: dict) -> str:
         rest = f"{c['dtype']}-d{c['d']}"
     elif k.startswith("attn"):
         rest = f"{c['dtype']}-d{c['d']}-{c['variant']}" + (
-            f"-{c['precision']}" if c["dtype"] == "fp32" else "")
+            f"-{c['precision']}" if c["dtype"] == "fp32" else ""
+        )
     else:
         mode = ("guided" if c["guided"] else "plain") + "-" + c["extra"]
         rest = f"x_{c['x']}-tab_{c['table']}-{mode}-B{c['B']}xN{c['N']}"
@@ -183,7 +204,9 @@ def build_source(fn, args: dict, constexprs: dict):
     missing = set(names) - set(args) - set(constexprs)
     extra = (set(args) | set(constexprs)) - set(names)
     if missing or extra:
-        raise TypeError(f"{fn.__name__}: missing arguments {sorted(missing)}, unknown {sorted(extra)}")
+        raise TypeError(
+            f"{fn.__name__}: missing arguments {sorted(missing)}, unknown {sorted(extra)}"
+        )
     signature, consts, attrs = {}, {}, {}
     for i, name in enumerate(names):
         if name in constexprs:
@@ -202,7 +225,7 @@ def build_source(fn, args: dict, constexprs: dict):
                 signature[name] = "constexpr"
                 consts[(i,)] = 1
                 continue
-            signature[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            signature[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
             divisible = v % 16 == 0
         elif isinstance(v, float):
             signature[name] = "fp32"
@@ -220,15 +243,30 @@ def _tokenize_job(c: dict):
     common = dict(ALIGNED=c["aligned"], BLOCK=tk.BLOCK_GPU)
     if c["kernel"] == "tokenize":
         fn = tk._tokenize_kernel
-        args = dict(out_ptr=Ptr(c["tok"]), src_addr_ptr=Ptr("i64"), item_of_block_ptr=Ptr("i32"),
-                    first_block_ptr=Ptr("i32"), dst_ptr=Ptr("i64"), numel_ptr=Ptr("i64"),
-                    span_ptr=Ptr("i64"), mean_ptr=Ptr("fp64"), rstd_ptr=Ptr("fp64"))
+        args = dict(
+            out_ptr=Ptr(c["tok"]),
+            src_addr_ptr=Ptr("i64"),
+            item_of_block_ptr=Ptr("i32"),
+            first_block_ptr=Ptr("i32"),
+            dst_ptr=Ptr("i64"),
+            numel_ptr=Ptr("i64"),
+            span_ptr=Ptr("i64"),
+            mean_ptr=Ptr("fp64"),
+            rstd_ptr=Ptr("fp64"),
+        )
         consts = dict(SRC=w, **common)
     else:
         fn = tk._detokenize_kernel
-        args = dict(tok_ptr=Ptr(c["tok"]), dst_addr_ptr=Ptr("i64"), item_of_block_ptr=Ptr("i32"),
-                    first_block_ptr=Ptr("i32"), src_ptr=Ptr("i64"), numel_ptr=Ptr("i64"),
-                    std_ptr=Ptr("fp64"), mean_ptr=Ptr("fp64"))
+        args = dict(
+            tok_ptr=Ptr(c["tok"]),
+            dst_addr_ptr=Ptr("i64"),
+            item_of_block_ptr=Ptr("i32"),
+            first_block_ptr=Ptr("i32"),
+            src_ptr=Ptr("i64"),
+            numel_ptr=Ptr("i64"),
+            std_ptr=Ptr("fp64"),
+            mean_ptr=Ptr("fp64"),
+        )
         consts = dict(DST=w, **common)
     return fn, args, consts, dict(num_warps=tk.NUM_WARPS, enable_fp_fusion=False)
 
@@ -256,9 +294,19 @@ def _attention_job(c: dict):
     if c["kernel"] == "attn_bwd_preprocess":
         fn = la._attn_bwd_preprocess
         so, sdo = blhd(LQ), blhd(LQ)
-        args = dict(O=Ptr(dt), DO=Ptr(dt), DELTA=Ptr("fp32"),
-                    stride_ob=so[0], stride_oh=so[1], stride_om=so[2],
-                    stride_dob=sdo[0], stride_doh=sdo[1], stride_dom=sdo[2], H=H, LQ=LQ)
+        args = dict(
+            O=Ptr(dt),
+            DO=Ptr(dt),
+            DELTA=Ptr("fp32"),
+            stride_ob=so[0],
+            stride_oh=so[1],
+            stride_om=so[2],
+            stride_dob=sdo[0],
+            stride_doh=sdo[1],
+            stride_dom=sdo[2],
+            H=H,
+            LQ=LQ,
+        )
         return fn, args, dict(HEAD_DIM=D, BLOCK_M=64), {}
     # Under the interpreter the launcher uses other blocks: this runs with it off.
     cfg = dict(la._fwd_config(D, dtype) if c["kernel"] == "attn_fwd" else la._bwd_config(D, dtype))
@@ -269,37 +317,86 @@ def _attention_job(c: dict):
     sq, sk, sv = bhld(LQ), bhld(LK), bhld(LK)
     mask = Ptr("u8") if has_mask else Ptr(dt)  # without a mask the launcher passes q
     stride_mb = LK if has_mask else 0
-    consts = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_MASK=has_mask,
-                  PRECISION=precision, UPCAST=la._upcast(dtype))
-    qkv = dict(stride_qb=sq[0], stride_qh=sq[1], stride_qm=sq[2],
-               stride_kb=sk[0], stride_kh=sk[1], stride_kn=sk[2],
-               stride_vb=sv[0], stride_vh=sv[1], stride_vn=sv[2])
+    consts = dict(
+        HEAD_DIM=D,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HAS_MASK=has_mask,
+        PRECISION=precision,
+        UPCAST=la._upcast(dtype),
+    )
+    qkv = dict(
+        stride_qb=sq[0],
+        stride_qh=sq[1],
+        stride_qm=sq[2],
+        stride_kb=sk[0],
+        stride_kh=sk[1],
+        stride_kn=sk[2],
+        stride_vb=sv[0],
+        stride_vh=sv[1],
+        stride_vn=sv[2],
+    )
     if c["kernel"] == "attn_fwd":
         fn = la._attn_fwd_kernel
         so = blhd(LQ)
-        args = dict(Q=Ptr(dt), K=Ptr(dt), V=Ptr(dt), O=Ptr(dt), LSE=Ptr("fp32"), MASK=mask, **qkv,
-                    stride_ob=so[0], stride_oh=so[1], stride_om=so[2], stride_maskb=stride_mb,
-                    H=H, LQ=LQ, LK=LK, qk_scale=D ** -0.5 * la.LOG2E)
+        args = dict(
+            Q=Ptr(dt),
+            K=Ptr(dt),
+            V=Ptr(dt),
+            O=Ptr(dt),
+            LSE=Ptr("fp32"),
+            MASK=mask,
+            **qkv,
+            stride_ob=so[0],
+            stride_oh=so[1],
+            stride_om=so[2],
+            stride_maskb=stride_mb,
+            H=H,
+            LQ=LQ,
+            LK=LK,
+            qk_scale=D**-0.5 * la.LOG2E,
+        )
         consts["FULL_N"] = not has_mask and LK % block_n == 0
     else:
         sdo = blhd(LQ)
-        common = dict(Q=Ptr(dt), K=Ptr(dt), V=Ptr(dt), DO=Ptr(dt), LSE=Ptr("fp32"),
-                      DELTA=Ptr("fp32"), MASK=mask, **qkv,
-                      stride_dob=sdo[0], stride_doh=sdo[1], stride_dom=sdo[2],
-                      stride_maskb=stride_mb, H=H, LQ=LQ, LK=LK,
-                      qk_scale=D ** -0.5 * la.LOG2E, sm_scale=D ** -0.5)
+        common = dict(
+            Q=Ptr(dt),
+            K=Ptr(dt),
+            V=Ptr(dt),
+            DO=Ptr(dt),
+            LSE=Ptr("fp32"),
+            DELTA=Ptr("fp32"),
+            MASK=mask,
+            **qkv,
+            stride_dob=sdo[0],
+            stride_doh=sdo[1],
+            stride_dom=sdo[2],
+            stride_maskb=stride_mb,
+            H=H,
+            LQ=LQ,
+            LK=LK,
+            qk_scale=D**-0.5 * la.LOG2E,
+            sm_scale=D**-0.5,
+        )
         if c["kernel"] == "attn_bwd_dkdv":
             fn = la._attn_bwd_dkdv_kernel
             sdk, sdv = blhd(LK), blhd(LK)
-            args = dict(common, DK=Ptr(dt), DV=Ptr(dt),
-                        stride_dkb=sdk[0], stride_dkh=sdk[1], stride_dkn=sdk[2],
-                        stride_dvb=sdv[0], stride_dvh=sdv[1], stride_dvn=sdv[2])
+            args = dict(
+                common,
+                DK=Ptr(dt),
+                DV=Ptr(dt),
+                stride_dkb=sdk[0],
+                stride_dkh=sdk[1],
+                stride_dkn=sdk[2],
+                stride_dvb=sdv[0],
+                stride_dvh=sdv[1],
+                stride_dvn=sdv[2],
+            )
             consts["FULL_M"] = LQ % block_m == 0
         else:
             fn = la._attn_bwd_dq_kernel
             sdq = blhd(LQ)
-            args = dict(common, DQ=Ptr(dt), stride_dqb=sdq[0], stride_dqh=sdq[1],
-                        stride_dqm=sdq[2])
+            args = dict(common, DQ=Ptr(dt), stride_dqb=sdq[0], stride_dqh=sdq[1], stride_dqm=sdq[2])
             consts["FULL_N"] = not has_mask and LK % block_n == 0
     return fn, args, consts, cfg
 
@@ -307,6 +404,7 @@ def _attention_job(c: dict):
 def _sampler_job(c: dict):
     import triton
     import triton.language as tl
+
     from d2nwg.kernels import sampler_step as ss
     from d2nwg.ops.sampler_step_op import K
 
@@ -314,31 +412,59 @@ def _sampler_job(c: dict):
     block_b, block_n = ss.tile(B, N, False)
     n_col_blocks = triton.cdiv(N, block_n)
     S = 50  # steps; the table d2nwg.sample builds is [S, K], shared by the samples (stride 0)
-    args = dict(x_ptr=Ptr(x), out_ptr=Ptr(x), tab_ptr=Ptr(c["table"]), step_ptr=Ptr("i64"),
-                z_ptr=Ptr(x), prev_ptr=Ptr(x), B=B, N=N, n_col_blocks=n_col_blocks,
-                num_steps=S, stride_ts=K, stride_tb=0)
-    consts = dict(GUIDED=c["guided"], HAS_NOISE=c["extra"] == "noise",
-                  HAS_PREV=c["extra"] == "prev",
-                  ACC=tl.float64 if x == "fp64" else tl.float32,
-                  BLOCK_B=block_b, BLOCK_N=block_n)
+    args = dict(
+        x_ptr=Ptr(x),
+        out_ptr=Ptr(x),
+        tab_ptr=Ptr(c["table"]),
+        step_ptr=Ptr("i64"),
+        z_ptr=Ptr(x),
+        prev_ptr=Ptr(x),
+        B=B,
+        N=N,
+        n_col_blocks=n_col_blocks,
+        num_steps=S,
+        stride_ts=K,
+        stride_tb=0,
+    )
+    consts = dict(
+        GUIDED=c["guided"],
+        HAS_NOISE=c["extra"] == "noise",
+        HAS_PREV=c["extra"] == "prev",
+        ACC=tl.float64 if x == "fp64" else tl.float32,
+        BLOCK_B=block_b,
+        BLOCK_N=block_n,
+    )
     return ss._sampler_step_kernel, args, consts, dict(num_warps=ss.NUM_WARPS)
 
 
-_JOBS = {"tokenize": _tokenize_job, "detokenize": _tokenize_job, "attn_fwd": _attention_job,
-         "attn_bwd_dkdv": _attention_job, "attn_bwd_dq": _attention_job,
-         "attn_bwd_preprocess": _attention_job, "sampler_step": _sampler_job}
-KERNEL_MODULES = ("d2nwg.kernels.tokenize", "d2nwg.kernels.latent_attention",
-                  "d2nwg.kernels.sampler_step")
+_JOBS = {
+    "tokenize": _tokenize_job,
+    "detokenize": _tokenize_job,
+    "attn_fwd": _attention_job,
+    "attn_bwd_dkdv": _attention_job,
+    "attn_bwd_dq": _attention_job,
+    "attn_bwd_preprocess": _attention_job,
+    "sampler_step": _sampler_job,
+}
+KERNEL_MODULES = (
+    "d2nwg.kernels.tokenize",
+    "d2nwg.kernels.latent_attention",
+    "d2nwg.kernels.sampler_step",
+)
 
 
 def same_16bit_configs() -> bool:
     """Whether the attention launchers pick the same GPU blocks for bf16 and fp16 (the sm_80
     cases rely on it to let bf16 stand for fp16)."""
     import torch
+
     from d2nwg.kernels import latent_attention as la
 
-    return all(f(d, torch.bfloat16) == f(d, torch.float16)
-               for f in (la._fwd_config, la._bwd_config) for d in la.HEAD_DIMS)
+    return all(
+        f(d, torch.bfloat16) == f(d, torch.float16)
+        for f in (la._fwd_config, la._bwd_config)
+        for d in la.HEAD_DIMS
+    )
 
 
 def uncovered_kernels() -> list[str]:
@@ -369,7 +495,10 @@ def uncovered_kernels() -> list[str]:
                 missing.append(f"{name}.{attr}")
     return missing
 
-_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+_PTXAS_SPILL = re.compile(
+    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+)
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _RES_USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
@@ -387,7 +516,9 @@ def _resource_usage(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        res = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True)
+        res = subprocess.run(
+            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True
+        )
     m = _RES_USAGE.search(res.stdout)
     if not m:
         return {}
@@ -410,14 +541,19 @@ def compile_case(c: dict) -> dict:
         with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG prints ptxas -v here
             kernel = triton.compile(src, target=GPUTarget("cuda", c["arch"], 32), options=options)
         cubin = kernel.asm.get("cubin", b"")
-        res.update(ok=bool(cubin), cubin_bytes=len(cubin), shared=int(kernel.metadata.shared),
-                   num_warps=int(kernel.metadata.num_warps),
-                   num_stages=int(kernel.metadata.num_stages))
+        res.update(
+            ok=bool(cubin),
+            cubin_bytes=len(cubin),
+            shared=int(kernel.metadata.shared),
+            num_warps=int(kernel.metadata.num_warps),
+            num_stages=int(kernel.metadata.num_stages),
+        )
         spill = _PTXAS_SPILL.search(log.getvalue())
         regs = _PTXAS_REGS.search(log.getvalue())
         if spill:
-            res.update(stack_frame=int(spill[1]), spill_stores=int(spill[2]),
-                       spill_loads=int(spill[3]))
+            res.update(
+                stack_frame=int(spill[1]), spill_stores=int(spill[2]), spill_loads=int(spill[3])
+            )
         if regs:
             res["regs"] = int(regs[1])
         usage = _resource_usage(cubin)
@@ -439,8 +575,9 @@ def _check_ptxas() -> str | None:
     try:
         import triton
 
-        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
-                                       "bin", "ptxas"))
+        candidates.append(
+            os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+        )
     except Exception as exc:  # noqa: BLE001
         return f"triton is not importable: {exc}"
     for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
@@ -467,9 +604,9 @@ def _check_ptxas() -> str | None:
 
 def _isolated(c: dict) -> dict:
     """Compile one case in a process of its own: a compiler crash is pinned on that case."""
+    import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
-    import multiprocessing as mp
 
     with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as ex:
         try:
@@ -480,9 +617,9 @@ def _isolated(c: dict) -> dict:
 
 def _pool_compile(todo: list[dict], jobs: int) -> list[dict]:
     """Compile ``todo`` with ``jobs`` worker processes (forked: the kernels are imported)."""
+    import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
-    import multiprocessing as mp
 
     if jobs <= 1:
         return [_isolated(c) for c in todo]
@@ -506,12 +643,18 @@ def _pool_compile(todo: list[dict], jobs: int) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="write the JSON results here (default: stdout)")
-    p.add_argument("--jobs", type=int, default=int(os.environ.get("D2NWG_COMPILE_JOBS", min(4, os.cpu_count() or 1))))
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=int(os.environ.get("D2NWG_COMPILE_JOBS", min(4, os.cpu_count() or 1))),
+    )
     p.add_argument("--filter", default="", help="only cases whose id contains this")
     p.add_argument("--list", action="store_true", help="print the case ids and exit")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        print("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled", file=sys.stderr)
+        print(
+            "unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled", file=sys.stderr
+        )
         return 2
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     todo = [c for c in cases() if a.filter in c["id"]]
@@ -523,8 +666,12 @@ def main(argv=None) -> int:
     report = dict(skip=_check_ptxas())
     import triton
 
-    report.update(triton_version=triton.__version__, triton_file=triton.__file__,
-                  ptxas=os.environ.get("TRITON_PTXAS_PATH"), max_shared=MAX_SHARED)
+    report.update(
+        triton_version=triton.__version__,
+        triton_file=triton.__file__,
+        ptxas=os.environ.get("TRITON_PTXAS_PATH"),
+        max_shared=MAX_SHARED,
+    )
     if report["skip"] is None:
         report["uncovered"] = uncovered_kernels()
         report["same_16bit_configs"] = same_16bit_configs()

@@ -23,11 +23,19 @@ def _model(x, t, cond):
 
 
 def _step(**change):
-    kw = dict(x=torch.zeros(2, 3), model_out=torch.zeros(2, 3), table=torch.zeros(4, K),
-              step=torch.zeros(1, dtype=torch.long), noise=None, prev_x0=None, guided=False)
+    kw = dict(
+        x=torch.zeros(2, 3),
+        model_out=torch.zeros(2, 3),
+        table=torch.zeros(4, K),
+        step=torch.zeros(1, dtype=torch.long),
+        noise=None,
+        prev_x0=None,
+        guided=False,
+    )
     kw.update(change)
-    return lambda: sampler_step(kw.pop("x"), kw.pop("model_out"), kw.pop("table"),
-                                kw.pop("step"), **kw)
+    return lambda: sampler_step(
+        kw.pop("x"), kw.pop("model_out"), kw.pop("table"), kw.pop("step"), **kw
+    )
 
 
 def _sample(**change):
@@ -51,8 +59,9 @@ def _attention(q=None, k=None, v=None, mask=None):
     def t():
         return torch.zeros(1, 2, 3, 8)
 
-    return lambda: latent_attention(t() if q is None else q, t() if k is None else k,
-                                    t() if v is None else v, mask)
+    return lambda: latent_attention(
+        t() if q is None else q, t() if k is None else k, t() if v is None else v, mask
+    )
 
 
 CASES = {
@@ -68,15 +77,24 @@ CASES = {
     # sampling
     "sample: cond on another device": (
         _sample(cond=torch.zeros(2, 1, device=META), uncond=torch.zeros(1, 1), guidance_scale=2.0),
-        DeviceError),
+        DeviceError,
+    ),
     "sample: uncond on another device": (
         _sample(cond=torch.zeros(2, 1), uncond=torch.zeros(1, 1, device=META), guidance_scale=2.0),
-        DeviceError),
+        DeviceError,
+    ),
     "sample: cond batch": (
-        _sample(cond=torch.zeros(3, 1), uncond=torch.zeros(1, 1), guidance_scale=2.0), ShapeError),
+        _sample(cond=torch.zeros(3, 1), uncond=torch.zeros(1, 1), guidance_scale=2.0),
+        ShapeError,
+    ),
     "sample: uncond dtype": (
-        _sample(cond=torch.zeros(2, 1), uncond=torch.zeros(1, 1, dtype=torch.float64),
-                guidance_scale=2.0), DTypeError),
+        _sample(
+            cond=torch.zeros(2, 1),
+            uncond=torch.zeros(1, 1, dtype=torch.float64),
+            guidance_scale=2.0,
+        ),
+        DTypeError,
+    ),
     "sample: integer x_T": (_sample(x_T=torch.zeros(2, 3, dtype=torch.long)), DTypeError),
     "sample: empty batch": (_sample(x_T=torch.zeros(0, 3)), ShapeError),
     "sample: unknown sampler": (_sample(sampler="euler"), ConfigError),
@@ -86,21 +104,33 @@ CASES = {
     "sample: model changes shape": (_sample(model=lambda x, t, c: x[:, :2]), ShapeError),
     # tokenization
     "tokenize: source on another device": (
-        _tokenize([torch.zeros(5), torch.zeros(3, device=META)]), DeviceError),
+        _tokenize([torch.zeros(5), torch.zeros(3, device=META)]),
+        DeviceError,
+    ),
     "tokenize: element count": (_tokenize([torch.zeros(5), torch.zeros(4)]), ShapeError),
     "tokenize: integer source": (
-        _tokenize([torch.zeros(5), torch.zeros(3, dtype=torch.long)]), DTypeError),
+        _tokenize([torch.zeros(5), torch.zeros(3, dtype=torch.long)]),
+        DTypeError,
+    ),
     "tokenize: not a plan": (_tokenize(plan=(5, 3)), ConfigError),
     "detokenize: tokens shape": (_detokenize(tokens=torch.zeros(1, 3, 5)), ShapeError),
-    "detokenize: dest element count": (_detokenize(dests=[torch.zeros(5), torch.zeros(2)]),
-                                       ShapeError),
+    "detokenize: dest element count": (
+        _detokenize(dests=[torch.zeros(5), torch.zeros(2)]),
+        ShapeError,
+    ),
     "detokenize: dest on another device": (
-        _detokenize(dests=[torch.zeros(5), torch.zeros(3, device=META)]), DeviceError),
+        _detokenize(dests=[torch.zeros(5), torch.zeros(3, device=META)]),
+        DeviceError,
+    ),
     "ChunkPlan: spans do not tile": (
-        lambda: ChunkPlan((5, 3), (0, 9), (8, 4), (0.0, 0.0), (1.0, 1.0), 3, 4), ConfigError),
+        lambda: ChunkPlan((5, 3), (0, 9), (8, 4), (0.0, 0.0), (1.0, 1.0), 3, 4),
+        ConfigError,
+    ),
     # attention
-    "attention: k on another device": (_attention(k=torch.zeros(1, 2, 3, 8, device=META)),
-                                       DeviceError),
+    "attention: k on another device": (
+        _attention(k=torch.zeros(1, 2, 3, 8, device=META)),
+        DeviceError,
+    ),
     "attention: head dim": (_attention(v=torch.zeros(1, 2, 3, 7)), ShapeError),
     "attention: integer q": (_attention(q=torch.zeros(1, 2, 3, 8, dtype=torch.long)), DTypeError),
     # schedules

@@ -15,7 +15,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import d2nwg
 from d2nwg import NoiseSchedule, WeightTokenizer
 from d2nwg.errors import (
     ConfigError,
@@ -76,6 +75,7 @@ def _layout(path) -> dict:
 
 def _mutated_layouts(layout: dict):
     """(case, layout text): every class of bad metadata that issue 10 lists, and more."""
+
     def with_(**kw):
         return json.dumps({**layout, **kw})
 
@@ -92,7 +92,10 @@ def _mutated_layouts(layout: dict):
     yield "not_json", "{chunk_size: 8"
     yield "deep", DEEP
     yield "deep_field", json.dumps(layout)[:-1] + ', "extra": ' + DEEP + "}"
-    yield "huge_int", with_(chunk_size=0)[:-1].replace('"chunk_size": 0', '"chunk_size": ' + HUGE_INT) + "}"
+    yield (
+        "huge_int",
+        with_(chunk_size=0)[:-1].replace('"chunk_size": 0', '"chunk_size": ' + HUGE_INT) + "}",
+    )
     yield "nan_chunk", with_(chunk_size=0).replace('"chunk_size": 0', '"chunk_size": NaN')
     for value in ("64", True, 2.5, 2**40, 0, -1, None, [8]):
         yield f"chunk_size={value!r}", with_(chunk_size=value)
@@ -116,8 +119,15 @@ def _mutated_layouts(layout: dict):
     yield "name_int", layer(name=5)
     yield "aliases_str", layer(aliases="x")
     yield "aliases_ints", layer(aliases=[1])
-    yield "missing_kind", json.dumps({**layout, "layers": [{k: v for k, v in d.items() if k != "kind"}
-                                                           for d in layout["layers"]]})
+    yield (
+        "missing_kind",
+        json.dumps(
+            {
+                **layout,
+                "layers": [{k: v for k, v in d.items() if k != "kind"} for d in layout["layers"]],
+            }
+        ),
+    )
     yield "layer_extra_field", layer(extra=1)
     yield "duplicate_name", layer(1, name=first)
     yield "alias_is_a_layer", layer(1, aliases=[first])
@@ -156,7 +166,7 @@ def test_tokenizer_statistics_mutations_raise_file_format_error(tmp_path):
         "missing_std": {"mean": mean},
         "extra_tensor": {"mean": mean, "std": std, "other": std.clone()},
     }
-    for case, tensors in cases.items():
+    for _case, tensors in cases.items():
         bad = _rewrite(path, tensors=tensors)
         with pytest.raises(FileFormatError, match="bad.safetensors"):
             WeightTokenizer.load(bad)
@@ -178,14 +188,17 @@ def test_tokenizer_file_without_layout_or_not_safetensors(tmp_path):
             WeightTokenizer.load(tmp_path / "cut.safetensors")
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(chunk_size=True), "chunk_size"),
-    (dict(chunk_size="64"), "chunk_size"),
-    (dict(chunk_size=2.0), "chunk_size"),
-    (dict(chunk_size=2**40), "chunk_size"),
-    (dict(granularity=None), "granularity"),
-    (dict(allow_nonfinite="no"), "allow_nonfinite"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(chunk_size=True), "chunk_size"),
+        (dict(chunk_size="64"), "chunk_size"),
+        (dict(chunk_size=2.0), "chunk_size"),
+        (dict(chunk_size=2**40), "chunk_size"),
+        (dict(granularity=None), "granularity"),
+        (dict(allow_nonfinite="no"), "allow_nonfinite"),
+    ],
+)
 def test_tokenizer_arguments_checked_by_type(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         WeightTokenizer.from_state_dict({"w": torch.randn(3)}, **kwargs)
@@ -229,15 +242,18 @@ def _with_config(path, text, tensors=None):
 def test_module_config_mutations_raise_file_format_error(tmp_path):
     module, path = _module_file(tmp_path)
     back = load_module(ChunkVAE, path)
-    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(),
-                                                 module.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(back.state_dict().values(), module.state_dict().values())
+    )
     config = module.config.to_dict()
 
     def with_(**kw):
         return json.dumps({**config, **kw})
 
     cases = {
-        "list": json.dumps([config]), "string": '"x"', "deep": DEEP,
+        "list": json.dumps([config]),
+        "string": '"x"',
+        "deep": DEEP,
         "huge_int": with_(hidden_dim=1).replace('"hidden_dim": 1', '"hidden_dim": ' + HUGE_INT),
         "nan": with_(kl_weight=0.5).replace('"kl_weight": 0.5', '"kl_weight": NaN'),
         "infinity": with_(kl_weight=0.5).replace('"kl_weight": 0.5', '"kl_weight": Infinity'),
@@ -253,7 +269,7 @@ def test_module_config_mutations_raise_file_format_error(tmp_path):
         "blocks_mismatch": with_(num_blocks=512),
         "logvar_order": with_(logvar_min=1.0, logvar_max=0.0),
     }
-    for case, text in cases.items():
+    for _case, text in cases.items():
         bad = _with_config(path, text)
         with pytest.raises(FileFormatError, match="bad.safetensors"):
             load_module(ChunkVAE, bad)
@@ -268,7 +284,7 @@ def test_module_tensor_mutations(tmp_path):
         "bool_tensor": lambda s: {**s, key: s[key] > 0},
         "wrong_shape": lambda s: {**s, key: s[key].flatten()},
     }
-    for case, change in cases.items():
+    for _case, change in cases.items():
         with pytest.raises(FileFormatError, match="bad.safetensors"):
             load_module(ChunkVAE, _with_config(path, text, change))
     missing = _with_config(path, text, lambda s: {k: v for k, v in s.items() if k != key})
@@ -312,23 +328,26 @@ def test_save_module_tied_meta_and_failed_writes(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["file", "tied.safetensors"], "a partial file was left"
 
 
-@pytest.mark.parametrize("cls, field, value", [
-    (ChunkVAEConfig, "chunk_size", True),
-    (ChunkVAEConfig, "chunk_size", "64"),
-    (ChunkVAEConfig, "latent_dim", 2.5),
-    (ChunkVAEConfig, "kl_weight", float("nan")),
-    (ChunkVAEConfig, "input_noise", float("inf")),
-    (ChunkVAEConfig, "hidden_dim", 10**6),
-    (ChunkVAEConfig, "hidden_dim", 10**40),
-    (LatentDenoiserConfig, "hidden_dim", 10**6),
-    (LatentDenoiserConfig, "depth", 10**5),
-    (LatentDenoiserConfig, "qk_norm", 1),
-    (LatentDenoiserConfig, "prediction_type", 3),
-    (LatentDenoiserConfig, "mlp_ratio", "4"),
-    (DatasetEncoderConfig, "in_features", 10**9),
-    (DatasetEncoderConfig, "num_heads", True),
-    (TextConditionerConfig, "dim", [256]),
-])
+@pytest.mark.parametrize(
+    "cls, field, value",
+    [
+        (ChunkVAEConfig, "chunk_size", True),
+        (ChunkVAEConfig, "chunk_size", "64"),
+        (ChunkVAEConfig, "latent_dim", 2.5),
+        (ChunkVAEConfig, "kl_weight", float("nan")),
+        (ChunkVAEConfig, "input_noise", float("inf")),
+        (ChunkVAEConfig, "hidden_dim", 10**6),
+        (ChunkVAEConfig, "hidden_dim", 10**40),
+        (LatentDenoiserConfig, "hidden_dim", 10**6),
+        (LatentDenoiserConfig, "depth", 10**5),
+        (LatentDenoiserConfig, "qk_norm", 1),
+        (LatentDenoiserConfig, "prediction_type", 3),
+        (LatentDenoiserConfig, "mlp_ratio", "4"),
+        (DatasetEncoderConfig, "in_features", 10**9),
+        (DatasetEncoderConfig, "num_heads", True),
+        (TextConditionerConfig, "dim", [256]),
+    ],
+)
 def test_configs_checked_by_type_and_size(cls, field, value):
     with pytest.raises(ConfigError, match=f"{cls.__name__}.{field}"):
         cls(**{field: value})
@@ -337,8 +356,15 @@ def test_configs_checked_by_type_and_size(cls, field, value):
 
 
 def test_config_json_errors_are_config_errors():
-    for text in (DEEP, "[1, 2]", '"x"', '{"chunk_size": ' + HUGE_INT + "}", '{"kl_weight": NaN}',
-                 "{", ""):
+    for text in (
+        DEEP,
+        "[1, 2]",
+        '"x"',
+        '{"chunk_size": ' + HUGE_INT + "}",
+        '{"kl_weight": NaN}',
+        "{",
+        "",
+    ):
         with pytest.raises(ConfigError):
             ChunkVAEConfig.from_json(text)
 
@@ -362,46 +388,91 @@ def _plan():
     return ChunkPlan((5, 3), (0, 8), (8, 4), (0.0, 0.0), (1.0, 1.0), 3, 4)
 
 
-@pytest.mark.parametrize("call, exc", [
-    (lambda: tokenize([[1.0] * 5, [1.0] * 3], _plan()), DTypeError),
-    (lambda: tokenize(torch.randn(8), _plan()), DTypeError),
-    (lambda: tokenize([torch.randn(5), torch.randn(3)], "plan"), ConfigError),
-    (lambda: tokenize([torch.randn(5), torch.randn(3)], _plan(), num_models=2), ShapeError),
-    (lambda: tokenize([torch.randn(5), torch.randn(3)], _plan(), num_models=True), ConfigError),
-    (lambda: tokenize([torch.randn(5).to_sparse(), torch.randn(3)], _plan()), DTypeError),
-    (lambda: tokenize([torch.randn(5, device="meta"), torch.randn(3, device="meta")], _plan()),
-     DeviceError),
-    (lambda: tokenize([torch.randn(5), torch.randn(3)], _plan(), out=[0.0]), DTypeError),
-    (lambda: detokenize([[0.0]], [torch.empty(5), torch.empty(3)], _plan()), DTypeError),
-    (lambda: detokenize(torch.zeros(1, 3, 4), torch.empty(8), _plan()), DTypeError),
-    (lambda: detokenize(torch.zeros(1, 3, 4), [torch.empty(5), 3], _plan()), DTypeError),
-    (lambda: detokenize(torch.zeros(1, 3, 4), [torch.zeros(1).expand(5), torch.empty(3)], _plan()),
-     ShapeError),
-    (lambda: ChunkPlan((5, True), (0, 8), (8, 4), (0.0, 0.0), (1.0, 1.0), 3, 4), ConfigError),
-    (lambda: ChunkPlan((5, 3), (0, 8), (8, 4), (0.0, float("nan")), (1.0, 1.0), 3, 4), ConfigError),
-    (lambda: ChunkPlan((5, 3), (0, 8), (8, 4), (0.0, 0.0), (1.0, 1.0), 3, 2**62), ConfigError),
-    (lambda: ChunkPlan((5, 3), (0, 8), (8, 2**64), (0.0, 0.0), (1.0, 1.0), 3, 4), ConfigError),
-    (lambda: sampler_step([[0.0]], torch.zeros(1, 1), torch.zeros(1, 10), torch.zeros(1, dtype=torch.long)),
-     DTypeError),
-    (lambda: sampler_step(torch.zeros(1, 1), 0.0, torch.zeros(1, 10), torch.zeros(1, dtype=torch.long)),
-     DTypeError),
-    (lambda: sampler_step(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 10), 0), DTypeError),
-    (lambda: sampler_step(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 10),
-                          torch.zeros(1, dtype=torch.long), noise=1.0), DTypeError),
-    (lambda: sampler_step(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 10),
-                          torch.zeros(1, dtype=torch.long), guided=1), DTypeError),
-    (lambda: latent_attention([1.0], [1.0], [1.0]), DTypeError),
-    (lambda: latent_attention(*(torch.randn(1, 1, 2, 4),) * 3, mask=[True, True]), DTypeError),
-    (lambda: latent_attention(*(torch.randn(1, 1, 2, 4).to_sparse(),) * 3), DTypeError),
-])
+@pytest.mark.parametrize(
+    "call, exc",
+    [
+        (lambda: tokenize([[1.0] * 5, [1.0] * 3], _plan()), DTypeError),
+        (lambda: tokenize(torch.randn(8), _plan()), DTypeError),
+        (lambda: tokenize([torch.randn(5), torch.randn(3)], "plan"), ConfigError),
+        (lambda: tokenize([torch.randn(5), torch.randn(3)], _plan(), num_models=2), ShapeError),
+        (lambda: tokenize([torch.randn(5), torch.randn(3)], _plan(), num_models=True), ConfigError),
+        (lambda: tokenize([torch.randn(5).to_sparse(), torch.randn(3)], _plan()), DTypeError),
+        (
+            lambda: tokenize(
+                [torch.randn(5, device="meta"), torch.randn(3, device="meta")], _plan()
+            ),
+            DeviceError,
+        ),
+        (lambda: tokenize([torch.randn(5), torch.randn(3)], _plan(), out=[0.0]), DTypeError),
+        (lambda: detokenize([[0.0]], [torch.empty(5), torch.empty(3)], _plan()), DTypeError),
+        (lambda: detokenize(torch.zeros(1, 3, 4), torch.empty(8), _plan()), DTypeError),
+        (lambda: detokenize(torch.zeros(1, 3, 4), [torch.empty(5), 3], _plan()), DTypeError),
+        (
+            lambda: detokenize(
+                torch.zeros(1, 3, 4), [torch.zeros(1).expand(5), torch.empty(3)], _plan()
+            ),
+            ShapeError,
+        ),
+        (lambda: ChunkPlan((5, True), (0, 8), (8, 4), (0.0, 0.0), (1.0, 1.0), 3, 4), ConfigError),
+        (
+            lambda: ChunkPlan((5, 3), (0, 8), (8, 4), (0.0, float("nan")), (1.0, 1.0), 3, 4),
+            ConfigError,
+        ),
+        (lambda: ChunkPlan((5, 3), (0, 8), (8, 4), (0.0, 0.0), (1.0, 1.0), 3, 2**62), ConfigError),
+        (lambda: ChunkPlan((5, 3), (0, 8), (8, 2**64), (0.0, 0.0), (1.0, 1.0), 3, 4), ConfigError),
+        (
+            lambda: sampler_step(
+                [[0.0]], torch.zeros(1, 1), torch.zeros(1, 10), torch.zeros(1, dtype=torch.long)
+            ),
+            DTypeError,
+        ),
+        (
+            lambda: sampler_step(
+                torch.zeros(1, 1), 0.0, torch.zeros(1, 10), torch.zeros(1, dtype=torch.long)
+            ),
+            DTypeError,
+        ),
+        (
+            lambda: sampler_step(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 10), 0),
+            DTypeError,
+        ),
+        (
+            lambda: sampler_step(
+                torch.zeros(1, 1),
+                torch.zeros(1, 1),
+                torch.zeros(1, 10),
+                torch.zeros(1, dtype=torch.long),
+                noise=1.0,
+            ),
+            DTypeError,
+        ),
+        (
+            lambda: sampler_step(
+                torch.zeros(1, 1),
+                torch.zeros(1, 1),
+                torch.zeros(1, 10),
+                torch.zeros(1, dtype=torch.long),
+                guided=1,
+            ),
+            DTypeError,
+        ),
+        (lambda: latent_attention([1.0], [1.0], [1.0]), DTypeError),
+        (lambda: latent_attention(*(torch.randn(1, 1, 2, 4),) * 3, mask=[True, True]), DTypeError),
+        (lambda: latent_attention(*(torch.randn(1, 1, 2, 4).to_sparse(),) * 3), DTypeError),
+    ],
+)
 def test_public_ops_name_bad_arguments(call, exc):
     with pytest.raises(exc):
         call()
 
 
 def test_networks_name_bad_input():
-    enc = DatasetEncoder(DatasetEncoderConfig(in_features=6, dim=8, num_heads=2, num_inducing=2,
-                                              shot_layers=1, class_layers=1), seed=0)
+    enc = DatasetEncoder(
+        DatasetEncoderConfig(
+            in_features=6, dim=8, num_heads=2, num_inducing=2, shot_layers=1, class_layers=1
+        ),
+        seed=0,
+    )
     with pytest.raises(ShapeError, match="shot"):
         enc(torch.randn(2, 3, 0, 6))
     with pytest.raises(ShapeError, match="class"):
@@ -410,10 +481,12 @@ def test_networks_name_bad_input():
         enc(torch.randn(2, 3, 4, 6), shot_mask=[[True]])
     vae = ChunkVAE(VAE_CFG, seed=0).train()
     x = torch.randn(2, 3, 64)
-    for mask, exc in ((torch.ones(3, 63, dtype=torch.bool), ShapeError),
-                      (torch.ones(4, 64, dtype=torch.bool), ShapeError),
-                      (torch.ones(3, 64), DTypeError),
-                      ([True], DTypeError)):
+    for mask, exc in (
+        (torch.ones(3, 63, dtype=torch.bool), ShapeError),
+        (torch.ones(4, 64, dtype=torch.bool), ShapeError),
+        (torch.ones(3, 64), DTypeError),
+        ([True], DTypeError),
+    ):
         with pytest.raises(exc, match="mask"):
             vae(x, mask)
         with pytest.raises(exc, match="mask"):

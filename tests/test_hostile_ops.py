@@ -19,7 +19,6 @@ import textwrap
 
 import pytest
 
-import d2nwg
 from d2nwg import _ext
 
 I64_MAX = 2**63 - 1
@@ -44,12 +43,14 @@ def run_cases(body: str, timeout: float = 240) -> dict[str, str]:
     """Run the cases in a fresh interpreter; {case: 'OK' or the exception type}."""
     env = dict(os.environ, TRITON_INTERPRET="1", D2NWG_BACKEND="")
     script = PRELUDE + textwrap.dedent(body) + "\nprint('DONE', flush=True)\n"
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, env=env
+    )
     lines = proc.stdout.splitlines()
     assert proc.returncode == 0 and lines and lines[-1] == "DONE", (
         f"the subprocess died (rc {proc.returncode}) after these cases:\n{proc.stdout[-3000:]}\n"
-        f"stderr:\n{proc.stderr[-3000:]}")
+        f"stderr:\n{proc.stderr[-3000:]}"
+    )
     results = {}
     for line in lines[:-1]:
         parts = line.split(" ", 3)
@@ -88,7 +89,8 @@ def test_compiled_detokenize_rejects_offsets_that_do_not_fit():
     case("mean_count", op, tok, [torch.empty(8)], [0], [], [1.0])
     case("tokens_1d", op, torch.zeros(64), [torch.empty(8)], [0], [0.0], [1.0])
     case("tokens_noncontig", op, torch.zeros(1, 128)[:, ::2], [torch.empty(8)], [0], [0.0], [1.0])
-    case("tokens_int", op, torch.zeros(1, 64, dtype=torch.int32), [torch.empty(8)], [0], [0.0], [1.0])
+    tokens_int = torch.zeros(1, 64, dtype=torch.int32)
+    case("tokens_int", op, tokens_int, [torch.empty(8)], [0], [0.0], [1.0])
     case("dest_int", op, tok, [torch.empty(8, dtype=torch.int64)], [0], [0.0], [1.0])
     case("dest_noncontig", op, tok, [torch.empty(4, 2).t()], [0], [0.0], [1.0])
     case("any_dest_meta", op, tok, [torch.empty(8, device="meta")], [0], [0.0], [1.0])
@@ -117,7 +119,8 @@ def test_compiled_tokenize_rejects_spans_that_do_not_tile():
     case("spans_count", op, out, src, [0, 32], [64], [0.0] * 2, [1.0] * 2)
     case("out_int", op, torch.zeros(1, 64, dtype=torch.int64), src, [0, 32], [32, 32],
          [0.0] * 2, [1.0] * 2)
-    case("out_noncontig", op, torch.zeros(1, 128)[:, ::2], src, [0, 32], [32, 32], [0.0] * 2, [1.0] * 2)
+    noncontig = torch.zeros(1, 128)[:, ::2]
+    case("out_noncontig", op, noncontig, src, [0, 32], [32, 32], [0.0] * 2, [1.0] * 2)
     case("any_source_meta", op, out, [torch.empty(8, device="meta"), torch.empty(8)], [0, 32],
          [32, 32], [0.0] * 2, [1.0] * 2)
     case("source_bool", op, out, [torch.empty(8, dtype=torch.bool), torch.empty(8)], [0, 32],
@@ -192,7 +195,8 @@ def test_triton_ops_check_every_launch():
          [1.0] * 2, 4, 4)
 
     st = torch.ops.d2nwg.sampler_step_triton_
-    x, out, tab, step = torch.zeros(2, 5), torch.zeros(2, 5), torch.zeros(3, 10), torch.zeros(1, dtype=torch.long)
+    x, out, tab = torch.zeros(2, 5), torch.zeros(2, 5), torch.zeros(3, 10)
+    step = torch.zeros(1, dtype=torch.long)
     case("valid_step", st, x, out, tab, step, None, None, False)
     case("valid_step_clamped", st, x, out, tab, torch.tensor([2**63 - 1]), None, None, False)
     case("step_guided_rows", st, x, out, tab, step, None, None, True)

@@ -35,17 +35,19 @@ def _ref64(q, k, v, do, mask):
 
 
 CASES = [  # B, H, Lq, Lk, D, masked
-    (2, 2, 37, 53, 32, True),    # cross, odd lengths, two blocks each
-    (1, 2, 53, 53, 16, True),    # self
-    (2, 1, 1, 129, 64, True),    # one query, three key blocks
-    (2, 1, 129, 1, 16, False),   # one key
-    (1, 2, 64, 96, 32, False),   # block multiples: the kernels' unchecked fast paths
-    (2, 1, 64, 64, 16, True),    # block multiples with a mask
+    (2, 2, 37, 53, 32, True),  # cross, odd lengths, two blocks each
+    (1, 2, 53, 53, 16, True),  # self
+    (2, 1, 1, 129, 64, True),  # one query, three key blocks
+    (2, 1, 129, 1, 16, False),  # one key
+    (1, 2, 64, 96, 32, False),  # block multiples: the kernels' unchecked fast paths
+    (2, 1, 64, 64, 16, True),  # block multiples with a mask
 ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:5])) + ("m" if c[5] else ""))
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: "x".join(map(str, c[:5])) + ("m" if c[5] else "")
+)
 def test_fp32_matches_float64_reference(backend, case, gen, device):
     q, k, v, do, mask = _inputs(gen, *case[:5], torch.float32, device, case[5])
     got = _fwd_bwd(latent_attention, q, k, v, do, mask, backend=backend)
@@ -81,8 +83,9 @@ def test_fully_masked_row_gives_zeros_and_finite_grads(backend, gen, device):
 def test_empty_keys_and_queries(backend, gen, device):
     q = torch.randn(1, 2, 3, 16, generator=gen).to(device).requires_grad_()
     empty = torch.zeros(1, 2, 0, 16, device=device, requires_grad=True)
-    out = latent_attention(q, empty, empty, torch.zeros(1, 0, dtype=torch.bool, device=device),
-                           backend=backend)
+    out = latent_attention(
+        q, empty, empty, torch.zeros(1, 0, dtype=torch.bool, device=device), backend=backend
+    )
     out.sum().backward()
     assert torch.equal(out, torch.zeros_like(out)) and torch.equal(q.grad, torch.zeros_like(q))
     assert latent_attention(empty, q, q, backend=backend).shape == (1, 2, 0, 16)
@@ -114,7 +117,13 @@ def test_strided_inputs_triton(gen, device):
     B, L, H, D = 2, 23, 2, 16
     qkv = torch.randn(B, L, 3, H, D, generator=gen).to(device)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-    do = torch.randn(B, H, L, D, generator=gen).to(device).transpose(2, 3).contiguous().transpose(2, 3)
+    do = (
+        torch.randn(B, H, L, D, generator=gen)
+        .to(device)
+        .transpose(2, 3)
+        .contiguous()
+        .transpose(2, 3)
+    )
     got = _fwd_bwd(latent_attention, q, k, v, do, None, backend="triton")
     for a, b in zip(got, _ref64(q, k, v, do, None)):
         assert max_abs_err(a, b) <= 1e-5 + 1e-4 * b.abs().max().item()
@@ -150,19 +159,34 @@ def _t(*shape, dtype=torch.float32):
     return torch.zeros(*shape, dtype=dtype)
 
 
-@pytest.mark.parametrize("args,err,word", [
-    ((_t(2, 3, 16), _t(2, 1, 3, 16), _t(2, 1, 3, 16), None), ShapeError, "q"),
-    ((_t(2, 1, 3, 16), _t(2, 1, 3, 16, 1), _t(2, 1, 3, 16), None), ShapeError, "k"),
-    ((_t(2, 1, 3, 16), _t(3, 1, 4, 16), _t(3, 1, 4, 16), None), ShapeError, "batch"),
-    ((_t(2, 1, 3, 16), _t(2, 2, 4, 16), _t(2, 2, 4, 16), None), ShapeError, "heads"),
-    ((_t(2, 1, 3, 16), _t(2, 1, 4, 32), _t(2, 1, 4, 32), None), ShapeError, "head dim"),
-    ((_t(2, 1, 3, 16), _t(2, 1, 4, 16), _t(2, 1, 5, 16), None), ShapeError, "v has 5"),
-    ((_t(2, 1, 3, 16), _t(2, 1, 4, 16, dtype=torch.float16), _t(2, 1, 4, 16), None), DTypeError, "k"),
-    ((_t(2, 1, 3, 16, dtype=torch.int32),) * 3 + (None,), DTypeError, "q"),
-    ((_t(2, 1, 3, 16), _t(2, 1, 4, 16), _t(2, 1, 4, 16), _t(2, 4)), DTypeError, "mask"),
-    ((_t(2, 1, 3, 16), _t(2, 1, 4, 16), _t(2, 1, 4, 16), _t(2, 3, dtype=torch.bool)), ShapeError, "mask"),
-    ((_t(2, 1, 3, 16), _t(2, 1, 4, 16), _t(2, 1, 4, 16), _t(4, dtype=torch.bool)), ShapeError, "mask"),
-])
+@pytest.mark.parametrize(
+    "args,err,word",
+    [
+        ((_t(2, 3, 16), _t(2, 1, 3, 16), _t(2, 1, 3, 16), None), ShapeError, "q"),
+        ((_t(2, 1, 3, 16), _t(2, 1, 3, 16, 1), _t(2, 1, 3, 16), None), ShapeError, "k"),
+        ((_t(2, 1, 3, 16), _t(3, 1, 4, 16), _t(3, 1, 4, 16), None), ShapeError, "batch"),
+        ((_t(2, 1, 3, 16), _t(2, 2, 4, 16), _t(2, 2, 4, 16), None), ShapeError, "heads"),
+        ((_t(2, 1, 3, 16), _t(2, 1, 4, 32), _t(2, 1, 4, 32), None), ShapeError, "head dim"),
+        ((_t(2, 1, 3, 16), _t(2, 1, 4, 16), _t(2, 1, 5, 16), None), ShapeError, "v has 5"),
+        (
+            (_t(2, 1, 3, 16), _t(2, 1, 4, 16, dtype=torch.float16), _t(2, 1, 4, 16), None),
+            DTypeError,
+            "k",
+        ),
+        ((_t(2, 1, 3, 16, dtype=torch.int32),) * 3 + (None,), DTypeError, "q"),
+        ((_t(2, 1, 3, 16), _t(2, 1, 4, 16), _t(2, 1, 4, 16), _t(2, 4)), DTypeError, "mask"),
+        (
+            (_t(2, 1, 3, 16), _t(2, 1, 4, 16), _t(2, 1, 4, 16), _t(2, 3, dtype=torch.bool)),
+            ShapeError,
+            "mask",
+        ),
+        (
+            (_t(2, 1, 3, 16), _t(2, 1, 4, 16), _t(2, 1, 4, 16), _t(4, dtype=torch.bool)),
+            ShapeError,
+            "mask",
+        ),
+    ],
+)
 def test_bad_inputs_name_the_argument(args, err, word):
     with pytest.raises(err, match=word) as info:
         latent_attention(*args)
@@ -186,7 +210,7 @@ def test_batch_offsets_past_int32(gen, device):
     q = buf.as_strided((B, H, L, D), (stride_b, L * D, D, 1))
     q.copy_(torch.randn(B, H, L, D, generator=gen).to(torch.float16))
     _, k, v, do, mask = _inputs(gen, B, H, L, L, D, torch.float16, device, True)
-    scale = D ** -0.5
+    scale = D**-0.5
     o, lse = attention_fwd(q, k, v, mask, scale)
     got = (o, *attention_bwd(do, q, k, v, o, lse, mask, scale))
     dense = q.contiguous()

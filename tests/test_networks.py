@@ -22,10 +22,18 @@ from d2nwg.nn.vae import ChunkVAE, ChunkVAEConfig
 
 E = 32
 VAE_CFG = ChunkVAEConfig(chunk_size=64, compression=8, hidden_dim=64, num_blocks=1)
-DEN_CFG = LatentDenoiserConfig(latent_dim=8, hidden_dim=64, depth=2, num_heads=2, cond_dim=E,
-                               num_layer_kinds=3, max_cond_slots=8)
-ENC_CFG = DatasetEncoderConfig(in_features=12, dim=E, num_heads=2, num_inducing=4,
-                               shot_layers=1, class_layers=1)
+DEN_CFG = LatentDenoiserConfig(
+    latent_dim=8,
+    hidden_dim=64,
+    depth=2,
+    num_heads=2,
+    cond_dim=E,
+    num_layer_kinds=3,
+    max_cond_slots=8,
+)
+ENC_CFG = DatasetEncoderConfig(
+    in_features=12, dim=E, num_heads=2, num_inducing=4, shot_layers=1, class_layers=1
+)
 TXT_CFG = TextConditionerConfig(in_dim=20, dim=E)
 
 
@@ -40,8 +48,11 @@ def _randomize(module, gen, std=0.1):
 def _den_inputs(gen, B=2, T=21, K=5):
     x = torch.randn(B, T, DEN_CFG.latent_dim, generator=gen)
     t = torch.randint(0, 1000, (B,), generator=gen)
-    cond = Condition(torch.randn(B, K, E, generator=gen), torch.randn(B, E, generator=gen),
-                     torch.rand(B, K, generator=gen) < 0.7)
+    cond = Condition(
+        torch.randn(B, K, E, generator=gen),
+        torch.randn(B, E, generator=gen),
+        torch.rand(B, K, generator=gen) < 0.7,
+    )
     cond.mask[:, 0] = True
     pos = torch.stack([torch.arange(T) // 4, torch.arange(T) % 4], -1)
     kinds = torch.arange(T) % 3
@@ -85,7 +96,9 @@ def test_gradients_reach_every_parameter(gen):
     xt, t, _, pos, kinds = _den_inputs(gen)
     c1 = enc(torch.randn(2, 5, 3, 12, generator=gen))
     c1 = drop_condition(c1, 0.5, torch.Generator().manual_seed(1), den.null)
-    c2 = txt(torch.randn(2, 4, 20, generator=gen), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]).bool())
+    c2 = txt(
+        torch.randn(2, 4, 20, generator=gen), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]).bool()
+    )
     den.set_layout(pos, kinds)
     loss = den(xt, t, c1).square().mean() + den(xt, t, c2).square().mean()
     loss = loss + den(xt, t, None).square().mean()  # the null condition
@@ -108,13 +121,26 @@ def test_padding_and_masked_condition_tokens_do_not_change_real_outputs(gen):
     real[1, 9:] = False
     out = den(xt, t, cond, positions=pos, layer_kinds=kinds, mask=real)
     xt2 = torch.where(real[..., None], xt, torch.randn(xt.shape, generator=gen) * 100)
-    tokens2 = torch.where(cond.mask[..., None], cond.tokens, torch.randn(cond.tokens.shape, generator=gen) * 100)
-    out2 = den(xt2, t, Condition(tokens2, cond.pooled, cond.mask), positions=pos,
-               layer_kinds=kinds, mask=real)
+    tokens2 = torch.where(
+        cond.mask[..., None], cond.tokens, torch.randn(cond.tokens.shape, generator=gen) * 100
+    )
+    out2 = den(
+        xt2,
+        t,
+        Condition(tokens2, cond.pooled, cond.mask),
+        positions=pos,
+        layer_kinds=kinds,
+        mask=real,
+    )
     assert torch.allclose(out[real], out2[real], atol=1e-5)
     # A sequence without padding gives the same real outputs as the padded one.
-    out_short = den(xt[1:, :9], t[1:], cond.index_select(torch.tensor([1])),
-                    positions=pos[:9], layer_kinds=kinds[:9])
+    out_short = den(
+        xt[1:, :9],
+        t[1:],
+        cond.index_select(torch.tensor([1])),
+        positions=pos[:9],
+        layer_kinds=kinds[:9],
+    )
     assert torch.allclose(out_short[0], out[1, :9], atol=1e-5)
 
     txt = TextConditioner(TXT_CFG, seed=0)
@@ -157,7 +183,7 @@ def test_vae_loss_ignores_padding(gen):
     x = torch.randn(3, 7, 64, generator=gen)
     mask = torch.ones(7, 64, dtype=torch.bool)
     mask[6, 20:] = False  # last token partly padded
-    mask[5] = False       # a token that is all padding
+    mask[5] = False  # a token that is all padding
     x = x * mask
     recon, mu, logvar = vae(x)
     w = mask.expand_as(x)
@@ -183,8 +209,11 @@ def test_vae_loss_ignores_padding(gen):
 
 def test_condition_helpers(gen):
     a = Condition(torch.randn(2, 3, E, generator=gen), torch.randn(2, E, generator=gen))
-    b = Condition(torch.randn(1, 5, E, generator=gen), torch.randn(1, E, generator=gen),
-                  torch.tensor([[True, True, False, True, False]]))
+    b = Condition(
+        torch.randn(1, 5, E, generator=gen),
+        torch.randn(1, E, generator=gen),
+        torch.tensor([[True, True, False, True, False]]),
+    )
     c = Condition.cat([a, b])
     assert c.tokens.shape == (3, 5, E) and c.mask.tolist()[0] == [True] * 3 + [False] * 2
     r = a.repeat_interleave(3)
@@ -240,8 +269,10 @@ def test_triton_and_torch_backends_agree_in_the_denoiser(gen):
         den.zero_grad()
         out = den(xt, t, cond, positions=pos, layer_kinds=kinds, mask=real)
         (out[real].square().mean()).backward()
-        results[backend] = (out.detach(), {n: p.grad.clone() for n, p in den.named_parameters()
-                                            if p.grad is not None})
+        results[backend] = (
+            out.detach(),
+            {n: p.grad.clone() for n, p in den.named_parameters() if p.grad is not None},
+        )
     den.attention_backend = None
     (o1, g1), (o2, g2) = results["torch"], results["triton"]
     assert torch.allclose(o1[real], o2[real], atol=1e-5, rtol=1e-4)
@@ -253,7 +284,9 @@ def test_triton_and_torch_backends_agree_in_the_denoiser(gen):
 # ----------------------------------------------------------------------------------------
 # Configs, files, determinism, bf16.
 # ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cfg", [VAE_CFG, DEN_CFG, ENC_CFG, TXT_CFG], ids=lambda c: type(c).__name__)
+@pytest.mark.parametrize(
+    "cfg", [VAE_CFG, DEN_CFG, ENC_CFG, TXT_CFG], ids=lambda c: type(c).__name__
+)
 def test_config_json_round_trip(cfg):
     again = type(cfg).from_json(cfg.to_json())
     assert again == cfg
@@ -273,9 +306,16 @@ def test_bad_configs():
         ChunkVAEConfig.from_json("{not json")
 
 
-@pytest.mark.parametrize("cls,cfg", [(ChunkVAE, VAE_CFG), (LatentDenoiser, DEN_CFG),
-                                     (DatasetEncoder, ENC_CFG), (TextConditioner, TXT_CFG)],
-                         ids=lambda x: getattr(x, "__name__", ""))
+@pytest.mark.parametrize(
+    "cls,cfg",
+    [
+        (ChunkVAE, VAE_CFG),
+        (LatentDenoiser, DEN_CFG),
+        (DatasetEncoder, ENC_CFG),
+        (TextConditioner, TXT_CFG),
+    ],
+    ids=lambda x: getattr(x, "__name__", ""),
+)
 def test_save_load_round_trip(cls, cfg, tmp_path, gen):
     net = _randomize(cls(cfg, seed=0), gen)
     path = tmp_path / "net.safetensors"
@@ -310,8 +350,12 @@ def test_bad_files(tmp_path):
 def test_determinism_given_a_seed(gen):
     for cls, cfg in ((ChunkVAE, VAE_CFG), (LatentDenoiser, DEN_CFG), (DatasetEncoder, ENC_CFG)):
         a, b, c = cls(cfg, seed=3), cls(cfg, seed=3), cls(cfg, seed=4)
-        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-        assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+        assert all(
+            torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())
+        )
+        assert not all(
+            torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values())
+        )
     vae = ChunkVAE(VAE_CFG, seed=0).train()
     x = torch.randn(2, 3, 64, generator=gen)
     l1 = vae.loss(x, generator=torch.Generator().manual_seed(5))["loss"]
@@ -354,18 +398,30 @@ def test_bad_inputs_name_the_argument(gen):
         (lambda: Condition(cond.tokens, cond.pooled, cond.mask.float()), DTypeError, "mask"),
         (lambda: ChunkVAE(VAE_CFG).encode(torch.randn(3, 63)), ShapeError, "chunks"),
         (lambda: ChunkVAE(VAE_CFG).decode(torch.randn(3, 9)), ShapeError, "latents"),
-        (lambda: ChunkVAE(VAE_CFG).loss(torch.randn(2, 3, 64), torch.ones(4, 64, dtype=torch.bool)),
-         ShapeError, "mask"),
+        (
+            lambda: ChunkVAE(VAE_CFG).loss(
+                torch.randn(2, 3, 64), torch.ones(4, 64, dtype=torch.bool)
+            ),
+            ShapeError,
+            "mask",
+        ),
         (lambda: DatasetEncoder(ENC_CFG)(torch.randn(2, 3, 12)), ShapeError, "x must be"),
-        (lambda: DatasetEncoder(ENC_CFG)(torch.randn(2, 3, 4, 12), torch.ones(2, 3, 5, dtype=torch.bool)),
-         ShapeError, "shot_mask"),
+        (
+            lambda: DatasetEncoder(ENC_CFG)(
+                torch.randn(2, 3, 4, 12), torch.ones(2, 3, 5, dtype=torch.bool)
+            ),
+            ShapeError,
+            "shot_mask",
+        ),
         (lambda: TextConditioner(TXT_CFG)(torch.randn(2, 4, 21)), ShapeError, "text embeddings"),
     ]
     for fn, err, word in cases:
         with pytest.raises(err, match=word) as info:
             fn()
         assert isinstance(info.value, D2NWGError)
-    unconditional = LatentDenoiser(LatentDenoiserConfig(latent_dim=8, hidden_dim=32, depth=1, num_heads=2))
+    unconditional = LatentDenoiser(
+        LatentDenoiserConfig(latent_dim=8, hidden_dim=32, depth=1, num_heads=2)
+    )
     with pytest.raises(ConfigError, match="unconditional"):
         unconditional(xt, t, cond)
     assert unconditional(xt, t).shape == xt.shape
@@ -376,13 +432,16 @@ def test_sample_guides_the_denoiser_with_condition_objects():
     import d2nwg
 
     torch.manual_seed(0)
-    den = d2nwg.LatentDenoiser(d2nwg.LatentDenoiserConfig(latent_dim=8, cond_dim=16, hidden_dim=32,
-                                                          depth=1, num_heads=2))
+    den = d2nwg.LatentDenoiser(
+        d2nwg.LatentDenoiserConfig(latent_dim=8, cond_dim=16, hidden_dim=32, depth=1, num_heads=2)
+    )
     with torch.no_grad():  # adaLN-Zero starts at zero output: move off it so guidance matters
         for p in den.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     B, T = 2, 5
-    cond = d2nwg.Condition(torch.randn(B, 3, 16), torch.randn(B, 16), torch.tensor([[1, 1, 0], [1, 0, 0]]).bool())
+    cond = d2nwg.Condition(
+        torch.randn(B, 3, 16), torch.randn(B, 16), torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()
+    )
     null = den.null_condition(1)
     sched = d2nwg.NoiseSchedule.linear(100)
     x_T = torch.randn(B, T, 8)

@@ -33,13 +33,23 @@ BACKENDS = ["torch", "triton"] + (["cpp"] if _ext._C is not None else [])
 
 
 def bounded(n: int):
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.function_scoped_fixture])
+    return settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.function_scoped_fixture,
+        ],
+    )
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return t.view(
+        {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    )
 
 
 def random_weights(shape, dtype, seed: int) -> torch.Tensor:
@@ -53,24 +63,39 @@ def random_weights(shape, dtype, seed: int) -> torch.Tensor:
 
 
 layouts = st.lists(
-    st.tuples(st.lists(st.integers(0, 6), min_size=0, max_size=3),
-              st.sampled_from(FLOAT_DTYPES)),
-    min_size=1, max_size=5)
+    st.tuples(st.lists(st.integers(0, 6), min_size=0, max_size=3), st.sampled_from(FLOAT_DTYPES)),
+    min_size=1,
+    max_size=5,
+)
 
 
 @bounded(60)
-@given(layout=layouts, chunk_size=st.integers(1, 19), granularity=st.sampled_from(["layer", "model"]),
-       num_models=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+@given(
+    layout=layouts,
+    chunk_size=st.integers(1, 19),
+    granularity=st.sampled_from(["layer", "model"]),
+    num_models=st.integers(1, 3),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_tokenizer_round_trip_random_layouts(layout, chunk_size, granularity, num_models, seed):
     """normalize=None through float64 tokens, and float32 tokens for the non-float64 layers:
     every weight comes back bit for bit (zeros with their sign), on every CPU backend."""
-    template = {f"l{i}.w": torch.zeros(shape, dtype=dtype) for i, (shape, dtype) in enumerate(layout)}
-    tok = WeightTokenizer.from_state_dict(template, chunk_size=chunk_size,
-                                          granularity=granularity, normalize=None)
-    sds = [{k: random_weights(v.shape, v.dtype, seed + n * 101 + i) for i, (k, v) in
-            enumerate(template.items())} for n in range(num_models)]
-    token_dtypes = [torch.float64] + ([torch.float32] if all(d != torch.float64 for _, d in layout)
-                                      else [])
+    template = {
+        f"l{i}.w": torch.zeros(shape, dtype=dtype) for i, (shape, dtype) in enumerate(layout)
+    }
+    tok = WeightTokenizer.from_state_dict(
+        template, chunk_size=chunk_size, granularity=granularity, normalize=None
+    )
+    sds = [
+        {
+            k: random_weights(v.shape, v.dtype, seed + n * 101 + i)
+            for i, (k, v) in enumerate(template.items())
+        }
+        for n in range(num_models)
+    ]
+    token_dtypes = [torch.float64] + (
+        [torch.float32] if all(d != torch.float64 for _, d in layout) else []
+    )
     for token_dtype in token_dtypes:
         reference = None
         for backend in BACKENDS:
@@ -88,18 +113,32 @@ def test_tokenizer_round_trip_random_layouts(layout, chunk_size, granularity, nu
 
 
 @bounded(25)
-@given(layout=layouts, chunk_size=st.integers(1, 19), granularity=st.sampled_from(["layer", "model"]),
-       seed=st.integers(0, 2**31 - 1), offset=st.sampled_from([0.0, 1.0, -3.0]))
+@given(
+    layout=layouts,
+    chunk_size=st.integers(1, 19),
+    granularity=st.sampled_from(["layer", "model"]),
+    seed=st.integers(0, 2**31 - 1),
+    offset=st.sampled_from([0.0, 1.0, -3.0]),
+)
 def test_normalized_round_trip_all_backends_agree(layout, chunk_size, granularity, seed, offset):
     """Fitted per-layer normalization through float64 tokens: 16- and 32-bit weights exact,
     and every backend gives the same bits as the reference."""
-    layout = [(shape, dtype) for shape, dtype in layout if dtype != torch.float64] or \
-        [([3], torch.float32)]
-    template = {f"l{i}.w": torch.zeros(shape, dtype=dtype) for i, (shape, dtype) in enumerate(layout)}
-    sds = [{k: (random_weights(v.shape, torch.float64, seed + n * 7 + i) + offset).to(v.dtype)
-            for i, (k, v) in enumerate(template.items())} for n in range(2)]
-    tok = WeightTokenizer.from_state_dict(template, chunk_size=chunk_size,
-                                          granularity=granularity).fit(sds)
+    layout = [(shape, dtype) for shape, dtype in layout if dtype != torch.float64] or [
+        ([3], torch.float32)
+    ]
+    template = {
+        f"l{i}.w": torch.zeros(shape, dtype=dtype) for i, (shape, dtype) in enumerate(layout)
+    }
+    sds = [
+        {
+            k: (random_weights(v.shape, torch.float64, seed + n * 7 + i) + offset).to(v.dtype)
+            for i, (k, v) in enumerate(template.items())
+        }
+        for n in range(2)
+    ]
+    tok = WeightTokenizer.from_state_dict(
+        template, chunk_size=chunk_size, granularity=granularity
+    ).fit(sds)
     reference = tok.tokenize(sds, dtype=torch.float64, backend="torch")
     for backend in BACKENDS:
         tokens = tok.tokenize(sds, dtype=torch.float64, backend=backend)
@@ -110,9 +149,13 @@ def test_normalized_round_trip_all_backends_agree(layout, chunk_size, granularit
 
 
 @bounded(40)
-@given(numel=st.lists(st.integers(0, 40), min_size=1, max_size=6), chunk_size=st.integers(1, 9),
-       extra=st.lists(st.integers(0, 9), min_size=6, max_size=6), seed=st.integers(0, 2**31 - 1),
-       dtype=st.sampled_from(FLOAT_DTYPES))
+@given(
+    numel=st.lists(st.integers(0, 40), min_size=1, max_size=6),
+    chunk_size=st.integers(1, 9),
+    extra=st.lists(st.integers(0, 9), min_size=6, max_size=6),
+    seed=st.integers(0, 2**31 - 1),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+)
 def test_plans_with_padding_all_backends_agree(numel, chunk_size, extra, seed, dtype):
     """Arbitrary valid plans (spans with extra padding, empty segments) on the ops directly."""
     span = [n + e for n, e in zip(numel, extra)]
@@ -122,8 +165,9 @@ def test_plans_with_padding_all_backends_agree(numel, chunk_size, extra, seed, d
     g = torch.Generator().manual_seed(seed)
     mean = tuple(float(torch.randn((), generator=g)) for _ in numel)
     std = tuple(float(torch.rand((), generator=g)) + 0.5 for _ in numel)
-    plan = ChunkPlan(tuple(numel), tuple(offset), tuple(span), mean, std,
-                     sum(span) // chunk_size, chunk_size)
+    plan = ChunkPlan(
+        tuple(numel), tuple(offset), tuple(span), mean, std, sum(span) // chunk_size, chunk_size
+    )
     sources = [random_weights((n,), dtype, seed + i) for i, n in enumerate(numel)]
     reference = tokenize(sources, plan, dtype=torch.float32, backend="torch")
     for backend in BACKENDS:
@@ -140,11 +184,17 @@ def test_plans_with_padding_all_backends_agree(numel, chunk_size, extra, seed, d
 # Mutated files
 # ---------------------------------------------------------------------------------------
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.sampled_from([0, -1, 2**40, 2**63])
-    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children,
-                                                                       max_size=3),
-    max_leaves=6)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.sampled_from([0, -1, 2**40, 2**63])
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3)
+    ),
+    max_leaves=6,
+)
 
 
 def _paths(value, prefix=()):
@@ -183,8 +233,11 @@ def _delete(doc, path):
 mutations = st.one_of(
     st.tuples(st.just("replace"), st.integers(0, 10**6), json_values),
     st.tuples(st.just("delete"), st.integers(0, 10**6), st.none()),
-    st.tuples(st.just("flip"), st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)),
-                                        min_size=1, max_size=8), st.none()),
+    st.tuples(
+        st.just("flip"),
+        st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=8),
+        st.none(),
+    ),
     st.tuples(st.just("truncate"), st.integers(0, 10**6), st.none()),
 )
 
@@ -208,15 +261,19 @@ def _mutate_file(src, dst, key, mutation):
         for pos, mask in where:
             data[pos % len(data)] ^= mask
     else:
-        data = data[:where % len(data)]
+        data = data[: where % len(data)]
     dst.write_bytes(bytes(data))
 
 
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
-    sd = {"a.weight": torch.randn(5, 3), "a.bias": torch.randn(5) + 2,
-          "b.weight": torch.randn(2, 5).bfloat16(), "n.weight": torch.ones(7)}
+    sd = {
+        "a.weight": torch.randn(5, 3),
+        "a.bias": torch.randn(5) + 2,
+        "b.weight": torch.randn(2, 5).bfloat16(),
+        "n.weight": torch.ones(7),
+    }
     sd["tied"] = sd["a.weight"]
     tok = WeightTokenizer.from_state_dict(sd, chunk_size=8).fit([sd])
     tok.save(d / "tok.safetensors")
@@ -289,7 +346,9 @@ def zoo_dir(tmp_path_factory):
 
 @bounded(150)
 @given(mutation=mutations)
-def test_mutated_zoo_manifest_loads_or_raises_file_format_error(zoo_dir, mutation, tmp_path_factory):
+def test_mutated_zoo_manifest_loads_or_raises_file_format_error(
+    zoo_dir, mutation, tmp_path_factory
+):
     from d2nwg.zoo import MANIFEST, ModelZoo
 
     kind, where, value = mutation
@@ -308,7 +367,7 @@ def test_mutated_zoo_manifest_loads_or_raises_file_format_error(zoo_dir, mutatio
             for pos, mask in where:
                 data[pos % len(data)] ^= mask
         else:
-            data = data[:where % len(data)]
+            data = data[: where % len(data)]
         manifest.write_bytes(bytes(data))
     try:
         zoo = ModelZoo.from_directory(work)

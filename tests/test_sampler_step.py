@@ -1,17 +1,22 @@
 """The fused sampler step: every backend that runs here against the PyTorch reference."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
 from d2nwg import _ext
-from d2nwg.errors import (BackendUnavailableError, ConfigError, D2NWGError, DeviceError,
-                          DTypeError, ShapeError)
-import re
-from pathlib import Path
-
+from d2nwg.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    D2NWGError,
+    DeviceError,
+    DTypeError,
+    ShapeError,
+)
 from d2nwg.ops import sampler_step_op as step_op
 from d2nwg.ops.sampler_step_op import COLUMNS, K, sampler_step, sampler_step_, sampler_step_ref
-
 
 BACKENDS = ["torch", "triton", "cpp", "cuda"]
 
@@ -25,8 +30,20 @@ def _skip_unavailable(backend, device):
         pytest.fail(f"the cpp backend must be built for these tests: {_ext.cpp_reason()}")
 
 
-def _inputs(B, N, *, guided, noise, prev, per_sample, S=5, dtype=torch.float32,
-            table_dtype=torch.float32, gen, device):
+def _inputs(
+    B,
+    N,
+    *,
+    guided,
+    noise,
+    prev,
+    per_sample,
+    S=5,
+    dtype=torch.float32,
+    table_dtype=torch.float32,
+    gen,
+    device,
+):
     def rnd(*shape, dt=dtype):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dt)
 
@@ -70,8 +87,9 @@ FLAGS = [  # guided, noise, prev, per_sample
 def test_fp32_matches_reference(backend, shape, flags, gen, device):
     _skip_unavailable(backend, device)
     guided, noise, prev, per_sample = flags
-    args = _inputs(*shape, guided=guided, noise=noise, prev=prev, per_sample=per_sample, gen=gen,
-                   device=device)
+    args = _inputs(
+        *shape, guided=guided, noise=noise, prev=prev, per_sample=per_sample, gen=gen, device=device
+    )
     y, p = _run(backend, *args, guided)
     y_ref, p_ref = _ref(*args, guided)
     scale = max(1.0, float(y_ref.abs().max()))
@@ -83,17 +101,37 @@ def test_fp32_matches_reference(backend, shape, flags, gen, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp64_and_fp64_table(backend, gen, device):
     _skip_unavailable(backend, device)
-    args = _inputs(3, 130, guided=True, noise=True, prev=True, per_sample=False,
-                   dtype=torch.float64, table_dtype=torch.float64, gen=gen, device=device)
+    args = _inputs(
+        3,
+        130,
+        guided=True,
+        noise=True,
+        prev=True,
+        per_sample=False,
+        dtype=torch.float64,
+        table_dtype=torch.float64,
+        gen=gen,
+        device=device,
+    )
     y, p = _run(backend, *args, True)
     y_ref, p_ref = _ref(*args, True)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(p, p_ref, rtol=1e-12, atol=1e-12)
     # float32 x with a float64 table: coefficients rounded to float32 first, as the reference
-    args32 = _inputs(3, 130, guided=False, noise=True, prev=False, per_sample=True,
-                     table_dtype=torch.float64, gen=gen, device=device)
-    torch.testing.assert_close(_run(backend, *args32, False)[0], _ref(*args32, False)[0],
-                               rtol=1e-5, atol=1e-5)
+    args32 = _inputs(
+        3,
+        130,
+        guided=False,
+        noise=True,
+        prev=False,
+        per_sample=True,
+        table_dtype=torch.float64,
+        gen=gen,
+        device=device,
+    )
+    torch.testing.assert_close(
+        _run(backend, *args32, False)[0], _ref(*args32, False)[0], rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -101,14 +139,25 @@ def test_fp64_and_fp64_table(backend, gen, device):
 def test_low_precision_rule(backend, dtype, gen, device):
     """Error vs a float64 reference at most twice PyTorch's own error computing in dtype."""
     _skip_unavailable(backend, device)
-    args = _inputs(4, 257, guided=True, noise=True, prev=True, per_sample=False, dtype=dtype,
-                   gen=gen, device=device)
+    args = _inputs(
+        4,
+        257,
+        guided=True,
+        noise=True,
+        prev=True,
+        per_sample=False,
+        dtype=dtype,
+        gen=gen,
+        device=device,
+    )
     x, out, table, step, z, p = args
-    hi = [t.double() if t is not None and t.is_floating_point() and t is not table else t
-          for t in args]
+    hi = [
+        t.double() if t is not None and t.is_floating_point() and t is not table else t
+        for t in args
+    ]
     y64, p64 = _ref(*hi, True)
     y, pk = _run(backend, *args, True)
-    y_t, p_t = _ref(*args, True, compute_dtype=dtype)          # PyTorch's own, in dtype
+    y_t, p_t = _ref(*args, True, compute_dtype=dtype)  # PyTorch's own, in dtype
     for got, own in ((y, y_t), (pk, p_t)):
         ref = y64 if got is y else p64
         err = (got.double() - ref).abs().max().item()
@@ -124,8 +173,17 @@ def test_vector_widths_and_unaligned_storage(backend, dtype, offset, gen, device
     on 16-byte aligned storage (the CUDA kernel's wide path) and on storage one element off
     (its scalar path), in place, guided, with noise, previous x0 and a per-sample table."""
     _skip_unavailable(backend, device)
-    args = _inputs(3, 512, guided=True, noise=True, prev=True, per_sample=True, dtype=dtype,
-                   gen=gen, device=device)
+    args = _inputs(
+        3,
+        512,
+        guided=True,
+        noise=True,
+        prev=True,
+        per_sample=True,
+        dtype=dtype,
+        gen=gen,
+        device=device,
+    )
     y_ref, p_ref = _ref(*args, True)
 
     def placed(t):  # a contiguous copy of t starting `offset` elements into its storage
@@ -138,8 +196,13 @@ def test_vector_widths_and_unaligned_storage(backend, dtype, offset, gen, device
     sampler_step_(x, out, table, step, noise=z, prev_x0=p, guided=True, backend=backend)
     for got, want in ((x, y_ref), (p, p_ref)):
         scale = max(1.0, float(want.abs().max()))
-        tol = 1e-5 if dtype == torch.float32 else 1e-12 if dtype == torch.float64 else \
-            2 * torch.finfo(dtype).eps          # two ulps: an FMA may flip the final rounding
+        tol = (
+            1e-5
+            if dtype == torch.float32
+            else 1e-12
+            if dtype == torch.float64
+            else 2 * torch.finfo(dtype).eps
+        )  # two ulps: an FMA may flip the final rounding
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale)
 
 
@@ -147,24 +210,27 @@ def test_vector_widths_and_unaligned_storage(backend, dtype, offset, gen, device
 def test_step_index_is_read_from_the_tensor(backend, gen, device):
     """Each row of the table is used at its step, shared and per-sample tables alike."""
     _skip_unavailable(backend, device)
-    x, out, table, _, z, _ = _inputs(2, 33, guided=False, noise=True, prev=False,
-                                     per_sample=True, S=4, gen=gen, device=device)
+    x, out, table, _, z, _ = _inputs(
+        2, 33, guided=False, noise=True, prev=False, per_sample=True, S=4, gen=gen, device=device
+    )
     for s in range(4):
         step = torch.tensor([s], device=device)
         y, _ = _run(backend, x, out, table, step, z, None, False)
         y_ref, _ = _ref(x, out, table, step, z, None, False)
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-        one = table[s : s + 1]                                 # the same row as a 1-step table
-        y1, _ = _run(backend, x, out, one, torch.zeros(1, dtype=torch.long, device=device), z,
-                     None, False)
+        one = table[s : s + 1]  # the same row as a 1-step table
+        y1, _ = _run(
+            backend, x, out, one, torch.zeros(1, dtype=torch.long, device=device), z, None, False
+        )
         torch.testing.assert_close(y1, y_ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_in_place_and_prev_buffer(backend, gen, device):
     _skip_unavailable(backend, device)
-    x, out, table, step, z, p = _inputs(3, 50, guided=False, noise=False, prev=True,
-                                        per_sample=False, gen=gen, device=device)
+    x, out, table, step, z, p = _inputs(
+        3, 50, guided=False, noise=False, prev=True, per_sample=False, gen=gen, device=device
+    )
     y_ref, p_ref = _ref(x, out, table, step, None, p, False)
     x_in, p_in = x.clone(), p.clone()
     ret = sampler_step_(x_in, out, table, step, prev_x0=p_in, backend=backend)
@@ -172,7 +238,7 @@ def test_in_place_and_prev_buffer(backend, gen, device):
     torch.testing.assert_close(x_in, y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(p_in, p_ref, rtol=1e-5, atol=1e-5)
     x2 = x.clone()
-    sampler_step(x2, out, table, step, backend=backend)        # out of place
+    sampler_step(x2, out, table, step, backend=backend)  # out of place
     assert torch.equal(x2, x)
 
 
@@ -187,8 +253,16 @@ def test_hand_computed_coefficients(device):
     x0 = 0.3 * 2 - 0.2 * o
     eps = 0.1 * 2 + 0.9 * o
     want = 0.7 * 2 + 0.4 * x0 + 0.25 * eps - 0.5 * 3.0 + 0.05 * 0.5
-    y = sampler_step(x, out, c.to(device), torch.zeros(1, dtype=torch.long, device=device),
-                     noise=z, prev_x0=p, guided=True, backend="torch")
+    y = sampler_step(
+        x,
+        out,
+        c.to(device),
+        torch.zeros(1, dtype=torch.long, device=device),
+        noise=z,
+        prev_x0=p,
+        guided=True,
+        backend="torch",
+    )
     assert abs(y.item() - want) < 1e-12 and abs(p.item() - x0) < 1e-12
 
 
@@ -198,12 +272,14 @@ def test_empty_and_dispatch(device):
     step = torch.zeros(1, dtype=torch.long, device=device)
     assert sampler_step(x, torch.zeros(2, 0, device=device), table, step).shape == (2, 0)
     with pytest.raises(ConfigError, match="backend"):
-        sampler_step(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, K), step.cpu(),
-                     backend="nope")
+        sampler_step(
+            torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, K), step.cpu(), backend="nope"
+        )
     if device.type == "cpu":
         with pytest.raises(BackendUnavailableError, match="cuda"):
-            sampler_step(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, K), step.cpu(),
-                         backend="cuda")
+            sampler_step(
+                torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, K), step.cpu(), backend="cuda"
+            )
 
 
 def test_bad_input_names_the_argument():
@@ -211,8 +287,14 @@ def test_bad_input_names_the_argument():
     step = torch.zeros(1, dtype=torch.long)
     cases = [
         (dict(x=torch.zeros(6)), ShapeError, "x"),
-        (dict(x=torch.zeros(2, 3, dtype=torch.int32), model_out=torch.zeros(2, 3, dtype=torch.int32)),
-         DTypeError, "x"),
+        (
+            dict(
+                x=torch.zeros(2, 3, dtype=torch.int32),
+                model_out=torch.zeros(2, 3, dtype=torch.int32),
+            ),
+            DTypeError,
+            "x",
+        ),
         (dict(model_out=torch.zeros(3, 3)), ShapeError, "model_out"),
         (dict(model_out=torch.zeros(2, 3), guided=True), ShapeError, "model_out"),
         (dict(model_out=torch.zeros(2, 3, dtype=torch.float64)), DTypeError, "model_out"),
@@ -227,8 +309,9 @@ def test_bad_input_names_the_argument():
         (dict(table=torch.zeros(4, K, device="meta")), DeviceError, "table"),
     ]
     for change, exc, name in cases:
-        kw = dict(x=x, model_out=out, table=table, step=step, noise=None, prev_x0=None,
-                  guided=False)
+        kw = dict(
+            x=x, model_out=out, table=table, step=step, noise=None, prev_x0=None, guided=False
+        )
         kw.update(change)
         with pytest.raises(exc, match=name) as info:
             sampler_step(kw.pop("x"), kw.pop("model_out"), kw.pop("table"), kw.pop("step"), **kw)
@@ -240,8 +323,10 @@ def test_column_layout_agrees_with_the_csrc_header():
     indices (the Triton kernel gets the Python ones as constexprs)."""
     header = Path(__file__).resolve().parents[1] / "csrc" / "sampler_step_layout.h"
     found = dict(re.findall(r"constexpr int k(\w+) = (\d+);", header.read_text()))
-    assert {name: int(v) for name, v in found.items()} == \
-        {**{name: j for j, name in enumerate(COLUMNS)}, "K": K}
+    assert {name: int(v) for name, v in found.items()} == {
+        **{name: j for j, name in enumerate(COLUMNS)},
+        "K": K,
+    }
     for j, name in enumerate(COLUMNS):
         assert getattr(step_op, name) == j
 
@@ -261,9 +346,16 @@ def test_triton_gpu_tiling_on_cpu(B, N, block, gen, monkeypatch):
     block_b, block_n = kernel_mod.tile(B, N, True)
     assert block_b * block_n <= block and (block_b < B or block_n < N)
     for guided, noise, prev in [(True, True, True), (False, False, True), (False, True, False)]:
-        x, out, table, step, z, p = _inputs(B, N, guided=guided, noise=noise, prev=prev,
-                                            per_sample=True, gen=gen,
-                                            device=torch.device("cpu"))
+        x, out, table, step, z, p = _inputs(
+            B,
+            N,
+            guided=guided,
+            noise=noise,
+            prev=prev,
+            per_sample=True,
+            gen=gen,
+            device=torch.device("cpu"),
+        )
         y, p1 = _run("triton", x, out, table, step, z, p, guided)
         y_ref, p_ref = _ref(x, out, table, step, z, p, guided)
         torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)

@@ -46,15 +46,18 @@ class Gaussian:
         a = self.abar[t].view(-1, 1)
         al, sg = a.sqrt(), (1 - a).sqrt()
         xd = x.double()
-        var = a * self.sd ** 2 + (1 - a)
+        var = a * self.sd**2 + (1 - a)
         eps = sg * (xd - al * self.mu) / var
-        x0 = self.mu + al * self.sd ** 2 * (xd - al * self.mu) / var
+        x0 = self.mu + al * self.sd**2 * (xd - al * self.mu) / var
         out = {"epsilon": eps, "v": al * eps - sg * x0, "sample": x0}[self.prediction_type]
         return out.to(x.dtype)
 
     def exact(self, x_T):
         aT = self.abar[-1]
-        return self.mu + self.sd * (x_T.double() - aT.sqrt() * self.mu) / (aT * self.sd ** 2 + 1 - aT).sqrt()
+        return (
+            self.mu
+            + self.sd * (x_T.double() - aT.sqrt() * self.mu) / (aT * self.sd**2 + 1 - aT).sqrt()
+        )
 
     def groups(self, y):
         """Per data group: samples [n] of each of the len(MU) groups."""
@@ -69,7 +72,7 @@ def _check_distribution(y, x_T, model, *, deterministic):
     exact = model.exact(x_T)
     for g, (yg, eg) in enumerate(zip(model.groups(y), model.groups(exact))):
         mu, sd = MU[g].item(), SD[g].item()
-        v_T = aT * sd ** 2 + 1 - aT
+        v_T = aT * sd**2 + 1 - aT
         mean_t = mu - sd * aT.sqrt() * mu / v_T.sqrt()
         std_t = sd / v_T.sqrt()
         n = yg.numel()
@@ -77,7 +80,11 @@ def _check_distribution(y, x_T, model, *, deterministic):
         assert abs(yg.mean() - mean_t) < 4 * se_mean, (g, yg.mean().item(), mean_t.item())
         assert abs(yg.std() - std_t) < 4 * se_std, (g, yg.std().item(), std_t.item())
         if deterministic:
-            assert abs(yg.mean() - eg.mean()) < se_mean, (g, "mean disc", (yg.mean() - eg.mean()).item())
+            assert abs(yg.mean() - eg.mean()) < se_mean, (
+                g,
+                "mean disc",
+                (yg.mean() - eg.mean()).item(),
+            )
             assert abs(yg.std() - eg.std()) < se_std, (g, "std disc", (yg.std() - eg.std()).item())
 
 
@@ -103,8 +110,15 @@ def test_ddpm_maps_noise_to_data(backend):
     _need(backend)
     x_T = torch.randn(4, 3 * 2048, generator=torch.Generator().manual_seed(2))
     model = Gaussian(x_T.shape[1])
-    y = sample(model, x_T, SCHED, sampler="ddpm", steps=500, backend=backend,
-               generator=torch.Generator().manual_seed(3))
+    y = sample(
+        model,
+        x_T,
+        SCHED,
+        sampler="ddpm",
+        steps=500,
+        backend=backend,
+        generator=torch.Generator().manual_seed(3),
+    )
     _check_distribution(y, x_T, model, deterministic=False)
 
 
@@ -136,7 +150,7 @@ def test_ddim_equations_by_hand():
         # step 9 -> 4
         x0 = (x - math.sqrt(1 - a[9]) * eps) / math.sqrt(a[9])
         sigma = eta * math.sqrt((1 - a[4]) / (1 - a[9])) * math.sqrt(1 - a[9] / a[4])
-        x = math.sqrt(a[4]) * x0 + math.sqrt(1 - a[4] - sigma ** 2) * eps + sigma * z
+        x = math.sqrt(a[4]) * x0 + math.sqrt(1 - a[4] - sigma**2) * eps + sigma * z
         # step 4 -> alpha_bar = 1: the prediction of x0
         x = (x - math.sqrt(1 - a[4]) * eps) / math.sqrt(a[4])
         torch.testing.assert_close(y, x, rtol=1e-12, atol=1e-12)
@@ -173,9 +187,18 @@ def test_dpmpp_2m_matches_k_diffusion_form():
 def test_ddim_eta_one_is_ddpm():
     x_T = torch.randn(3, 40, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     model = Gaussian(40)
-    y1 = sample(model, x_T, SCHED, sampler="ddim", eta=1.0, steps=20,
-                generator=torch.Generator().manual_seed(6))
-    y2 = sample(model, x_T, SCHED, sampler="ddpm", steps=20, generator=torch.Generator().manual_seed(6))
+    y1 = sample(
+        model,
+        x_T,
+        SCHED,
+        sampler="ddim",
+        eta=1.0,
+        steps=20,
+        generator=torch.Generator().manual_seed(6),
+    )
+    y2 = sample(
+        model, x_T, SCHED, sampler="ddpm", steps=20, generator=torch.Generator().manual_seed(6)
+    )
     torch.testing.assert_close(y1, y2, rtol=1e-9, atol=1e-9)
 
 
@@ -185,8 +208,14 @@ def test_prediction_types_agree(sampler, prediction_type):
     x_T = torch.randn(3, 30, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     kw = dict(sampler=sampler, steps=15, backend="cpp" if _ext.cpp_reason() is None else "torch")
     y_eps = sample(Gaussian(30), x_T, SCHED, generator=torch.Generator().manual_seed(9), **kw)
-    y = sample(Gaussian(30, prediction_type=prediction_type), x_T, SCHED,
-               prediction_type=prediction_type, generator=torch.Generator().manual_seed(9), **kw)
+    y = sample(
+        Gaussian(30, prediction_type=prediction_type),
+        x_T,
+        SCHED,
+        prediction_type=prediction_type,
+        generator=torch.Generator().manual_seed(9),
+        **kw,
+    )
     torch.testing.assert_close(y, y_eps, rtol=1e-8, atol=1e-8)
 
 
@@ -210,12 +239,33 @@ def test_guidance_equals_premixed_predictor(backend):
     uncond = torch.zeros(1, dtype=torch.float64)
     for sampler in ("ddim", "dpmpp_2m"):
         calls.clear()
-        y = sample(model, x_T, SCHED, sampler=sampler, steps=8, cond=cond, uncond=uncond,
-                   guidance_scale=s, backend=backend)
-        assert calls == [2 * B] * 8                      # one batched call per step
-        y_ref = sample(premixed, x_T, SCHED, sampler=sampler, steps=8, cond=(cond, uncond.expand(B)),
-                       backend=backend)
+        y = sample(
+            model,
+            x_T,
+            SCHED,
+            sampler=sampler,
+            steps=8,
+            cond=cond,
+            uncond=uncond,
+            guidance_scale=s,
+            backend=backend,
+        )
+        assert calls == [2 * B] * 8  # one batched call per step
+        y_ref = sample(
+            premixed,
+            x_T,
+            SCHED,
+            sampler=sampler,
+            steps=8,
+            cond=(cond, uncond.expand(B)),
+            backend=backend,
+        )
         torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+        # Not vacuous: the guided result is the data transform of x_T, moved by the condition
+        # (a sampler that returned zeros, or ignored the condition, would pass the check above).
+        y_plain = sample(base, x_T, SCHED, sampler=sampler, steps=8, backend=backend)
+        torch.testing.assert_close(y_plain, base.exact(x_T), rtol=0.05, atol=0.05)
+        assert float((y - y_plain).abs().max()) > 0.1
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
@@ -246,13 +296,21 @@ def test_per_sample_generators(sampler, eta, backend):
     other = sample(m, x_T, SCHED, generator=gens([31, 22, 33]), **kw)
     assert torch.equal(other[1], batched[1]) and not torch.equal(other[0], batched[0])
     again = sample(m, x_T, SCHED, generator=torch.Generator().manual_seed(5), **kw)
-    assert torch.equal(again, sample(m, x_T, SCHED, generator=torch.Generator().manual_seed(5), **kw))
+    assert torch.equal(
+        again, sample(m, x_T, SCHED, generator=torch.Generator().manual_seed(5), **kw)
+    )
 
 
 def test_default_timesteps_and_tables():
     assert default_timesteps(1000, 10) == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
     assert default_timesteps(10, 10) == list(range(9, -1, -1))
     assert default_timesteps(1000, 1) == [999]
+    # Where T / steps does not divide: round(T - i * T / steps) - 1, worked out by hand
+    # (Python's and numpy's round: halves to even, as Lin et al.'s np.round).
+    assert default_timesteps(1000, 3) == [999, 666, 332]  # 666.67 -> 667, 333.33 -> 333
+    assert default_timesteps(10, 4) == [9, 7, 4, 1]  # 7.5 -> 8, 2.5 -> 2
+    assert default_timesteps(7, 3) == [6, 4, 1]  # 4.67 -> 5, 2.33 -> 2
+    assert default_timesteps(1000, 7) == [999, 856, 713, 570, 428, 285, 142]
     for T in (7, 1000):
         for steps in range(1, T + 1, 37 if T > 100 else 1):
             ts = default_timesteps(T, steps)
@@ -302,8 +360,11 @@ def test_bad_input_names_the_argument():
         (dict(cond=torch.zeros(2), guidance_scale=2.0), ConfigError, "uncond"),
         (dict(uncond=torch.zeros(2), guidance_scale=2.0), ConfigError, "cond"),
         (dict(cond=torch.zeros(3), uncond=torch.zeros(3), guidance_scale=2.0), ShapeError, "cond"),
-        (dict(cond=torch.zeros(2, 2), uncond=torch.zeros(2, 3), guidance_scale=2.0), ShapeError,
-         "uncond"),
+        (
+            dict(cond=torch.zeros(2, 2), uncond=torch.zeros(2, 3), guidance_scale=2.0),
+            ShapeError,
+            "uncond",
+        ),
         (dict(guidance_scale=float("nan")), ConfigError, "guidance_scale"),
         (dict(generator=[torch.Generator()]), ConfigError, "generator"),
         (dict(generator="seed"), ConfigError, "generator"),
@@ -339,8 +400,18 @@ def test_graph_body_matches_eager(sampler, guided):
     x_T = torch.randn(B, N, generator=torch.Generator().manual_seed(12))
     cond, uncond = torch.tensor([1.0, 2.0, 3.0]), torch.zeros(1)
     gens = lambda: [torch.Generator().manual_seed(40 + i) for i in range(B)]  # noqa: E731
-    kw = (model, x_T, SCHED, sampler, 9, None, 0.3 if sampler == "ddim" else 0.0, cond,
-          uncond if guided else None, 2.0 if guided else 1.0)
+    kw = (
+        model,
+        x_T,
+        SCHED,
+        sampler,
+        9,
+        None,
+        0.3 if sampler == "ddim" else 0.0,
+        cond,
+        uncond if guided else None,
+        2.0 if guided else 1.0,
+    )
     plan, x, cond_in = _prepare(*kw, gens(), "epsilon", None)
     want = _eager(plan, x, cond_in).clone()
     plan, x, cond_in = _prepare(*kw, gens(), "epsilon", None)
@@ -348,7 +419,7 @@ def test_graph_body_matches_eager(sampler, guided):
     cap.load(plan, x, cond_in)
     cap.body(plan)
     assert torch.equal(cap.x, want)
-    plan, x2, cond_in = _prepare(*kw, gens(), "epsilon", None)   # replay with new inputs
+    plan, x2, cond_in = _prepare(*kw, gens(), "epsilon", None)  # replay with new inputs
     cap.load(plan, x2 * 0.5, cond_in)
     cap.body(plan)
     plan, x3, cond_in = _prepare(*kw, gens(), "epsilon", None)
@@ -403,8 +474,9 @@ class _FakeCuda:
                 yield
             except BaseException:
                 fake.capturing = None
-                raise RuntimeError("CUDA error: operation failed due to a previous error "
-                                   "during capture") from None   # stream not restored
+                raise RuntimeError(
+                    "CUDA error: operation failed due to a previous error during capture"
+                ) from None  # stream not restored
             fake.capturing, fake.current = None, before
 
         def new_graph():
@@ -452,8 +524,21 @@ def _graph_run(model, x_T, cond, seed, graph):
     from d2nwg.sampling.loop import run_eager as _eager
 
     gens = [torch.Generator().manual_seed(seed + i) for i in range(x_T.shape[0])]
-    plan, x, cond_in = _prepare(model, x_T, SCHED, "ddpm", 6, None, 0.0, cond,
-                                torch.zeros_like(cond[:1]), 2.0, gens, "epsilon", None)
+    plan, x, cond_in = _prepare(
+        model,
+        x_T,
+        SCHED,
+        "ddpm",
+        6,
+        None,
+        0.0,
+        cond,
+        torch.zeros_like(cond[:1]),
+        2.0,
+        gens,
+        "epsilon",
+        None,
+    )
     return (_with_graph if graph else _eager)(plan, x, cond_in)
 
 
@@ -465,15 +550,21 @@ def test_graph_wrapper_replays_new_inputs_with_per_sample_generators(monkeypatch
     B, N = 3, 10
     net = _Net(N, fake)
     g = torch.Generator().manual_seed(5)
-    inputs = [(torch.randn(B, N, generator=g, dtype=torch.float64),
-               torch.randn(B, generator=g, dtype=torch.float64), 100 * i) for i in range(3)]
+    inputs = [
+        (
+            torch.randn(B, N, generator=g, dtype=torch.float64),
+            torch.randn(B, generator=g, dtype=torch.float64),
+            100 * i,
+        )
+        for i in range(3)
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for i, (x_T, cond, seed) in enumerate(inputs[:2]):
             got = _graph_run(net, x_T, cond, seed, graph=True)
             assert torch.equal(got, _graph_run(net, x_T, cond, seed, graph=False)), i
         assert len(fake.graphs) == 1 and fake.graphs[0].replays == 1
-        old = net.scale.data                        # kept alive: its address is not reused
+        old = net.scale.data  # kept alive: its address is not reused
         net.scale.data = torch.full((), 0.5, dtype=torch.float64)
         x_T, cond, seed = inputs[2]
         got = _graph_run(net, x_T, cond, seed, graph=True)
@@ -520,8 +611,9 @@ def test_graph_wrapper_under_autocast_captures_without_the_weight_cache(monkeypa
         seen.append(cache_enabled)
         yield
 
-    monkeypatch.setattr(torch, "is_autocast_enabled",
-                        lambda device_type=None: amp["on"] and device_type == "cuda")
+    monkeypatch.setattr(
+        torch, "is_autocast_enabled", lambda device_type=None: amp["on"] and device_type == "cuda"
+    )
     monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type: torch.float16)
     monkeypatch.setattr(torch, "autocast", autocast)
     net = _Net(6, fake)

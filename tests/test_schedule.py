@@ -23,7 +23,7 @@ def test_linear_tables_in_float64():
     # the usual 1000-step schedule ends near 4.04e-5 (needs float64 to be right)
     assert s.alphas_cumprod[-1].item() == pytest.approx(4.0358e-5, rel=1e-3)
     a = s.alphas_cumprod
-    torch.testing.assert_close(s.alphas ** 2 + s.sigmas_t ** 2, torch.ones_like(a))
+    torch.testing.assert_close(s.alphas**2 + s.sigmas_t**2, torch.ones_like(a))
     torch.testing.assert_close(s.log_snr, torch.log(a / (1 - a)))
     torch.testing.assert_close(s.sigmas, ((1 - a) / a).sqrt())
     assert bool((s.log_snr[1:] < s.log_snr[:-1]).all())
@@ -31,7 +31,7 @@ def test_linear_tables_in_float64():
 
 def test_scaled_linear_and_from_betas():
     s = NoiseSchedule.scaled_linear(50, beta_start=0.00085, beta_end=0.012)
-    want = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 50, dtype=torch.float64) ** 2
+    want = torch.linspace(0.00085**0.5, 0.012**0.5, 50, dtype=torch.float64) ** 2
     torch.testing.assert_close(s.betas, want)
     lin = NoiseSchedule.linear(20)
     for betas in (lin.betas.float(), lin.betas.tolist()):
@@ -57,21 +57,28 @@ def test_to_device(device):
     assert s.device.type == "cpu" and "linear" in repr(m)
 
 
-@pytest.mark.parametrize("build, exc, name", [
-    (lambda: NoiseSchedule.linear(0), ConfigError, "T"),
-    (lambda: NoiseSchedule.linear(10.5), ConfigError, "T"),
-    (lambda: NoiseSchedule.linear(10, beta_start=0.0), ConfigError, "beta_start"),
-    (lambda: NoiseSchedule.linear(10, beta_end=1.0), ConfigError, "beta_end"),
-    (lambda: NoiseSchedule.scaled_linear(10, beta_start=-1e-3), ConfigError, "beta_start"),
-    (lambda: NoiseSchedule.cosine(10, s=-0.1), ConfigError, "s must"),
-    (lambda: NoiseSchedule.from_betas(torch.zeros(2, 3) + 0.1), ShapeError, "betas"),
-    (lambda: NoiseSchedule.from_betas(torch.tensor([])), ShapeError, "betas"),
-    (lambda: NoiseSchedule.from_betas(torch.tensor([1, 2])), DTypeError, "betas"),
-    (lambda: NoiseSchedule.from_betas(torch.tensor([0.1, float("nan")])), NonFiniteError, "betas"),
-    (lambda: NoiseSchedule.from_betas([0.1, 1.0]), ConfigError, "betas"),
-    (lambda: NoiseSchedule.from_betas([0.1, 0.0]), ConfigError, "betas"),
-    (lambda: NoiseSchedule.from_betas(["a"]), ConfigError, "betas"),
-])
+@pytest.mark.parametrize(
+    "build, exc, name",
+    [
+        (lambda: NoiseSchedule.linear(0), ConfigError, "T"),
+        (lambda: NoiseSchedule.linear(10.5), ConfigError, "T"),
+        (lambda: NoiseSchedule.linear(10, beta_start=0.0), ConfigError, "beta_start"),
+        (lambda: NoiseSchedule.linear(10, beta_end=1.0), ConfigError, "beta_end"),
+        (lambda: NoiseSchedule.scaled_linear(10, beta_start=-1e-3), ConfigError, "beta_start"),
+        (lambda: NoiseSchedule.cosine(10, s=-0.1), ConfigError, "s must"),
+        (lambda: NoiseSchedule.from_betas(torch.zeros(2, 3) + 0.1), ShapeError, "betas"),
+        (lambda: NoiseSchedule.from_betas(torch.tensor([])), ShapeError, "betas"),
+        (lambda: NoiseSchedule.from_betas(torch.tensor([1, 2])), DTypeError, "betas"),
+        (
+            lambda: NoiseSchedule.from_betas(torch.tensor([0.1, float("nan")])),
+            NonFiniteError,
+            "betas",
+        ),
+        (lambda: NoiseSchedule.from_betas([0.1, 1.0]), ConfigError, "betas"),
+        (lambda: NoiseSchedule.from_betas([0.1, 0.0]), ConfigError, "betas"),
+        (lambda: NoiseSchedule.from_betas(["a"]), ConfigError, "betas"),
+    ],
+)
 def test_bad_input_names_the_argument(build, exc, name):
     with pytest.raises(exc, match=name) as info:
         build()

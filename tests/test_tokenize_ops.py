@@ -49,8 +49,9 @@ def backend_device(backend: str) -> torch.device:
     return torch.device("cpu")
 
 
-def make_plan(numels: list[int], chunk_size: int, granularity: str, normalize: bool,
-              gen: torch.Generator) -> ChunkPlan:
+def make_plan(
+    numels: list[int], chunk_size: int, granularity: str, normalize: bool, gen: torch.Generator
+) -> ChunkPlan:
     """Layer granularity: spans = ceil(numel/C)*C. Model: spans = numel, the last segment
     carries the tail padding."""
     C = chunk_size
@@ -66,8 +67,9 @@ def make_plan(numels: list[int], chunk_size: int, granularity: str, normalize: b
         std = (torch.rand(S, generator=gen, dtype=torch.float64) * 2 + 0.05).tolist()
     else:
         mean, std = [0.0] * S, [1.0] * S
-    return ChunkPlan(tuple(numels), tuple(offsets), tuple(spans), tuple(mean), tuple(std),
-                     sum(spans) // C, C)
+    return ChunkPlan(
+        tuple(numels), tuple(offsets), tuple(spans), tuple(mean), tuple(std), sum(spans) // C, C
+    )
 
 
 def odd_numels(gen: torch.Generator, chunk_size: int, count: int = 7) -> list[int]:
@@ -79,14 +81,18 @@ def odd_numels(gen: torch.Generator, chunk_size: int, count: int = 7) -> list[in
     return [numels[i] for i in order]
 
 
-def random_sources(plan: ChunkPlan, num_models: int, gen: torch.Generator,
-                   dtypes: list[torch.dtype]) -> list[torch.Tensor]:
+def random_sources(
+    plan: ChunkPlan, num_models: int, gen: torch.Generator, dtypes: list[torch.dtype]
+) -> list[torch.Tensor]:
     """N*S tensors, model-major, with dtypes drawn from `dtypes` (mixed within one call)."""
     out = []
-    for n in range(num_models):
+    for _n in range(num_models):
         for s, numel in enumerate(plan.numel):
             dtype = dtypes[int(torch.randint(len(dtypes), (1,), generator=gen))]
-            x = torch.randn(numel, generator=gen, dtype=torch.float64) * plan.scale[s] * 3 + plan.shift[s]
+            x = (
+                torch.randn(numel, generator=gen, dtype=torch.float64) * plan.scale[s] * 3
+                + plan.shift[s]
+            )
             out.append(x.to(dtype))
     return out
 
@@ -125,8 +131,9 @@ def test_detokenize_matches_reference(backend, granularity, normalize, chunk_siz
     plan = make_plan(odd_numels(gen, chunk_size), chunk_size, granularity, normalize, gen)
     shapes = random_sources(plan, 2, gen, DTYPES)  # dtypes of the destinations, mixed
     for token_dtype in DTYPES:
-        tokens = torch.randn(2, plan.num_tokens, plan.chunk_size, generator=gen,
-                             dtype=torch.float64).to(token_dtype)
+        tokens = torch.randn(
+            2, plan.num_tokens, plan.chunk_size, generator=gen, dtype=torch.float64
+        ).to(token_dtype)
         ref = [nan_like(t) for t in shapes]
         detokenize_ref(tokens.view(2, -1), ref, plan)
         got = [nan_like(t).to(device) for t in shapes]
@@ -206,7 +213,10 @@ def test_compiled_ops_shift_by_signed_zeros_exactly(backend, gen):
             out = torch.full((1, 8), float("nan"), device=device)
             torch.ops.d2nwg.tokenize_(out, [src.to(device)], [0], [8], [mean], [2.0])
             want = ((src.double() - mean) * 2.0).float()
-            assert torch.equal(out[0, :6].cpu().view(torch.int32), want.view(torch.int32)), (mean, dtype)
+            assert torch.equal(out[0, :6].cpu().view(torch.int32), want.view(torch.int32)), (
+                mean,
+                dtype,
+            )
             tokens = src.float().view(1, 6).to(device)
             back = torch.full((6,), float("nan"), dtype=dtype, device=device)
             torch.ops.d2nwg.detokenize_(tokens, [back], [0], [mean], [2.0])
@@ -224,8 +234,15 @@ def test_power_of_two_scales_match_reference(backend, source_dtype, gen):
     results, overflow to inf, signed zeros."""
     device = backend_device(backend)
     base = make_plan([1, 13, 0, 40, 64], 5, "layer", False, gen)
-    plan = ChunkPlan(base.numel, base.offset, base.span, (0.0,) * 5,
-                     (2.0 ** -20, 2.0 ** 3, 1.0, 2.0 ** -7, 2.0 ** 60), base.num_tokens, 5)
+    plan = ChunkPlan(
+        base.numel,
+        base.offset,
+        base.span,
+        (0.0,) * 5,
+        (2.0**-20, 2.0**3, 1.0, 2.0**-7, 2.0**60),
+        base.num_tokens,
+        5,
+    )
     sources = []
     for numel in plan.numel:
         magnitude = torch.exp2(torch.randint(-149, 128, (numel,), generator=gen).double())
@@ -277,11 +294,20 @@ def test_padding_is_positive_zero(backend, granularity, gen):
     sources = [s.to(device) for s in random_sources(plan, 2, gen, DTYPES)]
     mask = torch.zeros(plan.row_size, dtype=torch.bool)
     for o, n in zip(plan.offset, plan.numel):
-        mask[o:o + n] = True
+        mask[o : o + n] = True
     for token_dtype in DTYPES:
-        out = tokenize(sources, plan, out=torch.full((2, plan.num_tokens, 4), float("nan"),
-                                                     dtype=token_dtype, device=device),
-                       backend=backend).cpu().view(2, -1)
+        out = (
+            tokenize(
+                sources,
+                plan,
+                out=torch.full(
+                    (2, plan.num_tokens, 4), float("nan"), dtype=token_dtype, device=device
+                ),
+                backend=backend,
+            )
+            .cpu()
+            .view(2, -1)
+        )
         pad = out[:, ~mask]
         assert pad.numel() > 0
         assert torch.equal(pad, torch.zeros_like(pad))
@@ -294,17 +320,21 @@ def test_non_contiguous_and_misaligned_tensors(backend, gen):
     """Transposed sources and destinations, and contiguous tensors at odd storage offsets."""
     device = backend_device(backend)
     plan = make_plan([12, 35, 1, 6], 8, "model", True, gen)
-    a = torch.randn(6, 2, generator=gen).t()                       # [2, 6], non-contiguous
+    a = torch.randn(6, 2, generator=gen).t()  # [2, 6], non-contiguous
     b = torch.randn(7, 5, generator=gen, dtype=torch.float64).to(torch.bfloat16).t()
-    c = torch.randn(9, generator=gen).half()[3:4]                  # offset 3 * 2 bytes
-    d = torch.randn(12, generator=gen)[::2]                        # strided
+    c = torch.randn(9, generator=gen).half()[3:4]  # offset 3 * 2 bytes
+    d = torch.randn(12, generator=gen)[::2]  # strided
     sources = [t.to(device) for t in (a, b, c, d)]
     ref = torch.empty(1, plan.num_tokens, 8)
     tokenize_ref(ref.view(1, -1), [a, b, c, d], plan)
     assert torch.equal(tokenize(sources, plan, backend=backend).cpu(), ref)
 
-    dests = [torch.empty(6, 2, device=device).t(), torch.empty(7, 5, device=device).t().to(torch.bfloat16),
-             torch.empty(9, device=device, dtype=torch.float16)[3:4], torch.empty(12, device=device)[::2]]
+    dests = [
+        torch.empty(6, 2, device=device).t(),
+        torch.empty(7, 5, device=device).t().to(torch.bfloat16),
+        torch.empty(9, device=device, dtype=torch.float16)[3:4],
+        torch.empty(12, device=device)[::2],
+    ]
     assert not dests[0].is_contiguous() and not dests[3].is_contiguous()
     want = [torch.empty_like(t, device="cpu") for t in dests]
     detokenize_ref(ref.view(1, -1), want, plan)
@@ -341,9 +371,9 @@ def test_triton_aligned_hint_needs_aligned_offsets():
     from d2nwg.kernels.tokenize import _aligned
 
     assert _aligned([0, 32], 64, [0, 4, 12], 4)
-    assert not _aligned([0, 8], 64, [0, 4], 4)            # a misaligned source
-    assert not _aligned([0, 32], 64, [0, 6], 4)           # an offset of 24 bytes
-    assert not _aligned([0, 32], 56, [2, 6], 4)           # 56 + 8 and 56 + 24 are aligned
+    assert not _aligned([0, 8], 64, [0, 4], 4)  # a misaligned source
+    assert not _aligned([0, 32], 64, [0, 6], 4)  # an offset of 24 bytes
+    assert not _aligned([0, 32], 56, [2, 6], 4)  # 56 + 8 and 56 + 24 are aligned
     assert _aligned([16], 16, [8, 16], 2) and not _aligned([16], 16, [4], 2)
 
 
@@ -410,8 +440,12 @@ def test_forcing_cuda_here_lists_every_reason(how, gen, monkeypatch):
         assert f"  {name}:" in message, message
     assert "needs CUDA tensors" in message
     with pytest.raises(d2nwg.BackendUnavailableError):
-        detokenize(torch.zeros(1, plan.num_tokens, 4), [torch.empty_like(s) for s in sources],
-                   plan, **kwargs)
+        detokenize(
+            torch.zeros(1, plan.num_tokens, 4),
+            [torch.empty_like(s) for s in sources],
+            plan,
+            **kwargs,
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -435,8 +469,9 @@ def test_compiled_op_rejects_bad_arguments(gen):
         torch.ops.d2nwg.tokenize_(out, [sources[0], torch.ones(9, dtype=torch.int32)], *args)
     dests = [torch.empty(5), torch.empty(9)]
     with pytest.raises(RuntimeError, match="overruns"):
-        torch.ops.d2nwg.detokenize_(out, dests, [0, out.shape[1] - 4], list(plan.shift),
-                                    list(plan.scale))
+        torch.ops.d2nwg.detokenize_(
+            out, dests, [0, out.shape[1] - 4], list(plan.shift), list(plan.scale)
+        )
 
 
 def test_out_of_wrong_dtype_or_device_is_rejected(gen):

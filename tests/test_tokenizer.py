@@ -14,13 +14,24 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 def make_model(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 5, 3), torch.nn.BatchNorm2d(5), torch.nn.Flatten(),
-        torch.nn.Linear(7, 11), torch.nn.LayerNorm(11), torch.nn.Linear(11, 1))
+        torch.nn.Conv2d(3, 5, 3),
+        torch.nn.BatchNorm2d(5),
+        torch.nn.Flatten(),
+        torch.nn.Linear(7, 11),
+        torch.nn.LayerNorm(11),
+        torch.nn.Linear(11, 1),
+    )
 
 
 def random_sd(template, gen, dtype=None, mean=0.0):
-    return {k: (torch.randn(v.shape, generator=gen, dtype=torch.float64) * 0.5 + mean).to(dtype or v.dtype)
-            if v.is_floating_point() else v.clone() for k, v in template.items()}
+    return {
+        k: (torch.randn(v.shape, generator=gen, dtype=torch.float64) * 0.5 + mean).to(
+            dtype or v.dtype
+        )
+        if v.is_floating_point()
+        else v.clone()
+        for k, v in template.items()
+    }
 
 
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -49,7 +60,7 @@ def test_layout_mask_positions(granularity, chunk_size):
     else:
         expected_tokens = -(-tok.num_params // chunk_size)
         assert torch.equal(tok.positions[:, 1], torch.arange(tok.num_tokens))
-        assert bool(tok.mask.flatten()[:tok.num_params].all())
+        assert bool(tok.mask.flatten()[: tok.num_params].all())
     assert tok.num_tokens == expected_tokens
     assert tok.kinds.shape == (tok.num_tokens,)
     assert int(tok.kinds.max()) < len(tok.kind_names)
@@ -59,7 +70,9 @@ def test_layout_mask_positions(granularity, chunk_size):
 @pytest.mark.parametrize("granularity", ["layer", "model"])
 def test_round_trip_bit_exact_without_normalization(dtype, granularity, gen):
     template = make_model(0).to(dtype).state_dict()
-    tok = WeightTokenizer.from_state_dict(template, chunk_size=6, granularity=granularity, normalize=None)
+    tok = WeightTokenizer.from_state_dict(
+        template, chunk_size=6, granularity=granularity, normalize=None
+    )
     sds = [random_sd(template, gen) for _ in range(3)]
     token_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     tokens = tok.tokenize(sds, dtype=token_dtype)
@@ -168,8 +181,13 @@ def test_tied_tensors_tokenized_once_and_restored_to_every_name(gen):
     untied = {k: v for k, v in sd.items() if k != "head.weight"}
     assert torch.equal(tok.tokenize(untied), tok.tokenize(sd))
 
-    fresh = torch.nn.ModuleDict({"emb": torch.nn.Embedding(9, 4), "mid": torch.nn.Linear(4, 4),
-                                 "head": torch.nn.Linear(4, 9, bias=False)})  # untied copy
+    fresh = torch.nn.ModuleDict(
+        {
+            "emb": torch.nn.Embedding(9, 4),
+            "mid": torch.nn.Linear(4, 4),
+            "head": torch.nn.Linear(4, 9, bias=False),
+        }
+    )  # untied copy
     tok.detokenize_into(fresh, tok.tokenize(sd)[0])
     assert torch.equal(fresh.head.weight, sd["emb.weight"])
     assert torch.equal(fresh.emb.weight, sd["emb.weight"])
@@ -235,8 +253,11 @@ def test_load_errors_name_the_file(tmp_path):
         WeightTokenizer.load(foreign)
     bad_stats = tmp_path / "bad.safetensors"
     layout["version"] = 1
-    save_file({"mean": torch.zeros(2, dtype=torch.float64), "std": torch.ones(2, dtype=torch.float64)},
-              bad_stats, metadata={"d2nwg": json.dumps(layout)})
+    save_file(
+        {"mean": torch.zeros(2, dtype=torch.float64), "std": torch.ones(2, dtype=torch.float64)},
+        bad_stats,
+        metadata={"d2nwg": json.dumps(layout)},
+    )
     with pytest.raises(d2nwg.FileFormatError, match="bad.safetensors"):
         WeightTokenizer.load(bad_stats)
 
@@ -307,8 +328,9 @@ def test_tie_from_storage_is_checked_in_every_model():
     same["head"] = same["emb"].clone()  # equal values in separate tensors: still a valid tie
     back = tok.detokenize(tok.tokenize(same))[0]
     assert torch.equal(back["head"], same["head"])
-    lenient = WeightTokenizer.from_state_dict({"emb": w, "head": w}, chunk_size=4,
-                                              normalize=None, allow_nonfinite=True)
+    lenient = WeightTokenizer.from_state_dict(
+        {"emb": w, "head": w}, chunk_size=4, normalize=None, allow_nonfinite=True
+    )
     nan = torch.full((4, 3), float("nan"))
     lenient.tokenize({"emb": nan, "head": nan.clone()})  # NaN ties hold bit for bit
     differs = {"emb": torch.randn(4, 3), "head": torch.randn(4, 3)}
@@ -352,8 +374,9 @@ def test_sparse_weights_are_refused_by_name():
     with pytest.raises(d2nwg.DTypeError, match="'b'.*layout"):
         tok.tokenize({"a": sd["a"], "b": sd["b"].to_sparse()})
     with pytest.raises(d2nwg.DTypeError, match="'b'.*layout"):
-        tok.detokenize_into({"a": torch.zeros(3, 3), "b": torch.zeros(3, 3).to_sparse()},
-                            tok.tokenize(sd)[0])
+        tok.detokenize_into(
+            {"a": torch.zeros(3, 3), "b": torch.zeros(3, 3).to_sparse()}, tok.tokenize(sd)[0]
+        )
 
 
 def test_detokenize_into_checks_every_destination_before_writing():

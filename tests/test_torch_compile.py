@@ -51,8 +51,11 @@ def test_tokenize_detokenize(backend, gen, device):
     # Two models of 3 segments; the last segment spans two tokens with padding.
     plan = ChunkPlan((6, 3, 7), (0, 8, 12), (8, 4, 12), (0.5, 0.0, -1.0), (2.0, 1.0, 0.25), 6, 4)
     dtypes = (torch.float32, torch.bfloat16, torch.float16)  # one Triton launch per dtype
-    sources = [torch.randn(n, generator=gen).to(dev, dt)
-               for _ in range(2) for n, dt in zip(plan.numel, dtypes)]
+    sources = [
+        torch.randn(n, generator=gen).to(dev, dt)
+        for _ in range(2)
+        for n, dt in zip(plan.numel, dtypes)
+    ]
 
     def round_trip(sources, dests):
         tokens = tokenize([s * 2 for s in sources], plan, backend=backend)
@@ -60,8 +63,11 @@ def test_tokenize_detokenize(backend, gen, device):
         return tokens
 
     def fresh_dests():  # one non-contiguous destination (detokenize goes through a copy)
-        d = [torch.zeros(n, device=dev, dtype=dt) for _ in range(2)
-             for n, dt in zip(plan.numel, dtypes)]
+        d = [
+            torch.zeros(n, device=dev, dtype=dt)
+            for _ in range(2)
+            for n, dt in zip(plan.numel, dtypes)
+        ]
         d[0] = torch.zeros(3, 2, device=dev).t()
         return d
 
@@ -86,7 +92,7 @@ def test_sampler_step(backend, gen, device):
         return torch.randn(*shape, generator=gen).to(dev)
 
     x, out, z, prev = rnd(B, N), rnd(2 * B, N), rnd(B, N), rnd(B, N)
-    table, shared = rnd(S, B, 10), rnd(S, 10)   # per-sample and shared coefficients
+    table, shared = rnd(S, B, 10), rnd(S, 10)  # per-sample and shared coefficients
     step = torch.tensor([3], device=dev)
 
     def two_steps(x, out, table, shared, step, z, prev):
@@ -115,8 +121,13 @@ def test_latent_attention_forward_backward(backend, gen, device):
     def leaf(*shape):
         return torch.randn(*shape, generator=gen).to(dev).requires_grad_()
 
-    q, k, v, kc, vc = leaf(B, H, LQ, D), leaf(B, H, LK, D), leaf(B, H, LK, D), \
-        leaf(B, H, LC, D), leaf(B, H, LC, D)
+    q, k, v, kc, vc = (
+        leaf(B, H, LQ, D),
+        leaf(B, H, LK, D),
+        leaf(B, H, LK, D),
+        leaf(B, H, LC, D),
+        leaf(B, H, LC, D),
+    )
     mask = torch.ones(B, LK, dtype=torch.bool, device=dev)
     mask[1, 6:] = False
     w1, w2 = (torch.randn(B, H, LQ, D, generator=gen).to(dev) for _ in range(2))
@@ -142,8 +153,16 @@ def test_latent_attention_forward_backward(backend, gen, device):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_denoiser_forward_backward(backend, gen, device):
     dev = backend_device(backend, device)
-    cfg = LatentDenoiserConfig(latent_dim=8, hidden_dim=32, depth=1, num_heads=2, cond_dim=8,
-                               num_layer_kinds=3, max_cond_slots=4, timestep_freq_dim=16)
+    cfg = LatentDenoiserConfig(
+        latent_dim=8,
+        hidden_dim=32,
+        depth=1,
+        num_heads=2,
+        cond_dim=8,
+        num_layer_kinds=3,
+        max_cond_slots=4,
+        timestep_freq_dim=16,
+    )
     den = LatentDenoiser(cfg, seed=0).to(dev)
     with torch.no_grad():  # off the adaLN-Zero init, so that every parameter gets a gradient
         for p in den.parameters():
@@ -152,9 +171,11 @@ def test_denoiser_forward_backward(backend, gen, device):
     B, T = 2, 7
     x = torch.randn(B, T, 8, generator=gen).to(dev)
     t = torch.tensor([3, 700], device=dev)
-    cond = Condition(torch.randn(B, 3, 8, generator=gen).to(dev),
-                     torch.randn(B, 8, generator=gen).to(dev),
-                     torch.tensor([[True, True, True], [True, False, False]], device=dev))
+    cond = Condition(
+        torch.randn(B, 3, 8, generator=gen).to(dev),
+        torch.randn(B, 8, generator=gen).to(dev),
+        torch.tensor([[True, True, True], [True, False, False]], device=dev),
+    )
     kinds = torch.tensor([0, 1, 2, 1, 0, 2, 2], device=dev)
     mask = torch.ones(B, T, dtype=torch.bool, device=dev)
     mask[0, 5:] = False
@@ -184,17 +205,38 @@ def test_triton_custom_ops_opcheck(gen, device):
     o, lse = torch.ops.d2nwg.attention_fwd_triton(q, k, v, mask, 0.25)
     ops = torch.ops.d2nwg
     cases = [
-        (ops.tokenize_triton_, (torch.empty(1, 12, device=dev),
-                                [rnd(5), rnd(3, dtype=torch.bfloat16)], *plan_args)),
-        (ops.detokenize_triton_, (rnd(1, 12), [torch.empty(5, device=dev),
-                                               torch.empty(3, device=dev, dtype=torch.float16)],
-                                  *plan_args)),
-        (ops.sampler_step_triton_, (rnd(2, 7), rnd(4, 7), rnd(5, 10), torch.tensor([2], device=dev),
-                                    rnd(2, 7), rnd(2, 7), True)),
-        (ops.attention_fwd_triton, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(),
-                                    mask, 0.25)),
-        (ops.attention_bwd_triton, (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o,
-                                    lse, mask, 0.25)),
+        (
+            ops.tokenize_triton_,
+            (torch.empty(1, 12, device=dev), [rnd(5), rnd(3, dtype=torch.bfloat16)], *plan_args),
+        ),
+        (
+            ops.detokenize_triton_,
+            (
+                rnd(1, 12),
+                [torch.empty(5, device=dev), torch.empty(3, device=dev, dtype=torch.float16)],
+                *plan_args,
+            ),
+        ),
+        (
+            ops.sampler_step_triton_,
+            (
+                rnd(2, 7),
+                rnd(4, 7),
+                rnd(5, 10),
+                torch.tensor([2], device=dev),
+                rnd(2, 7),
+                rnd(2, 7),
+                True,
+            ),
+        ),
+        (
+            ops.attention_fwd_triton,
+            (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), mask, 0.25),
+        ),
+        (
+            ops.attention_bwd_triton,
+            (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, mask, 0.25),
+        ),
     ]
     for op, args in cases:
         torch.library.opcheck(op.default, args)

@@ -65,8 +65,10 @@ def compiled(tmp_path_factory) -> dict:
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"the compile script ran past {exc.timeout} s: {' '.join(cmd)}")
     if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"the compile script failed (exit {proc.returncode}): {' '.join(cmd)}\n"
-                    f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}")
+        pytest.fail(
+            f"the compile script failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+            f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+        )
     report = json.loads(out.read_text())
     if report.get("skip"):
         pytest.skip(f"cannot compile for CUDA targets on this machine: {report['skip']}")
@@ -78,14 +80,22 @@ def test_every_kernel_is_covered(compiled):
     """Each @triton.jit function of kernels/ is compiled here, as a kernel or a device helper."""
     assert compiled["uncovered"] == [], (
         f"kernels without a GPU compile case: {compiled['uncovered']}; add them to "
-        f"tests/gpu_compile_cases.py")
+        f"tests/gpu_compile_cases.py"
+    )
 
 
 def test_case_list_matches_launchers(compiled):
     """The cases cover every dtype in every role, and every attention head dim per arch."""
     kernels = {c["kernel"] for c in CASES}
-    assert kernels == {"tokenize", "detokenize", "attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq",
-                       "attn_bwd_preprocess", "sampler_step"}
+    assert kernels == {
+        "tokenize",
+        "detokenize",
+        "attn_fwd",
+        "attn_bwd_dkdv",
+        "attn_bwd_dq",
+        "attn_bwd_preprocess",
+        "sampler_step",
+    }
     dtypes = {"fp32", "fp16", "bf16", "fp64"}
     dims = {16, 32, 64, 128}
     for arch in gcc.ARCHS:
@@ -96,16 +106,23 @@ def test_case_list_matches_launchers(compiled):
         assert {c["x"] for c in mine if c["kernel"] == "sampler_step"} == dtypes
         for kernel in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"):
             got = {(c["d"], c["dtype"]) for c in mine if c["kernel"] == kernel}
-            want = {(d, dt) for d in dims for dt in (("fp32", "bf16") if arch == 80
-                                                     else ("bf16", "fp16"))}
+            want = {
+                (d, dt)
+                for d in dims
+                for dt in (("fp32", "bf16") if arch == 80 else ("bf16", "fp16"))
+            }
             assert got >= want, (arch, kernel, want - got)
-    sm90_modes = {(c["x"], c["guided"], c["extra"]) for c in CASES
-                  if c["kernel"] == "sampler_step" and c["arch"] == 90}
+    sm90_modes = {
+        (c["x"], c["guided"], c["extra"])
+        for c in CASES
+        if c["kernel"] == "sampler_step" and c["arch"] == 90
+    }
     assert len(sm90_modes) == 4 * 2 * 3  # every x dtype x guided x (none, noise, prev)
     # sm_80 lets bf16 stand for fp16 in attention: valid while their block configs agree.
     assert compiled["same_16bit_configs"], (
         "the attention launchers now pick different GPU blocks for bf16 and fp16: add fp16 "
-        "cases for sm_80 in tests/gpu_compile_cases.py")
+        "cases for sm_80 in tests/gpu_compile_cases.py"
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
@@ -114,27 +131,35 @@ def test_compiles_for_gpu(compiled, case, record_property):
     for key in ("shared", "regs", "spill_stores", "stack", "seconds"):
         if key in r:
             record_property(key, r[key])
-    where = (f"{case['id']} (Triton {compiled['triton_version']}, constexprs "
-             f"{r.get('constexprs')}, options {r.get('options')})")
-    assert r["ok"], f"{where} does not compile for sm_{case['arch']}:\n{r.get('error')}\n" \
-                    f"{r.get('traceback', '')}"
+    where = (
+        f"{case['id']} (Triton {compiled['triton_version']}, constexprs "
+        f"{r.get('constexprs')}, options {r.get('options')})"
+    )
+    assert r["ok"], (
+        f"{where} does not compile for sm_{case['arch']}:\n{r.get('error')}\n"
+        f"{r.get('traceback', '')}"
+    )
     assert r["cubin_bytes"] > 0
 
     limit = gcc.MAX_SHARED[case["arch"]]
-    assert r["shared"] <= limit, (f"{where} needs {r['shared']} bytes of shared memory, "
-                                  f"sm_{case['arch']} allows {limit}")
+    assert r["shared"] <= limit, (
+        f"{where} needs {r['shared']} bytes of shared memory, sm_{case['arch']} allows {limit}"
+    )
     regs = r.get("regs")
     assert regs is not None, f"{where}: no register count (ptxas log / cuobjdump unreadable)"
     threads = 32 * r["num_warps"]
     assert regs <= MAX_REGS_PER_THREAD and regs * threads <= REGS_PER_SM, (
-        f"{where}: {regs} registers x {threads} threads do not fit a block")
+        f"{where}: {regs} registers x {threads} threads do not fit a block"
+    )
 
     spilled = r.get("spill_stores", 0) + r.get("spill_loads", 0)
     stack = r.get("stack_frame", r.get("stack", 0))
     if spilled or stack:
-        msg = (f"{case['id']}: {r.get('spill_stores', '?')} bytes spill stores, "
-               f"{r.get('spill_loads', '?')} bytes spill loads, {stack} bytes stack frame, "
-               f"{regs} registers")
+        msg = (
+            f"{case['id']}: {r.get('spill_stores', '?')} bytes spill stores, "
+            f"{r.get('spill_loads', '?')} bytes spill loads, {stack} bytes stack frame, "
+            f"{regs} registers"
+        )
         assert case["kernel"] not in NO_SPILL_KERNELS, msg
         # The attention kernels may spill a few bytes (bf16 dK/dV at head dim 64 on sm_80
         # spills 8); kilobytes per thread (as fp32 at 4 warps once did) is a bug.

@@ -17,8 +17,8 @@ A :class:`Condition` is ``tokens [B, K, E]`` (cross-attended by the denoiser), `
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -42,28 +42,33 @@ class Condition:
     def __post_init__(self) -> None:
         t, p, m = self.tokens, self.pooled, self.mask
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise ShapeError(f"condition tokens must be a [B, K, E] tensor, got "
-                             f"{shape_of(t)}")
+            raise ShapeError(f"condition tokens must be a [B, K, E] tensor, got {shape_of(t)}")
         if not isinstance(p, torch.Tensor) or p.dim() != 2 or p.shape[0] != t.shape[0]:
-            raise ShapeError(f"condition pooled must be [B, E] = [{t.shape[0]}, E], got "
-                             f"{shape_of(p)}")
+            raise ShapeError(
+                f"condition pooled must be [B, E] = [{t.shape[0]}, E], got {shape_of(p)}"
+            )
         if not t.is_floating_point() or not p.is_floating_point():
-            raise DTypeError(f"condition tokens/pooled must be floating point, got "
-                             f"{t.dtype} and {p.dtype}")
+            raise DTypeError(
+                f"condition tokens/pooled must be floating point, got {t.dtype} and {p.dtype}"
+            )
         if p.device != t.device:
             raise DeviceError(f"condition pooled is on {p.device}, tokens on {t.device}")
         if m is not None:
             if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
-                raise DTypeError(f"condition mask must be a bool tensor, got "
-                                 f"{getattr(m, 'dtype', type(m).__name__)}")
+                raise DTypeError(
+                    f"condition mask must be a bool tensor, got "
+                    f"{getattr(m, 'dtype', type(m).__name__)}"
+                )
             if tuple(m.shape) != tuple(t.shape[:2]):
-                raise ShapeError(f"condition mask has shape {tuple(m.shape)}, expected [B, K] = "
-                                 f"{list(t.shape[:2])}")
+                raise ShapeError(
+                    f"condition mask has shape {tuple(m.shape)}, expected [B, K] = "
+                    f"{list(t.shape[:2])}"
+                )
             if m.device != t.device:
                 raise DeviceError(f"condition mask is on {m.device}, tokens on {t.device}")
 
     @classmethod
-    def coerce(cls, cond) -> "Condition | None":
+    def coerce(cls, cond) -> Condition | None:
         """A Condition from a Condition, a tuple ``(tokens, pooled[, mask])``, a packed tensor
         (see :meth:`pack`), or None."""
         if cond is None or isinstance(cond, Condition):
@@ -74,9 +79,11 @@ class Condition:
             return cls(*cond)
         if all(hasattr(cond, a) for a in ("tokens", "pooled")):
             return cls(cond.tokens, cond.pooled, getattr(cond, "mask", None))
-        raise DTypeError(f"cond must be a Condition, a (tokens, pooled[, mask]) tuple, a packed "
-                         f"tensor or None, "
-                         f"got {type(cond).__name__}")
+        raise DTypeError(
+            f"cond must be a Condition, a (tokens, pooled[, mask]) tuple, a packed "
+            f"tensor or None, "
+            f"got {type(cond).__name__}"
+        )
 
     def pack(self, num_tokens: int | None = None) -> torch.Tensor:
         """One tensor ``[B, 1 + K, E + 1]`` holding everything (for APIs that take a tensor
@@ -92,15 +99,17 @@ class Condition:
         out = self.tokens.new_zeros(B, 1 + n, E + 1)
         out[:, 0, :E] = self.pooled.to(out.dtype)
         out[:, 0, E] = 1
-        out[:, 1:1 + K, :E] = self.tokens
-        out[:, 1:1 + K, E] = self.full_mask().to(out.dtype)
+        out[:, 1 : 1 + K, :E] = self.tokens
+        out[:, 1 : 1 + K, E] = self.full_mask().to(out.dtype)
         return out
 
     @classmethod
-    def unpack(cls, packed: torch.Tensor) -> "Condition":
+    def unpack(cls, packed: torch.Tensor) -> Condition:
         """The inverse of :meth:`pack`."""
         if packed.dim() != 3 or packed.shape[1] < 1 or packed.shape[2] < 2:
-            raise ShapeError(f"a packed condition must be [B, 1 + K, E + 1], got {tuple(packed.shape)}")
+            raise ShapeError(
+                f"a packed condition must be [B, 1 + K, E + 1], got {tuple(packed.shape)}"
+            )
         if not packed.is_floating_point():
             raise DTypeError(f"a packed condition must be floating point, got {packed.dtype}")
         return cls(packed[:, 1:, :-1], packed[:, 0, :-1], packed[:, 1:, -1] > 0.5)
@@ -113,22 +122,25 @@ class Condition:
     def dim(self) -> int:
         return self.tokens.shape[2]
 
-    def to(self, *args, **kwargs) -> "Condition":
+    def to(self, *args, **kwargs) -> Condition:
         """Like ``Tensor.to`` (a dtype applies to tokens and pooled, never to the mask)."""
         mask = None
         if self.mask is not None:
             mask = self.mask.to(device=self.tokens.to(*args, **kwargs).device)
         return Condition(self.tokens.to(*args, **kwargs), self.pooled.to(*args, **kwargs), mask)
 
-    def index_select(self, index: torch.Tensor) -> "Condition":
+    def index_select(self, index: torch.Tensor) -> Condition:
         mask = None if self.mask is None else self.mask[index]
         return Condition(self.tokens[index], self.pooled[index], mask)
 
-    def repeat_interleave(self, repeats: int) -> "Condition":
+    def repeat_interleave(self, repeats: int) -> Condition:
         """Each condition ``repeats`` times in a row (e.g. num_samples per condition)."""
         mask = None if self.mask is None else self.mask.repeat_interleave(repeats, 0)
-        return Condition(self.tokens.repeat_interleave(repeats, 0),
-                         self.pooled.repeat_interleave(repeats, 0), mask)
+        return Condition(
+            self.tokens.repeat_interleave(repeats, 0),
+            self.pooled.repeat_interleave(repeats, 0),
+            mask,
+        )
 
     def full_mask(self) -> torch.Tensor:
         if self.mask is not None:
@@ -136,7 +148,7 @@ class Condition:
         return torch.ones(self.tokens.shape[:2], dtype=torch.bool, device=self.tokens.device)
 
     @staticmethod
-    def cat(conds: Sequence["Condition"]) -> "Condition":
+    def cat(conds: Sequence[Condition]) -> Condition:
         """Concatenate along the batch, padding K to the longest (padding masked out)."""
         if not conds:
             raise ShapeError("Condition.cat needs at least one condition")
@@ -162,8 +174,9 @@ class NullConditioner(nn.Module):
     def __init__(self, dim: int, num_tokens: int = 1, seed: int | None = None):
         super().__init__()
         if dim < 1 or num_tokens < 1:
-            raise ConfigError(f"NullConditioner needs dim >= 1 and num_tokens >= 1, got "
-                              f"{dim}, {num_tokens}")
+            raise ConfigError(
+                f"NullConditioner needs dim >= 1 and num_tokens >= 1, got {dim}, {num_tokens}"
+            )
         with seeded(seed):
             self.tokens = nn.Parameter(torch.randn(num_tokens, dim) * 0.02)
             self.pooled = nn.Parameter(torch.randn(dim) * 0.02)
@@ -175,8 +188,12 @@ class NullConditioner(nn.Module):
         return Condition(t.expand(batch_size, -1, -1), p.expand(batch_size, -1), mask)
 
 
-def drop_condition(cond: Condition, p: float, generator: torch.Generator | None = None,
-                   null: "NullConditioner | Condition | None" = None) -> Condition:
+def drop_condition(
+    cond: Condition,
+    p: float,
+    generator: torch.Generator | None = None,
+    null: NullConditioner | Condition | None = None,
+) -> Condition:
     """Condition dropout: each sample's condition becomes the null condition with probability p.
 
     A dropped sample sees exactly what the unconditional branch of guidance sees at sampling
@@ -198,8 +215,10 @@ def drop_condition(cond: Condition, p: float, generator: torch.Generator | None 
     if isinstance(null, NullConditioner):
         null = null(B, device=device)
     if null.dim != E or null.batch_size not in (1, B):
-        raise ShapeError(f"null condition has batch {null.batch_size} and width {null.dim}; "
-                         f"expected batch 1 or {B} and width {E}")
+        raise ShapeError(
+            f"null condition has batch {null.batch_size} and width {null.dim}; "
+            f"expected batch 1 or {B} and width {E}"
+        )
     width = max(K, null.tokens.shape[1])
     cond, null = _pad_tokens(cond, width), _pad_tokens(null, width)
     tokens = torch.where(drop[:, None, None], null.tokens.to(cond.tokens.dtype), cond.tokens)
@@ -211,8 +230,11 @@ def drop_condition(cond: Condition, p: float, generator: torch.Generator | None 
 def _pad_tokens(cond: Condition, width: int) -> Condition:
     """``cond`` with its tokens padded (masked out) to ``width``."""
     pad = width - cond.tokens.shape[1]
-    return Condition(nn.functional.pad(cond.tokens, (0, 0, 0, pad)), cond.pooled,
-                     nn.functional.pad(cond.full_mask(), (0, pad), value=False))
+    return Condition(
+        nn.functional.pad(cond.tokens, (0, 0, 0, pad)),
+        cond.pooled,
+        nn.functional.pad(cond.full_mask(), (0, pad), value=False),
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -220,21 +242,25 @@ def _pad_tokens(cond: Condition, width: int) -> Condition:
 # ----------------------------------------------------------------------------------------
 @dataclass
 class DatasetEncoderConfig(JSONConfig):
-    in_features: int = 512     # F: per-example feature width
-    dim: int = 256             # E: condition width
+    in_features: int = 512  # F: per-example feature width
+    dim: int = 256  # E: condition width
     num_heads: int = 4
-    num_inducing: int = 16     # ISAB inducing points
-    shot_layers: int = 2       # ISAB blocks within a class (over shots)
-    class_layers: int = 2      # attention blocks across classes
+    num_inducing: int = 16  # ISAB inducing points
+    shot_layers: int = 2  # ISAB blocks within a class (over shots)
+    class_layers: int = 2  # attention blocks across classes
     mlp_ratio: float = 4.0
 
     def __post_init__(self) -> None:
         for name in ("in_features", "dim", "num_heads", "num_inducing"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"DatasetEncoderConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"DatasetEncoderConfig.{name} must be >= 1, got {getattr(self, name)}"
+                )
         if self.dim % self.num_heads:
-            raise ConfigError(f"DatasetEncoderConfig.dim={self.dim} is not divisible by "
-                              f"num_heads={self.num_heads}")
+            raise ConfigError(
+                f"DatasetEncoderConfig.dim={self.dim} is not divisible by "
+                f"num_heads={self.num_heads}"
+            )
 
 
 class DatasetEncoder(nn.Module):
@@ -253,32 +279,44 @@ class DatasetEncoder(nn.Module):
         with seeded(seed):
             self.in_proj = nn.Linear(c.in_features, c.dim)
             self.shot_blocks = nn.ModuleList(
-                ISAB(c.dim, c.num_heads, c.num_inducing, c.mlp_ratio) for _ in range(c.shot_layers))
+                ISAB(c.dim, c.num_heads, c.num_inducing, c.mlp_ratio) for _ in range(c.shot_layers)
+            )
             self.class_pool = PMA(c.dim, c.num_heads, 1, c.mlp_ratio)
             self.class_blocks = nn.ModuleList(
-                MAB(c.dim, c.num_heads, c.mlp_ratio) for _ in range(c.class_layers))
+                MAB(c.dim, c.num_heads, c.mlp_ratio) for _ in range(c.class_layers)
+            )
             self.norm = nn.LayerNorm(c.dim)
             self.pool = PMA(c.dim, c.num_heads, 1, c.mlp_ratio)
             self.pool_proj = nn.Linear(c.dim, c.dim)
 
-    def forward(self, x: torch.Tensor, shot_mask: torch.Tensor | None = None,
-                class_mask: torch.Tensor | None = None) -> Condition:
+    def forward(
+        self,
+        x: torch.Tensor,
+        shot_mask: torch.Tensor | None = None,
+        class_mask: torch.Tensor | None = None,
+    ) -> Condition:
         c = self.config
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-1] != c.in_features:
-            raise ShapeError(f"x must be [B, classes, shots, {c.in_features}], got "
-                             f"{shape_of(x)}")
+            raise ShapeError(f"x must be [B, classes, shots, {c.in_features}], got {shape_of(x)}")
         if not x.is_floating_point():
             raise DTypeError(f"x must be floating point, got {x.dtype}")
         B, N, S, _ = x.shape
         if N == 0 or S == 0:
-            raise ShapeError(f"x must hold at least one class and one shot per class, got "
-                             f"{N} classes of {S} shots ({tuple(x.shape)})")
-        for name, m, shape in (("shot_mask", shot_mask, (B, N, S)), ("class_mask", class_mask, (B, N))):
+            raise ShapeError(
+                f"x must hold at least one class and one shot per class, got "
+                f"{N} classes of {S} shots ({tuple(x.shape)})"
+            )
+        for name, m, shape in (
+            ("shot_mask", shot_mask, (B, N, S)),
+            ("class_mask", class_mask, (B, N)),
+        ):
             if m is not None and not isinstance(m, torch.Tensor):
                 raise DTypeError(f"{name} must be a bool tensor or None, got {type(m).__name__}")
             if m is not None and (m.dtype != torch.bool or tuple(m.shape) != shape):
-                raise ShapeError(f"{name} must be a bool tensor of shape {list(shape)}, got "
-                                 f"{m.dtype} {tuple(m.shape)}")
+                raise ShapeError(
+                    f"{name} must be a bool tensor of shape {list(shape)}, got "
+                    f"{m.dtype} {tuple(m.shape)}"
+                )
             if m is not None and m.device != x.device:
                 raise DeviceError(f"{name} is on {m.device}, x on {x.device}")
         if shot_mask is not None:
@@ -301,13 +339,14 @@ class DatasetEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------
 @dataclass
 class TextConditionerConfig(JSONConfig):
-    in_dim: int = 768   # width of the precomputed text embeddings
-    dim: int = 256      # condition width
+    in_dim: int = 768  # width of the precomputed text embeddings
+    dim: int = 256  # condition width
 
     def __post_init__(self) -> None:
         if self.in_dim < 1 or self.dim < 1:
-            raise ConfigError(f"TextConditionerConfig needs in_dim, dim >= 1, got "
-                              f"{self.in_dim}, {self.dim}")
+            raise ConfigError(
+                f"TextConditionerConfig needs in_dim, dim >= 1, got {self.in_dim}, {self.dim}"
+            )
 
 
 class TextConditioner(nn.Module):
@@ -326,11 +365,12 @@ class TextConditioner(nn.Module):
     def forward(self, emb: torch.Tensor, mask: torch.Tensor | None = None) -> Condition:
         c = self.config
         if not isinstance(emb, torch.Tensor) or emb.dim() != 3 or emb.shape[-1] != c.in_dim:
-            raise ShapeError(f"text embeddings must be [B, L, {c.in_dim}], got "
-                             f"{shape_of(emb)}")
+            raise ShapeError(f"text embeddings must be [B, L, {c.in_dim}], got {shape_of(emb)}")
         if mask is not None and (mask.dtype != torch.bool or mask.shape != emb.shape[:2]):
-            raise ShapeError(f"mask must be a bool tensor of shape {list(emb.shape[:2])}, got "
-                             f"{mask.dtype} {tuple(mask.shape)}")
+            raise ShapeError(
+                f"mask must be a bool tensor of shape {list(emb.shape[:2])}, got "
+                f"{mask.dtype} {tuple(mask.shape)}"
+            )
         tok = self.proj(self.norm(emb))
         if mask is None:
             mean = tok.mean(1)

@@ -39,37 +39,44 @@ from d2nwg.nn.layers import MLP, Attention, set_attention_backend, sinusoidal
 from d2nwg.schedule import PREDICTION_TYPES, NoiseSchedule
 
 
-
 @dataclass
 class LatentDenoiserConfig(JSONConfig):
-    latent_dim: int = 32          # d: width of a latent token (ChunkVAE latent_dim)
-    hidden_dim: int = 384         # transformer width (divisible by 4 and by num_heads)
+    latent_dim: int = 32  # d: width of a latent token (ChunkVAE latent_dim)
+    hidden_dim: int = 384  # transformer width (divisible by 4 and by num_heads)
     depth: int = 8
     num_heads: int = 6
     mlp_ratio: float = 4.0
-    cond_dim: int = 0             # E: condition width; 0 = unconditional
+    cond_dim: int = 0  # E: condition width; 0 = unconditional
     cross_attention: bool = True  # cross-attend to condition tokens (when cond_dim > 0)
-    num_null_tokens: int = 1      # tokens of the learned null condition
-    max_cond_slots: int = 0       # >0: learned embedding of condition slot k (class k)
-    num_layer_kinds: int = 0      # >0: learned layer-kind embedding
+    num_null_tokens: int = 1  # tokens of the learned null condition
+    max_cond_slots: int = 0  # >0: learned embedding of condition slot k (class k)
+    num_layer_kinds: int = 0  # >0: learned layer-kind embedding
     prediction_type: str = "epsilon"
-    qk_norm: bool = True          # RMSNorm on queries and keys (bf16 stability)
+    qk_norm: bool = True  # RMSNorm on queries and keys (bf16 stability)
     timestep_freq_dim: int = 256
-    max_period: float = 10000.0   # of the timestep and position sinusoids
+    max_period: float = 10000.0  # of the timestep and position sinusoids
 
     def __post_init__(self) -> None:
         for name in ("latent_dim", "hidden_dim", "depth", "num_heads", "timestep_freq_dim"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"LatentDenoiserConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"LatentDenoiserConfig.{name} must be >= 1, got {getattr(self, name)}"
+                )
         if self.hidden_dim % 4 or self.hidden_dim % self.num_heads:
-            raise ConfigError(f"LatentDenoiserConfig.hidden_dim={self.hidden_dim} must be divisible "
-                              f"by 4 and by num_heads={self.num_heads}")
+            raise ConfigError(
+                f"LatentDenoiserConfig.hidden_dim={self.hidden_dim} must be divisible "
+                f"by 4 and by num_heads={self.num_heads}"
+            )
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ConfigError(f"LatentDenoiserConfig.prediction_type={self.prediction_type!r}; "
-                              f"choose from {PREDICTION_TYPES} (the names d2nwg.sample uses)")
+            raise ConfigError(
+                f"LatentDenoiserConfig.prediction_type={self.prediction_type!r}; "
+                f"choose from {PREDICTION_TYPES} (the names d2nwg.sample uses)"
+            )
         for name in ("cond_dim", "max_cond_slots", "num_layer_kinds"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"LatentDenoiserConfig.{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"LatentDenoiserConfig.{name} must be >= 0, got {getattr(self, name)}"
+                )
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -102,8 +109,13 @@ class LatentDenoiser(nn.Module):
 
     config_class = LatentDenoiserConfig
 
-    def __init__(self, config: LatentDenoiserConfig | None = None, seed: int | None = None,
-                 positions: torch.Tensor | None = None, layer_kinds: torch.Tensor | None = None):
+    def __init__(
+        self,
+        config: LatentDenoiserConfig | None = None,
+        seed: int | None = None,
+        positions: torch.Tensor | None = None,
+        layer_kinds: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.config = c = config or LatentDenoiserConfig()
         W = c.hidden_dim
@@ -115,12 +127,16 @@ class LatentDenoiser(nn.Module):
             if c.cond_dim:
                 self.pooled_embed = MLP(c.cond_dim, W, W)
                 self.null = NullConditioner(c.cond_dim, c.num_null_tokens)
-                self.slot_embed = (nn.Embedding(c.max_cond_slots, c.cond_dim)
-                                   if (c.max_cond_slots and cross_dim) else None)
+                self.slot_embed = (
+                    nn.Embedding(c.max_cond_slots, c.cond_dim)
+                    if (c.max_cond_slots and cross_dim)
+                    else None
+                )
             else:
                 self.pooled_embed = self.null = self.slot_embed = None
             self.blocks = nn.ModuleList(
-                DiTBlock(W, c.num_heads, c.mlp_ratio, cross_dim, c.qk_norm) for _ in range(c.depth))
+                DiTBlock(W, c.num_heads, c.mlp_ratio, cross_dim, c.qk_norm) for _ in range(c.depth)
+            )
             self.final_norm = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
             self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(W, 2 * W))
             self.final = nn.Linear(W, c.latent_dim)
@@ -164,7 +180,9 @@ class LatentDenoiser(nn.Module):
         self._attention_backend = backend
         set_attention_backend(self, backend)
 
-    def set_layout(self, positions: torch.Tensor | None, layer_kinds: torch.Tensor | None = None) -> None:
+    def set_layout(
+        self, positions: torch.Tensor | None, layer_kinds: torch.Tensor | None = None
+    ) -> None:
         """Store the token layout: positions ``[T, 2]`` (layer, chunk) and layer kinds ``[T]``."""
         if positions is not None:
             self._check_positions(positions, None, None)
@@ -183,41 +201,56 @@ class LatentDenoiser(nn.Module):
     @staticmethod
     def _check_positions(p, B, T) -> None:
         if not isinstance(p, torch.Tensor) or p.dim() not in (2, 3) or p.shape[-1] != 2:
-            raise ShapeError(f"positions must be [T, 2] or [B, T, 2], got "
-                             f"{shape_of(p)}")
+            raise ShapeError(f"positions must be [T, 2] or [B, T, 2], got {shape_of(p)}")
         if T is not None and (p.shape[-2] != T or (p.dim() == 3 and p.shape[0] != B)):
-            raise ShapeError(f"positions have shape {tuple(p.shape)}, expected [{T}, 2] or [{B}, {T}, 2]")
+            raise ShapeError(
+                f"positions have shape {tuple(p.shape)}, expected [{T}, 2] or [{B}, {T}, 2]"
+            )
 
     def _check_kinds(self, k, B, T) -> None:
         if not isinstance(k, torch.Tensor) or k.dim() not in (1, 2):
-            raise ShapeError(f"layer_kinds must be [T] or [B, T], got "
-                             f"{shape_of(k)}")
+            raise ShapeError(f"layer_kinds must be [T] or [B, T], got {shape_of(k)}")
         if k.is_floating_point() or k.dtype == torch.bool:
             raise DTypeError(f"layer_kinds must be integers, got {k.dtype}")
         if T is not None and (k.shape[-1] != T or (k.dim() == 2 and k.shape[0] != B)):
-            raise ShapeError(f"layer_kinds have shape {tuple(k.shape)}, expected [{T}] or [{B}, {T}]")
+            raise ShapeError(
+                f"layer_kinds have shape {tuple(k.shape)}, expected [{T}] or [{B}, {T}]"
+            )
         n = self.config.num_layer_kinds
         # Range check on CPU, eager only: on CUDA it would synchronize (and break graph
         # capture), under torch.compile break the graph; there nn.Embedding's own (device)
         # assert catches an out-of-range kind.
-        if k.device.type == "cpu" and k.numel() and not torch.compiler.is_compiling() and \
-                (int(k.min()) < 0 or int(k.max()) >= max(n, 1)):
-            raise ShapeError(f"layer_kinds must lie in [0, {max(n, 1)}) (num_layer_kinds={n}), got "
-                             f"[{int(k.min())}, {int(k.max())}]")
+        if (
+            k.device.type == "cpu"
+            and k.numel()
+            and not torch.compiler.is_compiling()
+            and (int(k.min()) < 0 or int(k.max()) >= max(n, 1))
+        ):
+            raise ShapeError(
+                f"layer_kinds must lie in [0, {max(n, 1)}) (num_layer_kinds={n}), got "
+                f"[{int(k.min())}, {int(k.max())}]"
+            )
 
     # -- forward ----------------------------------------------------------------------------
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None, *,
-                positions: torch.Tensor | None = None, layer_kinds: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Predict epsilon / v / x0 ``[B, T, d]`` from noisy latents ``x_t [B, T, d]`` at steps ``t [B]``.
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        cond=None,
+        *,
+        positions: torch.Tensor | None = None,
+        layer_kinds: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict epsilon / v / x0 ``[B, T, d]`` from noisy latents ``x_t [B, T, d]`` at
+        steps ``t [B]``.
 
         ``mask [B, T]`` or ``[T]`` (bool, True = real token) keeps padding tokens out of
         self-attention; their outputs are meaningless.
         """
         c = self.config
         if not isinstance(x_t, torch.Tensor) or x_t.dim() != 3 or x_t.shape[-1] != c.latent_dim:
-            raise ShapeError(f"x_t must be [B, T, {c.latent_dim}], got "
-                             f"{shape_of(x_t)}")
+            raise ShapeError(f"x_t must be [B, T, {c.latent_dim}], got {shape_of(x_t)}")
         if not x_t.is_floating_point():
             raise DTypeError(f"x_t must be floating point, got {x_t.dtype}")
         B, T, _ = x_t.shape
@@ -235,7 +268,9 @@ class LatentDenoiser(nn.Module):
             if mask.dim() == 1:
                 mask = mask.expand(B, -1)
             if tuple(mask.shape) != (B, T):
-                raise ShapeError(f"mask has shape {tuple(mask.shape)}, expected [{B}, {T}] or [{T}]")
+                raise ShapeError(
+                    f"mask has shape {tuple(mask.shape)}, expected [{B}, {T}] or [{T}]"
+                )
 
         positions = self.positions if positions is None else positions
         if positions is None:
@@ -244,8 +279,13 @@ class LatentDenoiser(nn.Module):
         self._check_positions(positions, B, T)
         half = c.hidden_dim // 2
         pos = positions.to(x_t.device)
-        pos_emb = torch.cat([sinusoidal(pos[..., 0], half, c.max_period),
-                             sinusoidal(pos[..., 1], half, c.max_period)], dim=-1)
+        pos_emb = torch.cat(
+            [
+                sinusoidal(pos[..., 0], half, c.max_period),
+                sinusoidal(pos[..., 1], half, c.max_period),
+            ],
+            dim=-1,
+        )
         h = self.x_embed(x_t) + pos_emb.to(x_t.dtype)
         if self.kind_embed is not None:
             kinds = self.layer_kinds if layer_kinds is None else layer_kinds
@@ -260,8 +300,10 @@ class LatentDenoiser(nn.Module):
             if cond is None:
                 cond = self.null(B, device=x_t.device)
             if cond.batch_size != B or cond.dim != c.cond_dim:
-                raise ShapeError(f"cond has batch {cond.batch_size} and width {cond.dim}; "
-                                 f"expected batch {B} and cond_dim {c.cond_dim}")
+                raise ShapeError(
+                    f"cond has batch {cond.batch_size} and width {cond.dim}; "
+                    f"expected batch {B} and cond_dim {c.cond_dim}"
+                )
             emb = emb + self.pooled_embed(cond.pooled.to(x_t.dtype))
             context, context_mask = cond.tokens.to(x_t.dtype), cond.mask
             if self.slot_embed is not None:
@@ -278,9 +320,18 @@ class LatentDenoiser(nn.Module):
         return self.final(_modulate(self.final_norm(h), shift, scale))
 
 
-def diffusion_loss(model: nn.Module, x0: torch.Tensor, schedule: NoiseSchedule, t: torch.Tensor,
-                   noise: torch.Tensor, cond=None, *, prediction_type: str = "epsilon",
-                   mask: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
+def diffusion_loss(
+    model: nn.Module,
+    x0: torch.Tensor,
+    schedule: NoiseSchedule,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    cond=None,
+    *,
+    prediction_type: str = "epsilon",
+    mask: torch.Tensor | None = None,
+    **model_kwargs,
+) -> torch.Tensor:
     """The denoising loss (Ho et al. 2020, eq. 14, generalized to v and x0 targets), fp32.
 
     ``x_t = alpha_t x0 + sigma_t noise``; the model's output at ``(x_t, t, cond)`` is compared

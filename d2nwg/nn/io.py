@@ -18,7 +18,8 @@ import math
 import os
 import types
 import typing
-from typing import Any, Iterator, TypeVar
+from collections.abc import Iterator
+from typing import Any, TypeVar
 
 import torch
 
@@ -43,12 +44,29 @@ MAX_CONFIG_INT = 2**64
 # its own ``size_limits``): a file asking for a width of 10**6 is refused by name before the
 # module is built, not attempted (a [10**6, 10**6] float32 weight is 4 TB).
 SIZE_LIMITS = {
-    "dim": 2**16, "hidden_dim": 2**16, "latent_dim": 2**16, "cond_dim": 2**16,
-    "vae_hidden_dim": 2**16, "in_features": 2**20, "in_dim": 2**20, "cond_features": 2**20,
-    "timestep_freq_dim": 2**16, "num_inducing": 2**16, "num_null_tokens": 2**16,
-    "max_cond_slots": 2**20, "num_layer_kinds": 2**20, "num_heads": 1024, "depth": 1024,
-    "num_blocks": 1024, "vae_blocks": 1024, "shot_layers": 1024, "class_layers": 1024,
-    "compression": 2**20, "mlp_ratio": 64, "timesteps": 2**20, "chunk_size": 2**20,
+    "dim": 2**16,
+    "hidden_dim": 2**16,
+    "latent_dim": 2**16,
+    "cond_dim": 2**16,
+    "vae_hidden_dim": 2**16,
+    "in_features": 2**20,
+    "in_dim": 2**20,
+    "cond_features": 2**20,
+    "timestep_freq_dim": 2**16,
+    "num_inducing": 2**16,
+    "num_null_tokens": 2**16,
+    "max_cond_slots": 2**20,
+    "num_layer_kinds": 2**20,
+    "num_heads": 1024,
+    "depth": 1024,
+    "num_blocks": 1024,
+    "vae_blocks": 1024,
+    "shot_layers": 1024,
+    "class_layers": 1024,
+    "compression": 2**20,
+    "mlp_ratio": 64,
+    "timesteps": 2**20,
+    "chunk_size": 2**20,
 }
 
 
@@ -78,16 +96,20 @@ def _matches(value: Any, hint: Any) -> bool:
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool) \
-            and abs(value) <= MAX_CONFIG_INT
+        return (
+            isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_CONFIG_INT
+        )
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) \
-            and math.isfinite(value)
+        return (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
     if hint is str:
         return isinstance(value, str)
     if hint in (list, tuple) or origin in (list, tuple):
-        return isinstance(value, (list, tuple)) and all(isinstance(v, _JSON_SCALARS) and not (
-            isinstance(v, float) and not math.isfinite(v)) for v in value)
+        return isinstance(value, (list, tuple)) and all(
+            isinstance(v, _JSON_SCALARS) and not (isinstance(v, float) and not math.isfinite(v))
+            for v in value
+        )
     if hint is dict or origin is dict:
         return isinstance(value, dict)
     return True  # Any, or a type this check does not know: the class's own checks decide
@@ -117,6 +139,7 @@ class JSONConfig:
         super().__init_subclass__(**kwargs)
         own = cls.__dict__.get("__post_init__")
         if own is not None and not getattr(own, "_checks_types", False):
+
             @functools.wraps(own)
             def __post_init__(self, _own=own) -> None:
                 self.check_field_types()
@@ -137,13 +160,19 @@ class JSONConfig:
             value = getattr(self, f.name)
             hint = hints.get(f.name)
             if hint is not None and not _matches(value, hint):
-                raise ConfigError(f"{cls.__name__}.{f.name} must be {_type_name(hint)}, got "
-                                  f"{_short_repr(value)}")
+                raise ConfigError(
+                    f"{cls.__name__}.{f.name} must be {_type_name(hint)}, got {_short_repr(value)}"
+                )
             limit = limits.get(f.name)
-            if limit is not None and isinstance(value, (int, float)) and \
-                    not isinstance(value, bool) and abs(value) > limit:
-                raise ConfigError(f"{cls.__name__}.{f.name}={_short_repr(value)} is beyond the "
-                                  f"limit {limit}")
+            if (
+                limit is not None
+                and isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and abs(value) > limit
+            ):
+                raise ConfigError(
+                    f"{cls.__name__}.{f.name}={_short_repr(value)} is beyond the limit {limit}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -170,8 +199,9 @@ class JSONConfig:
             if isinstance(exc, D2NWGError):
                 raise
             # a check of the class itself that met a value of an unexpected kind
-            raise ConfigError(f"{cls.__name__}: invalid config ({type(exc).__name__}: {exc})") \
-                from exc
+            raise ConfigError(
+                f"{cls.__name__}: invalid config ({type(exc).__name__}: {exc})"
+            ) from exc
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False, **kwargs)
@@ -186,8 +216,11 @@ class JSONConfig:
 
 
 def _short_repr(value: Any) -> str:
-    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else \
-        f"an int of {len(str(abs(value))) if abs(value) < 10**4000 else 'over 4000'} digits"
+    text = (
+        repr(value)
+        if not isinstance(value, int) or abs(value) < 10**30
+        else f"an int of {len(str(abs(value))) if abs(value) < 10**4000 else 'over 4000'} digits"
+    )
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -202,8 +235,9 @@ def seeded(seed: int | None) -> Iterator[None]:
         yield
 
 
-def save_module(module: torch.nn.Module, path: str | os.PathLike, *,
-                metadata: dict[str, str] | None = None) -> None:
+def save_module(
+    module: torch.nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None
+) -> None:
     """Write ``module.state_dict()`` (and its ``config``, if any) to a safetensors file atomically.
 
     Tied tensors (one storage under several names) are written once per name. Meta or sparse
@@ -256,8 +290,13 @@ def _tensor_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
         raise FileFormatError(f"{path}: not a readable safetensors file: {exc}") from exc
 
 
-def load_module(target, path: str | os.PathLike, *, map_location: str | torch.device = "cpu",
-                strict: bool = True) -> torch.nn.Module:
+def load_module(
+    target,
+    path: str | os.PathLike,
+    *,
+    map_location: str | torch.device = "cpu",
+    strict: bool = True,
+) -> torch.nn.Module:
     """Load a file written by :func:`save_module`.
 
     ``target`` is either a module instance (its parameters are overwritten) or a module class
@@ -273,11 +312,12 @@ def load_module(target, path: str | os.PathLike, *, map_location: str | torch.de
     if isinstance(target, type):
         config_class = getattr(target, "config_class", None)
         if config_class is None or "config" not in meta:
-            raise FileFormatError(f"{where}: cannot rebuild {target.__name__} "
-                                  "(no config stored, or the class has no config_class)")
+            raise FileFormatError(
+                f"{where}: cannot rebuild {target.__name__} "
+                "(no config stored, or the class has no config_class)"
+            )
         if meta.get("class") != target.__name__:
-            raise FileFormatError(f"{where}: holds a {meta.get('class')}, "
-                                  f"not a {target.__name__}")
+            raise FileFormatError(f"{where}: holds a {meta.get('class')}, not a {target.__name__}")
         try:
             config = config_class.from_json(meta["config"])
         except ConfigError as exc:
@@ -290,8 +330,9 @@ def load_module(target, path: str | os.PathLike, *, map_location: str | torch.de
         try:  # the config must describe exactly the stored tensors
             _check_state_shapes(where, skeleton.state_dict(), stored, strict)
         except KeyMismatchError as exc:
-            raise FileFormatError(f"{exc} (the stored config does not match the stored "
-                                  f"tensors)") from exc
+            raise FileFormatError(
+                f"{exc} (the stored config does not match the stored tensors)"
+            ) from exc
         module = target(config)
     else:
         module = target
@@ -302,20 +343,28 @@ def load_module(target, path: str | os.PathLike, *, map_location: str | torch.de
     return module
 
 
-def _check_state_shapes(where: str, own: dict[str, torch.Tensor],
-                        stored: dict[str, tuple[tuple[int, ...], str]], strict: bool) -> None:
+def _check_state_shapes(
+    where: str,
+    own: dict[str, torch.Tensor],
+    stored: dict[str, tuple[tuple[int, ...], str]],
+    strict: bool,
+) -> None:
     missing = sorted(set(own) - set(stored))
     unexpected = sorted(set(stored) - set(own))
     if strict and (missing or unexpected):
-        raise KeyMismatchError(f"{where}: missing keys {missing[:8]}, "
-                               f"unexpected keys {unexpected[:8]}")
+        raise KeyMismatchError(
+            f"{where}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}"
+        )
     for key in sorted(set(own) & set(stored)):
         shape, dtype = stored[key]
         if tuple(own[key].shape) != shape:
-            raise FileFormatError(f"{where}: {key} has shape {shape}, the module has "
-                                  f"{tuple(own[key].shape)}")
+            raise FileFormatError(
+                f"{where}: {key} has shape {shape}, the module has {tuple(own[key].shape)}"
+            )
         # safetensors dtype names: F16, BF16, F32, F64, F8_*, I64, U8, BOOL, ...
-        if own[key].is_floating_point() != dtype.upper().startswith(("F", "BF")) or \
-                (own[key].dtype == torch.bool) != (dtype.upper() == "BOOL"):
-            raise FileFormatError(f"{where}: {key} is stored as {dtype}, the module holds "
-                                  f"{own[key].dtype}")
+        if own[key].is_floating_point() != dtype.upper().startswith(("F", "BF")) or (
+            own[key].dtype == torch.bool
+        ) != (dtype.upper() == "BOOL"):
+            raise FileFormatError(
+                f"{where}: {key} is stored as {dtype}, the module holds {own[key].dtype}"
+            )

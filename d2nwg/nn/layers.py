@@ -16,8 +16,9 @@ from d2nwg.ops.latent_attention_op import latent_attention
 def sinusoidal(x: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Fixed sin/cos embedding ``[..., dim]`` of the values ``x [...]`` (computed in fp32)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,
-                                                           device=x.device) / half)
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=x.device) / half
+    )
     args = x.float()[..., None] * freqs
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -42,8 +43,9 @@ class Attention(nn.Module):
     :func:`d2nwg.ops.latent_attention` with ``backend`` (None = dispatch).
     """
 
-    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None,
-                 qk_norm: bool = False):
+    def __init__(
+        self, dim: int, num_heads: int, context_dim: int | None = None, qk_norm: bool = False
+    ):
         super().__init__()
         for name, v in (("dim", dim), ("num_heads", num_heads)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -63,8 +65,9 @@ class Attention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.backend: str | None = None
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         W = self.num_heads * self.head_dim
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != W:
             raise ShapeError(f"x must be [B, L, {W}], got {shape_of(x)}")
@@ -72,8 +75,12 @@ class Attention(nn.Module):
         H, D = self.num_heads, self.head_dim
         if self.cross:
             width = self.kv.in_features
-            if not isinstance(context, torch.Tensor) or context.dim() != 3 \
-                    or context.shape[0] != B or context.shape[-1] != width:
+            if (
+                not isinstance(context, torch.Tensor)
+                or context.dim() != 3
+                or context.shape[0] != B
+                or context.shape[-1] != width
+            ):
                 raise ShapeError(f"context must be [{B}, Lc, {width}], got {shape_of(context)}")
         elif context is not None:
             raise ConfigError("a self-attention layer takes no context")

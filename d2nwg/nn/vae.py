@@ -31,36 +31,43 @@ MIN_CHUNK, MAX_CHUNK = 64, 16384
 
 @dataclass
 class ChunkVAEConfig(JSONConfig):
-    chunk_size: int = 256        # C
-    compression: int = 8         # latent_dim = chunk_size // compression when latent_dim is 0
-    latent_dim: int = 0          # d (0: derived from compression)
-    hidden_dim: int = 0          # MLP width (0: clamp(chunk_size // 2, 256, 1024))
-    num_blocks: int = 2          # residual MLP blocks in the encoder and in the decoder
+    chunk_size: int = 256  # C
+    compression: int = 8  # latent_dim = chunk_size // compression when latent_dim is 0
+    latent_dim: int = 0  # d (0: derived from compression)
+    hidden_dim: int = 0  # MLP width (0: clamp(chunk_size // 2, 256, 1024))
+    num_blocks: int = 2  # residual MLP blocks in the encoder and in the decoder
     kl_weight: float = 1e-4
-    input_noise: float = 1e-3    # std of the training noise added to input chunks
-    latent_noise: float = 1e-1   # std of the training noise added to sampled latents
+    input_noise: float = 1e-3  # std of the training noise added to input chunks
+    latent_noise: float = 1e-1  # std of the training noise added to sampled latents
     logvar_min: float = -30.0
     logvar_max: float = 20.0
 
     def __post_init__(self) -> None:
         if not MIN_CHUNK <= self.chunk_size <= MAX_CHUNK:
-            raise ConfigError(f"ChunkVAEConfig.chunk_size={self.chunk_size} is not in "
-                              f"[{MIN_CHUNK}, {MAX_CHUNK}]")
+            raise ConfigError(
+                f"ChunkVAEConfig.chunk_size={self.chunk_size} is not in [{MIN_CHUNK}, {MAX_CHUNK}]"
+            )
         if self.latent_dim == 0:
             if self.compression < 1:
-                raise ConfigError(f"ChunkVAEConfig.compression must be >= 1, got {self.compression}")
+                raise ConfigError(
+                    f"ChunkVAEConfig.compression must be >= 1, got {self.compression}"
+                )
             self.latent_dim = max(1, self.chunk_size // self.compression)
         if self.hidden_dim == 0:
             self.hidden_dim = min(1024, max(256, self.chunk_size // 2))
         if self.latent_dim < 1 or self.hidden_dim < 1 or self.num_blocks < 0:
-            raise ConfigError(f"ChunkVAEConfig: latent_dim={self.latent_dim}, hidden_dim="
-                              f"{self.hidden_dim}, num_blocks={self.num_blocks} out of range")
+            raise ConfigError(
+                f"ChunkVAEConfig: latent_dim={self.latent_dim}, hidden_dim="
+                f"{self.hidden_dim}, num_blocks={self.num_blocks} out of range"
+            )
         for name in ("kl_weight", "input_noise", "latent_noise"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ChunkVAEConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not self.logvar_min < self.logvar_max:
-            raise ConfigError(f"ChunkVAEConfig: logvar_min={self.logvar_min} must be below "
-                              f"logvar_max={self.logvar_max}")
+            raise ConfigError(
+                f"ChunkVAEConfig: logvar_min={self.logvar_min} must be below "
+                f"logvar_max={self.logvar_max}"
+            )
 
     @property
     def ratio(self) -> float:
@@ -80,15 +87,21 @@ class _ResBlock(nn.Module):
 
 
 def _mlp(d_in: int, hidden: int, d_out: int, blocks: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, hidden), *(_ResBlock(hidden) for _ in range(blocks)),
-                         nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, d_out))
+    return nn.Sequential(
+        nn.Linear(d_in, hidden),
+        *(_ResBlock(hidden) for _ in range(blocks)),
+        nn.LayerNorm(hidden),
+        nn.SiLU(),
+        nn.Linear(hidden, d_out),
+    )
 
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     if generator is None:
         return torch.randn_like(x)
-    return torch.randn(x.shape, generator=generator, device=generator.device,
-                       dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+    return torch.randn(
+        x.shape, generator=generator, device=generator.device, dtype=torch.float32
+    ).to(device=x.device, dtype=x.dtype)
 
 
 class ChunkVAE(nn.Module):
@@ -113,8 +126,7 @@ class ChunkVAE(nn.Module):
 
     def _check(self, x: torch.Tensor, width: int, name: str) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != width:
-            raise ShapeError(f"{name} must be [..., {width}], got "
-                             f"{shape_of(x)}")
+            raise ShapeError(f"{name} must be [..., {width}], got {shape_of(x)}")
         if not x.is_floating_point():
             raise DTypeError(f"{name} must be floating point, got {x.dtype}")
 
@@ -127,9 +139,11 @@ class ChunkVAE(nn.Module):
             raise DTypeError(f"mask must be a bool tensor or None, got {type(mask).__name__}")
         if mask.dtype != torch.bool:
             raise DTypeError(f"mask must be bool (True = real entry), got {mask.dtype}")
-        if mask.dim() > x.dim() or tuple(mask.shape) != tuple(x.shape[x.dim() - mask.dim():]):
-            raise ShapeError(f"mask has shape {tuple(mask.shape)}; expected the trailing "
-                             f"dims of chunks {tuple(x.shape)}")
+        if mask.dim() > x.dim() or tuple(mask.shape) != tuple(x.shape[x.dim() - mask.dim() :]):
+            raise ShapeError(
+                f"mask has shape {tuple(mask.shape)}; expected the trailing "
+                f"dims of chunks {tuple(x.shape)}"
+            )
         if mask.device != x.device:
             raise DeviceError(f"mask is on {mask.device}, the chunks on {x.device}")
         return mask.expand_as(x)
@@ -154,8 +168,9 @@ class ChunkVAE(nn.Module):
 
     @staticmethod
     def _sliced(fn, x: torch.Tensor, out_width: int, max_batch: int | None) -> torch.Tensor:
-        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
-                                      or max_batch < 1):
+        if max_batch is not None and (
+            isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
+        ):
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         lead = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1])
@@ -166,12 +181,15 @@ class ChunkVAE(nn.Module):
         out = first.new_empty(n, out_width)
         out[:max_batch] = first
         for s in range(max_batch, n, max_batch):
-            out[s:s + max_batch] = fn(flat[s:s + max_batch])
+            out[s : s + max_batch] = fn(flat[s : s + max_batch])
         return out.reshape(*lead, out_width)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(reconstruction [..., C], mu, logvar)``; noisy and sampled in training mode."""
         c = self.config
         self._check(x, c.chunk_size, "chunks")
@@ -187,8 +205,12 @@ class ChunkVAE(nn.Module):
                 z = z + _randn_like(z, generator) * c.latent_noise
         return self.decoder(z), mu, logvar
 
-    def loss(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def loss(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
         """``{"loss", "recon", "kl"}`` for chunks ``x [N, T, C]`` (or ``[T, C]``), fp32.
 
         ``mask`` (bool, True = real entry) is ``[T, C]`` or ``[N, T, C]``; padded entries do not

@@ -48,12 +48,18 @@ def _drop_masked(k: torch.Tensor, v: torch.Tensor, safe: torch.Tensor):
 
 def _zero_keyless(out: torch.Tensor, has_key: torch.Tensor) -> torch.Tensor:
     """Rows of batch elements without any key are zeros (not NaN * 0)."""
-    return torch.where(has_key[:, None, None, None], out, torch.zeros((), dtype=out.dtype,
-                                                                     device=out.device))
+    return torch.where(
+        has_key[:, None, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device)
+    )
 
 
-def latent_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+def latent_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
     """Plain PyTorch attention in the inputs' dtype (pass float64 for an exact oracle)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if mask is None:
@@ -83,25 +89,31 @@ def _torch_sdpa(q, k, v, mask=None, scale=None) -> torch.Tensor:
 # AOT-traced backward) then sees opaque ops with fake impls, not the launchers (which read
 # strides and launch kernels; under TRITON_INTERPRET=1 the kernels are Python). Outputs are
 # laid out [B, L, H, D] in memory, so that the caller's transpose(1, 2).reshape is free.
-@torch.library.custom_op("d2nwg::attention_fwd_triton", mutates_args=(),
-                         schema="(Tensor q, Tensor k, Tensor v, Tensor? mask, float sm_scale) "
-                                "-> (Tensor, Tensor)")
+@torch.library.custom_op(
+    "d2nwg::attention_fwd_triton",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? mask, float sm_scale) -> (Tensor, Tensor)",
+)
 def _attention_fwd_op(q, k, v, mask, sm_scale):
     from d2nwg.kernels.latent_attention import attention_fwd
 
-    return attention_fwd(q, k, v, mask, sm_scale)  # checks its inputs  # out, base-2 log-sum-exp [B, H, Lq] fp32
+    return attention_fwd(
+        q, k, v, mask, sm_scale
+    )  # checks its inputs  # out, base-2 log-sum-exp [B, H, Lq] fp32
 
 
 @_attention_fwd_op.register_fake
 def _attention_fwd_fake(q, k, v, mask, sm_scale):
     B, H, LQ, D = q.shape
-    return (q.new_empty(B, LQ, H, D).transpose(1, 2),
-            q.new_empty(B, H, LQ, dtype=torch.float32))
+    return (q.new_empty(B, LQ, H, D).transpose(1, 2), q.new_empty(B, H, LQ, dtype=torch.float32))
 
 
-@torch.library.custom_op("d2nwg::attention_bwd_triton", mutates_args=(),
-                         schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, "
-                                "Tensor? mask, float sm_scale) -> (Tensor, Tensor, Tensor)")
+@torch.library.custom_op(
+    "d2nwg::attention_bwd_triton",
+    mutates_args=(),
+    schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, "
+    "Tensor? mask, float sm_scale) -> (Tensor, Tensor, Tensor)",
+)
 def _attention_bwd_op(do, q, k, v, o, lse, mask, sm_scale):
     from d2nwg.kernels.latent_attention import attention_bwd
 
@@ -112,8 +124,11 @@ def _attention_bwd_op(do, q, k, v, o, lse, mask, sm_scale):
 def _attention_bwd_fake(do, q, k, v, o, lse, mask, sm_scale):
     B, H, LQ, D = q.shape
     LK = k.shape[2]
-    return (q.new_empty(B, LQ, H, D).transpose(1, 2), k.new_empty(B, LK, H, D).transpose(1, 2),
-            v.new_empty(B, LK, H, D).transpose(1, 2))
+    return (
+        q.new_empty(B, LQ, H, D).transpose(1, 2),
+        k.new_empty(B, LK, H, D).transpose(1, 2),
+        v.new_empty(B, LK, H, D).transpose(1, 2),
+    )
 
 
 def _attention_setup_context(ctx, inputs, output) -> None:
@@ -125,8 +140,9 @@ def _attention_setup_context(ctx, inputs, output) -> None:
 
 def _attention_backward(ctx, do, dlse):  # lse is an internal output: its gradient is unused
     q, k, v, o, lse, mask = ctx.saved_tensors
-    dq, dk, dv = torch.ops.d2nwg.attention_bwd_triton.default(do, q, k, v, o, lse, mask,
-                                                              ctx.sm_scale)
+    dq, dk, dv = torch.ops.d2nwg.attention_bwd_triton.default(
+        do, q, k, v, o, lse, mask, ctx.sm_scale
+    )
     return dq, dk, dv, None, None
 
 
@@ -211,12 +227,16 @@ def check_bwd_launch(do, q, k, v, o, lse, mask, sm_scale) -> None:
     for name, t in (("do", do), ("o", o)):
         _check_tensor(name, t)
         if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
-            raise ShapeError(f"{name} must be shaped, typed and placed like q {tuple(q.shape)} "
-                             f"{q.dtype} {q.device}, got {tuple(t.shape)} {t.dtype} {t.device}")
+            raise ShapeError(
+                f"{name} must be shaped, typed and placed like q {tuple(q.shape)} "
+                f"{q.dtype} {q.device}, got {tuple(t.shape)} {t.dtype} {t.device}"
+            )
     _check_tensor("lse", lse)
     if lse.shape != q.shape[:3] or lse.dtype != torch.float32 or lse.device != q.device:
-        raise ShapeError(f"lse must be float32 {tuple(q.shape[:3])} on {q.device}, got "
-                         f"{tuple(lse.shape)} {lse.dtype} {lse.device}")
+        raise ShapeError(
+            f"lse must be float32 {tuple(q.shape[:3])} on {q.device}, got "
+            f"{tuple(lse.shape)} {lse.dtype} {lse.device}"
+        )
 
 
 def check_launch(q, k, v, mask, sm_scale) -> None:
@@ -224,13 +244,16 @@ def check_launch(q, k, v, mask, sm_scale) -> None:
     torch.ops.d2nwg.attention_*_triton: everything the kernels index with."""
     _check(q, k, v, mask)
     if q.device.type not in ("cpu", "cuda"):
-        raise DeviceError(f"the Triton kernels run on CUDA (or CPU under the interpreter), "
-                          f"got {q.device}")
+        raise DeviceError(
+            f"the Triton kernels run on CUDA (or CPU under the interpreter), got {q.device}"
+        )
     if q.dtype not in DTYPES:
         raise DTypeError(f"the Triton kernels take {DTYPES}, got {q.dtype}")
     if q.shape[-1] not in TRITON_HEAD_DIMS:
         raise ShapeError(f"the Triton kernels take head dims {TRITON_HEAD_DIMS}, got {q.shape[-1]}")
-    if isinstance(sm_scale, bool) or not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale)):
+    if isinstance(sm_scale, bool) or not (
+        isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale)
+    ):
         raise ConfigError(f"sm_scale must be a finite float, got {sm_scale!r}")
 
 
@@ -240,8 +263,10 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         if t.dim() != 4:
             raise ShapeError(f"{name} must have rank 4 [B, H, L, D], got shape {tuple(t.shape)}")
         if t.dtype not in DTYPES + (torch.float64,):
-            raise DTypeError(f"{name} has dtype {t.dtype}; expected one of {DTYPES} "
-                             "(float64 on the torch backend)")
+            raise DTypeError(
+                f"{name} has dtype {t.dtype}; expected one of {DTYPES} "
+                "(float64 on the torch backend)"
+            )
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise DTypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
@@ -264,15 +289,22 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         if mask.dtype != torch.bool:
             raise DTypeError(f"mask has dtype {mask.dtype}; expected torch.bool (True = attend)")
         if tuple(mask.shape) != (k.shape[0], k.shape[2]):
-            raise ShapeError(f"mask has shape {tuple(mask.shape)}; expected [B, Lk] = "
-                             f"{[k.shape[0], k.shape[2]]}")
+            raise ShapeError(
+                f"mask has shape {tuple(mask.shape)}; expected [B, Lk] = {[k.shape[0], k.shape[2]]}"
+            )
         if mask.device != q.device:
             raise DeviceError(f"mask is on {mask.device} but q is on {q.device}")
 
 
-def latent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     mask: torch.Tensor | None = None, *, scale: float | None = None,
-                     backend: str | None = None) -> torch.Tensor:
+def latent_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Attention ``softmax(q k^T * scale) v`` with an optional key-padding mask.
 
     Args:
@@ -287,8 +319,9 @@ def latent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         ``[B, H, Lq, D]`` in the dtype of q. Rows without any attended key are zeros.
     """
     _check(q, k, v, mask)
-    if scale is not None and (isinstance(scale, bool) or not (
-            isinstance(scale, (int, float)) and math.isfinite(scale))):
+    if scale is not None and (
+        isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale))
+    ):
         raise ConfigError(f"scale must be a finite float or None, got {scale!r}")
     impl = select("latent_attention", LATENT_ATTENTION_BACKENDS, q, k, v, mask, backend=backend)
     return impl.run(q, k, v, mask, scale)

@@ -48,10 +48,16 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def sampler_step_ref(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor,
-                     step: torch.Tensor, noise: torch.Tensor | None = None,
-                     prev_x0: torch.Tensor | None = None, guided: bool = False,
-                     compute_dtype: torch.dtype | None = None) -> None:
+def sampler_step_ref(
+    x: torch.Tensor,
+    model_out: torch.Tensor,
+    table: torch.Tensor,
+    step: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    prev_x0: torch.Tensor | None = None,
+    guided: bool = False,
+    compute_dtype: torch.dtype | None = None,
+) -> None:
     """In place on ``x`` [B, N] (and ``prev_x0``); see the module docstring.
 
     ``compute_dtype`` (tests only) overrides the float32/float64 arithmetic, e.g. to measure
@@ -60,9 +66,9 @@ def sampler_step_ref(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tens
     B = x.shape[0]
     acc = compute_dtype or acc_dtype(x.dtype)
     s = step.reshape(1).long().clamp(0, table.shape[0] - 1)
-    row = table.index_select(0, s)[0].to(acc)                    # [K] or [B, K]
-    c = row.view(1, K).expand(B, K) if row.dim() == 1 else row   # [B, K]
-    col = [c[:, j : j + 1] for j in range(K)]                    # each [B, 1]
+    row = table.index_select(0, s)[0].to(acc)  # [K] or [B, K]
+    c = row.view(1, K).expand(B, K) if row.dim() == 1 else row  # [B, K]
+    col = [c[:, j : j + 1] for j in range(K)]  # each [B, 1]
     xa = x.to(acc)
     if guided:
         m, u = model_out[:B].to(acc), model_out[B:].to(acc)
@@ -90,9 +96,12 @@ def _compiled(x, model_out, table, step, noise, prev_x0, guided) -> None:
 
 # Triton (kernels/sampler_step.py), registered as torch.ops.d2nwg.sampler_step_triton_ with the
 # compiled op's schema: torch.compile then sees an opaque in-place op instead of the launcher.
-@torch.library.custom_op("d2nwg::sampler_step_triton_", mutates_args=("x", "prev_x0"),
-                         schema="(Tensor(a!) x, Tensor model_out, Tensor table, Tensor step, "
-                                "Tensor? noise, Tensor(b!)? prev_x0, bool guided) -> ()")
+@torch.library.custom_op(
+    "d2nwg::sampler_step_triton_",
+    mutates_args=("x", "prev_x0"),
+    schema="(Tensor(a!) x, Tensor model_out, Tensor table, Tensor step, "
+    "Tensor? noise, Tensor(b!)? prev_x0, bool guided) -> ()",
+)
 def _triton_op(x, model_out, table, step, noise, prev_x0, guided) -> None:
     from d2nwg.kernels.sampler_step import sampler_step_triton
 
@@ -137,6 +146,7 @@ SAMPLER_STEP_BACKENDS = (
 
 if _ext._C is not None and hasattr(torch.ops.d2nwg, "sampler_step_"):
     try:  # lets torch.compile trace through the in-place op (it returns nothing)
+
         @torch.library.register_fake("d2nwg::sampler_step_")
         def _fake(x, model_out, table, step, noise, prev_x0, guided):
             return None
@@ -151,8 +161,14 @@ def _check(x, model_out, table, step, noise, prev_x0, guided, *, launch: bool = 
     """Validate the inputs of one step. ``launch``: the checks of a kernel launch (the Triton
     op is reachable directly): every tensor contiguous, no host read of ``step`` (kernels
     clamp it)."""
-    for name, t in (("x", x), ("model_out", model_out), ("table", table), ("step", step),
-                    ("noise", noise), ("prev_x0", prev_x0)):
+    for name, t in (
+        ("x", x),
+        ("model_out", model_out),
+        ("table", table),
+        ("step", step),
+        ("noise", noise),
+        ("prev_x0", prev_x0),
+    ):
         if t is None and name in ("noise", "prev_x0"):
             continue
         if not isinstance(t, torch.Tensor):
@@ -170,15 +186,20 @@ def _check(x, model_out, table, step, noise, prev_x0, guided, *, launch: bool = 
         raise ShapeError("x must be contiguous (it is updated in place)")
     want = (2 * B, N) if guided else (B, N)
     if tuple(model_out.shape) != want:
-        raise ShapeError(f"model_out has shape {tuple(model_out.shape)}, expected {want}"
-                         + (" (cond rows, then uncond rows)" if guided else ""))
+        raise ShapeError(
+            f"model_out has shape {tuple(model_out.shape)}, expected {want}"
+            + (" (cond rows, then uncond rows)" if guided else "")
+        )
     if model_out.dtype != x.dtype:
         raise DTypeError(f"model_out has dtype {model_out.dtype}, x has {x.dtype}")
     if table.dtype not in TABLE_DTYPES:
         raise DTypeError(f"table has dtype {table.dtype}; expected one of {TABLE_DTYPES}")
-    if not (table.dim() == 2 and table.shape[1] == K) and \
-            not (table.dim() == 3 and table.shape[1] == B and table.shape[2] == K):
-        raise ShapeError(f"table has shape {tuple(table.shape)}, expected [S, {K}] or [S, {B}, {K}]")
+    if not (table.dim() == 2 and table.shape[1] == K) and not (
+        table.dim() == 3 and table.shape[1] == B and table.shape[2] == K
+    ):
+        raise ShapeError(
+            f"table has shape {tuple(table.shape)}, expected [S, {K}] or [S, {B}, {K}]"
+        )
     if table.shape[0] == 0:
         raise ShapeError("table has no steps")
     if step.dtype not in STEP_DTYPES:
@@ -192,29 +213,49 @@ def _check(x, model_out, table, step, noise, prev_x0, guided, *, launch: bool = 
             raise ShapeError(f"{name} has shape {tuple(t.shape)}, expected {(B, N)}")
         if t.dtype != x.dtype:
             raise DTypeError(f"{name} has dtype {t.dtype}, x has {x.dtype}")
-    for name, t in (("model_out", model_out), ("table", table), ("step", step), ("noise", noise),
-                    ("prev_x0", prev_x0)):
+    for name, t in (
+        ("model_out", model_out),
+        ("table", table),
+        ("step", step),
+        ("noise", noise),
+        ("prev_x0", prev_x0),
+    ):
         if t is not None and t.device != x.device:
             raise DeviceError(f"{name} is on {t.device}, x on {x.device}")
     if launch:
-        for name, t in (("model_out", model_out), ("table", table), ("noise", noise),
-                        ("prev_x0", prev_x0)):
+        for name, t in (
+            ("model_out", model_out),
+            ("table", table),
+            ("noise", noise),
+            ("prev_x0", prev_x0),
+        ):
             if t is not None and not t.is_contiguous():
                 raise ShapeError(f"{name} must be contiguous")
         return
     if step.device.type == "cpu" and torch.compiler.is_compiling():
         # int(step) would break the graph; the check goes into the graph (a RuntimeError).
-        torch._assert_async(((step >= 0) & (step < table.shape[0])).all(),
-                            f"step is out of range for a table of {table.shape[0]} steps")
+        torch._assert_async(
+            ((step >= 0) & (step < table.shape[0])).all(),
+            f"step is out of range for a table of {table.shape[0]} steps",
+        )
     elif step.device.type == "cpu" and not 0 <= int(step.reshape(-1)[0]) < table.shape[0]:
-        raise ShapeError(f"step {int(step.reshape(-1)[0])} is out of range for a table of "
-                         f"{table.shape[0]} steps")
+        raise ShapeError(
+            f"step {int(step.reshape(-1)[0])} is out of range for a table of {table.shape[0]} steps"
+        )
 
 
-def sampler_step_(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor,
-                  step: torch.Tensor, *, noise: torch.Tensor | None = None,
-                  prev_x0: torch.Tensor | None = None, guided: bool = False,
-                  backend: str | None = None, check: bool = True) -> torch.Tensor:
+def sampler_step_(
+    x: torch.Tensor,
+    model_out: torch.Tensor,
+    table: torch.Tensor,
+    step: torch.Tensor,
+    *,
+    noise: torch.Tensor | None = None,
+    prev_x0: torch.Tensor | None = None,
+    guided: bool = False,
+    backend: str | None = None,
+    check: bool = True,
+) -> torch.Tensor:
     """One fused sampler step, in place on ``x`` ``[B, N]``; returns ``x``.
 
     Args:
@@ -245,20 +286,38 @@ def sampler_step_(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor,
             raise ShapeError("prev_x0 must be contiguous (it is updated in place)")
     if x.numel() == 0:
         return x
-    impl = select("sampler_step", SAMPLER_STEP_BACKENDS, x, model_out, table, step, noise,
-                  prev_x0, guided, backend=backend)
+    impl = select(
+        "sampler_step",
+        SAMPLER_STEP_BACKENDS,
+        x,
+        model_out,
+        table,
+        step,
+        noise,
+        prev_x0,
+        guided,
+        backend=backend,
+    )
     impl.run(x, model_out, table, step, noise, prev_x0, guided)
     return x
 
 
-def sampler_step(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor,
-                 step: torch.Tensor, *, noise: torch.Tensor | None = None,
-                 prev_x0: torch.Tensor | None = None, guided: bool = False,
-                 backend: str | None = None) -> torch.Tensor:
+def sampler_step(
+    x: torch.Tensor,
+    model_out: torch.Tensor,
+    table: torch.Tensor,
+    step: torch.Tensor,
+    *,
+    noise: torch.Tensor | None = None,
+    prev_x0: torch.Tensor | None = None,
+    guided: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Out-of-place :func:`sampler_step_`: returns the next sample (``prev_x0`` is still
     updated in place when given)."""
     if not isinstance(x, torch.Tensor):
         raise DTypeError(f"x must be a tensor, got {type(x).__name__}")
     out = x.clone(memory_format=torch.contiguous_format)
-    return sampler_step_(out, model_out, table, step, noise=noise, prev_x0=prev_x0, guided=guided,
-                         backend=backend)
+    return sampler_step_(
+        out, model_out, table, step, noise=noise, prev_x0=prev_x0, guided=guided, backend=backend
+    )

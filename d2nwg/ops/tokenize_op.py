@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -67,8 +67,9 @@ class ChunkPlan:
         for name in ("numel", "offset", "span"):
             for v in getattr(self, name):
                 if not _is_int(v) or not 0 <= v <= MAX_ELEMENTS:
-                    raise ConfigError(f"ChunkPlan: {name} entry {v!r} is not an int in "
-                                      f"[0, {MAX_ELEMENTS}]")
+                    raise ConfigError(
+                        f"ChunkPlan: {name} entry {v!r} is not an int in [0, {MAX_ELEMENTS}]"
+                    )
         for name in ("shift", "scale"):
             for v in getattr(self, name):
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -78,26 +79,36 @@ class ChunkPlan:
             if not _is_int(v) or not 0 <= v <= MAX_ELEMENTS:
                 raise ConfigError(f"ChunkPlan: {name} {v!r} is not an int in [0, {MAX_ELEMENTS}]")
         if self.row_size > MAX_ELEMENTS:
-            raise ConfigError(f"ChunkPlan: a row of {self.num_tokens} x {self.chunk_size} "
-                              f"elements exceeds {MAX_ELEMENTS}")
+            raise ConfigError(
+                f"ChunkPlan: a row of {self.num_tokens} x {self.chunk_size} "
+                f"elements exceeds {MAX_ELEMENTS}"
+            )
         S = len(self.numel)
         if not (len(self.offset) == len(self.span) == len(self.shift) == len(self.scale) == S):
-            raise ConfigError(f"ChunkPlan: numel, offset, span, shift, scale need one entry per "
-                              f"segment, got {len(self.numel)}, {len(self.offset)}, "
-                              f"{len(self.span)}, {len(self.shift)}, {len(self.scale)}")
+            raise ConfigError(
+                f"ChunkPlan: numel, offset, span, shift, scale need one entry per "
+                f"segment, got {len(self.numel)}, {len(self.offset)}, "
+                f"{len(self.span)}, {len(self.shift)}, {len(self.scale)}"
+            )
         if self.chunk_size < 1 or self.num_tokens < 0:
-            raise ConfigError(f"ChunkPlan: chunk_size {self.chunk_size} / num_tokens "
-                              f"{self.num_tokens} out of range")
+            raise ConfigError(
+                f"ChunkPlan: chunk_size {self.chunk_size} / num_tokens "
+                f"{self.num_tokens} out of range"
+            )
         end = 0
         for s in range(S):  # the spans tile the row: every token element written exactly once
             if self.offset[s] != end or not 0 <= self.numel[s] <= self.span[s]:
-                raise ConfigError(f"ChunkPlan: segment {s} (offset {self.offset[s]}, numel "
-                                  f"{self.numel[s]}, span {self.span[s]}) does not follow on "
-                                  f"element {end} with numel <= span")
+                raise ConfigError(
+                    f"ChunkPlan: segment {s} (offset {self.offset[s]}, numel "
+                    f"{self.numel[s]}, span {self.span[s]}) does not follow on "
+                    f"element {end} with numel <= span"
+                )
             end += self.span[s]
         if end != self.row_size:
-            raise ConfigError(f"ChunkPlan: spans cover {end} elements, the row has "
-                              f"{self.row_size} (num_tokens * chunk_size)")
+            raise ConfigError(
+                f"ChunkPlan: spans cover {end} elements, the row has "
+                f"{self.row_size} (num_tokens * chunk_size)"
+            )
         if not all(math.isfinite(s) and s != 0 for s in self.scale):
             raise ConfigError("ChunkPlan: every scale must be finite and nonzero")
         object.__setattr__(self, "rscale", tuple(1.0 / s for s in self.scale))
@@ -152,16 +163,19 @@ def detokenize_ref(tokens: torch.Tensor, dests: Sequence[torch.Tensor], plan: Ch
 # Compiled backends (csrc/): registered as torch.ops.d2nwg.{tokenize_,detokenize_}.
 # ----------------------------------------------------------------------------------------
 def _tokenize_compiled(out, sources, plan: ChunkPlan) -> None:
-    torch.ops.d2nwg.tokenize_(out, list(sources), list(plan.offset), list(plan.span),
-                              list(plan.shift), list(plan.rscale))
+    torch.ops.d2nwg.tokenize_(
+        out, list(sources), list(plan.offset), list(plan.span), list(plan.shift), list(plan.rscale)
+    )
 
 
 def _detokenize_compiled(tokens, dests, plan: ChunkPlan) -> None:
-    torch.ops.d2nwg.detokenize_(tokens, list(dests), list(plan.offset), list(plan.unshift),
-                                list(plan.scale))
+    torch.ops.d2nwg.detokenize_(
+        tokens, list(dests), list(plan.offset), list(plan.unshift), list(plan.scale)
+    )
 
 
 if _ext._C is not None:  # shapes for torch.compile: both ops write in place, return nothing
+
     @torch.library.register_fake("d2nwg::tokenize_")
     def _tokenize_fake(out, sources, offsets, spans, shift, rscale) -> None:
         return None
@@ -177,33 +191,49 @@ if _ext._C is not None:  # shapes for torch.compile: both ops write in place, re
 # interpreter's kernels are Python); as opaque in-place ops they stay in one graph. A ChunkPlan
 # is no op argument type: it travels as its fields and is rebuilt (cached) inside the op.
 # ----------------------------------------------------------------------------------------
-_PLAN_ARGS = "int[] numel, int[] offset, int[] span, float[] shift, float[] scale, int num_tokens, " \
-             "int chunk_size"
+_PLAN_ARGS = (
+    "int[] numel, int[] offset, int[] span, float[] shift, float[] scale, int num_tokens, "
+    "int chunk_size"
+)
 
 
 def _plan_args(plan: ChunkPlan) -> tuple:
-    return (list(plan.numel), list(plan.offset), list(plan.span), [float(m) for m in plan.shift],
-            [float(s) for s in plan.scale], plan.num_tokens, plan.chunk_size)
+    return (
+        list(plan.numel),
+        list(plan.offset),
+        list(plan.span),
+        [float(m) for m in plan.shift],
+        [float(s) for s in plan.scale],
+        plan.num_tokens,
+        plan.chunk_size,
+    )
 
 
 _cached_plan = functools.lru_cache(maxsize=64)(ChunkPlan)  # the kernels cache tables per plan
 
 
 def _plan_from(numel, offset, span, shift, scale, num_tokens, chunk_size) -> ChunkPlan:
-    return _cached_plan(tuple(numel), tuple(offset), tuple(span), tuple(shift), tuple(scale),
-                        num_tokens, chunk_size)
+    return _cached_plan(
+        tuple(numel), tuple(offset), tuple(span), tuple(shift), tuple(scale), num_tokens, chunk_size
+    )
 
 
-@torch.library.custom_op("d2nwg::tokenize_triton_", mutates_args=("out",),
-                         schema=f"(Tensor(a!) out, Tensor[] sources, {_PLAN_ARGS}) -> ()")
+@torch.library.custom_op(
+    "d2nwg::tokenize_triton_",
+    mutates_args=("out",),
+    schema=f"(Tensor(a!) out, Tensor[] sources, {_PLAN_ARGS}) -> ()",
+)
 def _tokenize_triton_op(out, sources, *plan) -> None:
     from d2nwg.kernels.tokenize import tokenize_triton
 
     tokenize_triton(out, sources, _plan_from(*plan))
 
 
-@torch.library.custom_op("d2nwg::detokenize_triton_", mutates_args=("dests",),
-                         schema=f"(Tensor tokens, Tensor(a!)[] dests, {_PLAN_ARGS}) -> ()")
+@torch.library.custom_op(
+    "d2nwg::detokenize_triton_",
+    mutates_args=("dests",),
+    schema=f"(Tensor tokens, Tensor(a!)[] dests, {_PLAN_ARGS}) -> ()",
+)
 def _detokenize_triton_op(tokens, dests, *plan) -> None:
     from d2nwg.kernels.tokenize import detokenize_triton
 
@@ -277,13 +307,16 @@ def _check_data_tensor(t, what: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise DTypeError(f"{what} is a {type(t).__name__}, not a tensor")
     if t.layout != torch.strided:
-        raise DTypeError(f"{what} has layout {t.layout}; only dense (strided) tensors are supported")
+        raise DTypeError(
+            f"{what} has layout {t.layout}; only dense (strided) tensors are supported"
+        )
     if t.device.type == "meta":
         raise DeviceError(f"{what} is on the meta device (no data to read or write)")
 
 
-def _check_segments(tensors: Sequence[torch.Tensor], plan: ChunkPlan, device: torch.device,
-                    what: str) -> None:
+def _check_segments(
+    tensors: Sequence[torch.Tensor], plan: ChunkPlan, device: torch.device, what: str
+) -> None:
     S = plan.num_segments
     if S == 0 or len(tensors) % S:
         raise ShapeError(f"{what}: got {len(tensors)} tensors, expected a multiple of {S} segments")
@@ -291,18 +324,27 @@ def _check_segments(tensors: Sequence[torch.Tensor], plan: ChunkPlan, device: to
         s = i % S
         _check_data_tensor(t, f"{what}[{i}] (segment {s})")
         if t.numel() != plan.numel[s]:
-            raise ShapeError(f"{what}[{i}] (segment {s}) has {t.numel()} elements, "
-                             f"the plan expects {plan.numel[s]}")
+            raise ShapeError(
+                f"{what}[{i}] (segment {s}) has {t.numel()} elements, "
+                f"the plan expects {plan.numel[s]}"
+            )
         if t.dtype not in FLOAT_DTYPES:
-            raise DTypeError(f"{what}[{i}] (segment {s}) has dtype {t.dtype}; "
-                             f"expected one of {FLOAT_DTYPES}")
+            raise DTypeError(
+                f"{what}[{i}] (segment {s}) has dtype {t.dtype}; expected one of {FLOAT_DTYPES}"
+            )
         if t.device != device:
             raise DeviceError(f"{what}[{i}] (segment {s}) is on {t.device}, tokens on {device}")
 
 
-def tokenize(sources: Sequence[torch.Tensor], plan: ChunkPlan, *, num_models: int | None = None,
-             dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
-             backend: str | None = None) -> torch.Tensor:
+def tokenize(
+    sources: Sequence[torch.Tensor],
+    plan: ChunkPlan,
+    *,
+    num_models: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Normalize, cast, pad and pack N*S tensors (model-major) into tokens ``[N, T, C]``.
 
     Each weight is read once and each token element written once (padding included).
@@ -316,8 +358,9 @@ def tokenize(sources: Sequence[torch.Tensor], plan: ChunkPlan, *, num_models: in
     else:
         n = num_models
     if len(sources) != n * plan.num_segments:
-        raise ShapeError(f"got {len(sources)} sources for num_models={n} models of "
-                         f"{plan.num_segments} segments")
+        raise ShapeError(
+            f"got {len(sources)} sources for num_models={n} models of {plan.num_segments} segments"
+        )
     if len(sources):
         _check_data_tensor(sources[0], "sources[0]")
     device = sources[0].device if len(sources) else torch.device("cpu")
@@ -330,43 +373,62 @@ def tokenize(sources: Sequence[torch.Tensor], plan: ChunkPlan, *, num_models: in
     elif not isinstance(out, torch.Tensor) or out.layout != torch.strided:
         raise DTypeError(f"out must be a dense tensor or None, got {type(out).__name__}")
     elif out.shape != (n, plan.num_tokens, plan.chunk_size) or not out.is_contiguous():
-        raise ShapeError(f"out has shape {tuple(out.shape)}, expected contiguous "
-                         f"{(n, plan.num_tokens, plan.chunk_size)}")
+        raise ShapeError(
+            f"out has shape {tuple(out.shape)}, expected contiguous "
+            f"{(n, plan.num_tokens, plan.chunk_size)}"
+        )
     if out.dtype not in FLOAT_DTYPES:
         raise DTypeError(f"out has dtype {out.dtype}; expected one of {FLOAT_DTYPES}")
     if len(sources) and out.device != device:  # a kernel would dereference foreign pointers
         raise DeviceError(f"out is on {out.device}, sources on {device}")
     sources = [t if t.is_contiguous() else t.contiguous() for t in sources]
     rows = out.view(n, plan.row_size)
-    select("tokenize", TOKENIZE_BACKENDS, rows, sources, plan, backend=backend).run(rows, sources, plan)
+    select("tokenize", TOKENIZE_BACKENDS, rows, sources, plan, backend=backend).run(
+        rows, sources, plan
+    )
     return out
 
 
-def detokenize(tokens: torch.Tensor, dests: Sequence[torch.Tensor], plan: ChunkPlan, *,
-               backend: str | None = None) -> None:
+def detokenize(
+    tokens: torch.Tensor,
+    dests: Sequence[torch.Tensor],
+    plan: ChunkPlan,
+    *,
+    backend: str | None = None,
+) -> None:
     """De-normalize tokens ``[N, T, C]`` and scatter them into N*S tensors, in place."""
     _check_plan(plan)
     _check_data_tensor(tokens, "tokens")
     _check_list(dests, "dests")
     if tokens.dim() != 3 or tokens.shape[1:] != (plan.num_tokens, plan.chunk_size):
-        raise ShapeError(f"tokens have shape {tuple(tokens.shape)}, expected "
-                         f"[N, {plan.num_tokens}, {plan.chunk_size}]")
+        raise ShapeError(
+            f"tokens have shape {tuple(tokens.shape)}, expected "
+            f"[N, {plan.num_tokens}, {plan.chunk_size}]"
+        )
     if tokens.dtype not in FLOAT_DTYPES:
         raise DTypeError(f"tokens have dtype {tokens.dtype}; expected one of {FLOAT_DTYPES}")
     _check_segments(dests, plan, tokens.device, "dests")
     if len(dests) != tokens.shape[0] * plan.num_segments:
-        raise ShapeError(f"{len(dests)} destination tensors for {tokens.shape[0]} models of "
-                         f"{plan.num_segments} segments")
+        raise ShapeError(
+            f"{len(dests)} destination tensors for {tokens.shape[0]} models of "
+            f"{plan.num_segments} segments"
+        )
     for i, d in enumerate(dests):
         if torch.compiler.is_compiling() or d.is_contiguous():  # contiguous: no overlap
             continue
         if torch._debug_has_internal_overlap(d) == 1:  # expanded: elements share memory
-            raise ShapeError(f"dests[{i}] has overlapping elements (an expanded view?); "
-                             "it cannot be written in place")
+            raise ShapeError(
+                f"dests[{i}] has overlapping elements (an expanded view?); "
+                "it cannot be written in place"
+            )
     rows = tokens.contiguous().view(tokens.shape[0], plan.row_size)
-    direct = [d if d.is_contiguous() else torch.empty_like(d, memory_format=torch.contiguous_format)
-              for d in dests]
-    select("detokenize", DETOKENIZE_BACKENDS, rows, direct, plan, backend=backend).run(rows, direct, plan)
+    direct = [
+        d if d.is_contiguous() else torch.empty_like(d, memory_format=torch.contiguous_format)
+        for d in dests
+    ]
+    select("detokenize", DETOKENIZE_BACKENDS, rows, direct, plan, backend=backend).run(
+        rows, direct, plan
+    )
     for d, w in zip(dests, direct):
         if w is not d:
             d.copy_(w)

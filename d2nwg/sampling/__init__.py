@@ -24,5 +24,14 @@ from d2nwg.sampling.tables import build_table
 from d2nwg.sampling.timesteps import default_timesteps
 from d2nwg.schedule import PREDICTION_TYPES
 
-__all__ = ["sample", "SAMPLERS", "PREDICTION_TYPES", "default_timesteps", "build_table",
-           "REGISTRY", "Sampler", "register", "prediction_coefficients"]
+__all__ = [
+    "sample",
+    "SAMPLERS",
+    "PREDICTION_TYPES",
+    "default_timesteps",
+    "build_table",
+    "REGISTRY",
+    "Sampler",
+    "register",
+    "prediction_coefficients",
+]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -18,12 +19,23 @@ from d2nwg.schedule import NoiseSchedule
 
 
 @torch.no_grad()
-def sample(model: Callable, x_T: torch.Tensor, schedule: NoiseSchedule, *, sampler: str = "ddim",
-           steps: int = 50, timesteps: Sequence[int] | torch.Tensor | None = None,
-           eta: float = 0.0, cond: Any = None, uncond: Any = None, guidance_scale: float = 1.0,
-           generator: torch.Generator | Sequence[torch.Generator] | None = None,
-           prediction_type: str = "epsilon", backend: str | None = None,
-           cuda_graph: bool = False) -> torch.Tensor:
+def sample(
+    model: Callable,
+    x_T: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    sampler: str = "ddim",
+    steps: int = 50,
+    timesteps: Sequence[int] | torch.Tensor | None = None,
+    eta: float = 0.0,
+    cond: Any = None,
+    uncond: Any = None,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    prediction_type: str = "epsilon",
+    backend: str | None = None,
+    cuda_graph: bool = False,
+) -> torch.Tensor:
     """Run a diffusion sampler from ``x_T`` and return x_0 (same shape and dtype).
 
     Args:
@@ -47,8 +59,21 @@ def sample(model: Callable, x_T: torch.Tensor, schedule: NoiseSchedule, *, sampl
         cuda_graph: on CUDA, capture the whole loop (model calls included) once per shape and
             replay it; falls back to the eager loop, with one warning, when capture fails.
     """
-    plan, x, cond_in = prepare(model, x_T, schedule, sampler, steps, timesteps, eta, cond,
-                               uncond, guidance_scale, generator, prediction_type, backend)
+    plan, x, cond_in = prepare(
+        model,
+        x_T,
+        schedule,
+        sampler,
+        steps,
+        timesteps,
+        eta,
+        cond,
+        uncond,
+        guidance_scale,
+        generator,
+        prediction_type,
+        backend,
+    )
     if cuda_graph and x.device.type == "cuda":
         out = run_with_graph(plan, x, cond_in)
     else:
@@ -58,8 +83,21 @@ def sample(model: Callable, x_T: torch.Tensor, schedule: NoiseSchedule, *, sampl
     return out.view(x_T.shape)
 
 
-def prepare(model, x_T, schedule, sampler, steps, timesteps, eta, cond, uncond, guidance_scale,
-            generator, prediction_type, backend) -> tuple[Plan, torch.Tensor, Any]:
+def prepare(
+    model,
+    x_T,
+    schedule,
+    sampler,
+    steps,
+    timesteps,
+    eta,
+    cond,
+    uncond,
+    guidance_scale,
+    generator,
+    prediction_type,
+    backend,
+) -> tuple[Plan, torch.Tensor, Any]:
     """Validate the arguments of :func:`sample`; the plan, the state [B, N] and the cond."""
     check_arguments(model, x_T, schedule, sampler, prediction_type, eta)
     ts = resolve_timesteps(schedule.T, steps, timesteps)
@@ -69,19 +107,45 @@ def prepare(model, x_T, schedule, sampler, steps, timesteps, eta, cond, uncond, 
 
     rows = 2 * B if guided else B
     tab_dtype = torch.float64 if x_T.dtype == torch.float64 else torch.float32
-    tables = device_tables(schedule, ts, sampler, prediction_type, float(eta),
-                           float(guidance_scale), tab_dtype, rows, device)
+    tables = device_tables(
+        schedule,
+        ts,
+        sampler,
+        prediction_type,
+        float(eta),
+        float(guidance_scale),
+        tab_dtype,
+        rows,
+        device,
+    )
     x = x_T.detach().reshape(B, -1).clone(memory_format=torch.contiguous_format)
     N = x.shape[1]
     plan = Plan(
-        model=model, shape=tuple(x_T.shape), B=B, N=N, guided=guided, table=tables.table,
-        t_table=tables.t_table, step_idx=tables.step_idx, noise_steps=tables.noise_steps,
-        use_prev=tables.use_prev, run=_noop,
+        model=model,
+        shape=tuple(x_T.shape),
+        B=B,
+        N=N,
+        guided=guided,
+        table=tables.table,
+        t_table=tables.t_table,
+        step_idx=tables.step_idx,
+        noise_steps=tables.noise_steps,
+        use_prev=tables.use_prev,
+        run=_noop,
         draw=noise_drawer(generator, tuple(x.shape), x.dtype, device),
     )
-    impl = select("sampler_step", SAMPLER_STEP_BACKENDS, x, x, plan.table, plan.step_idx[0],
-                  x if any(plan.noise_steps) else None, x if plan.use_prev else None, guided,
-                  backend=backend)
+    impl = select(
+        "sampler_step",
+        SAMPLER_STEP_BACKENDS,
+        x,
+        x,
+        plan.table,
+        plan.step_idx[0],
+        x if any(plan.noise_steps) else None,
+        x if plan.use_prev else None,
+        guided,
+        backend=backend,
+    )
     if N > 0:
         plan.run = impl.run
     return plan, x, cond_in

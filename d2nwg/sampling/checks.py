@@ -22,8 +22,10 @@ def check_arguments(model, x_T, schedule, sampler, prediction_type, eta) -> None
             f"model must be callable as model(x_t, t, cond), got {type(model).__name__}"
         )
     if not isinstance(x_T, torch.Tensor) or x_T.dim() < 1 or x_T.shape[0] == 0:
-        raise ShapeError(f"x_T must be a tensor [B, ...] with B >= 1, got "
-                         f"{getattr(x_T, 'shape', type(x_T).__name__)}")
+        raise ShapeError(
+            f"x_T must be a tensor [B, ...] with B >= 1, got "
+            f"{getattr(x_T, 'shape', type(x_T).__name__)}"
+        )
     if x_T.dtype not in X_DTYPES:
         raise DTypeError(
             f"x_T has dtype {x_T.dtype}; expected float32, float16, bfloat16 or float64"
@@ -47,8 +49,9 @@ def check_arguments(model, x_T, schedule, sampler, prediction_type, eta) -> None
 def check_generator(generator, B: int) -> None:
     """None, one generator, or a list of one per sample."""
     if generator is not None and not isinstance(generator, torch.Generator):
-        if not isinstance(generator, (list, tuple)) or \
-                not all(isinstance(g, torch.Generator) for g in generator):
+        if not isinstance(generator, (list, tuple)) or not all(
+            isinstance(g, torch.Generator) for g in generator
+        ):
             raise ConfigError("generator must be a torch.Generator or a list of one per sample")
         if len(generator) != B:
             raise ConfigError(f"generator lists {len(generator)} generators for {B} samples")
@@ -56,14 +59,19 @@ def check_generator(generator, B: int) -> None:
 
 def check_cond(cond, uncond, guidance_scale, B: int, device: torch.device) -> tuple[Any, bool]:
     """The model's cond argument for each step, and whether guidance is on."""
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-            or not math.isfinite(guidance_scale):
+    if (
+        isinstance(guidance_scale, bool)
+        or not isinstance(guidance_scale, (int, float))
+        or not math.isfinite(guidance_scale)
+    ):
         raise ConfigError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     if guidance_scale == 1.0:
         return cond, False
     if uncond is None:
-        raise ConfigError(f"guidance_scale={guidance_scale} (classifier-free guidance) needs "
-                          "uncond, the unconditional input of the model; it is None")
+        raise ConfigError(
+            f"guidance_scale={guidance_scale} (classifier-free guidance) needs "
+            "uncond, the unconditional input of the model; it is None"
+        )
     if cond is None:
         raise ConfigError("uncond is given for classifier-free guidance but cond is None")
     if hasattr(cond, "pack") and hasattr(uncond, "pack"):
@@ -73,8 +81,9 @@ def check_cond(cond, uncond, guidance_scale, B: int, device: torch.device) -> tu
         cond, uncond = cond.pack(K), uncond.pack(K)
     for name, c in (("cond", cond), ("uncond", uncond)):
         if not isinstance(c, torch.Tensor):
-            raise ShapeError(f"{name} must be a tensor for classifier-free guidance, got "
-                             f"{type(c).__name__}")
+            raise ShapeError(
+                f"{name} must be a tensor for classifier-free guidance, got {type(c).__name__}"
+            )
         if c.dim() == 0:
             raise ShapeError(f"{name} must have a batch dimension, got a 0-d tensor")
         if c.device != device:
@@ -82,8 +91,10 @@ def check_cond(cond, uncond, guidance_scale, B: int, device: torch.device) -> tu
     if cond.shape[0] != B:
         raise ShapeError(f"cond has batch size {cond.shape[0]}, x_T has {B}")
     if uncond.shape[1:] != cond.shape[1:] or uncond.shape[0] not in (1, B):
-        raise ShapeError(f"uncond has shape {tuple(uncond.shape)}; expected "
-                         f"{(B,) + tuple(cond.shape[1:])} or {(1,) + tuple(cond.shape[1:])}")
+        raise ShapeError(
+            f"uncond has shape {tuple(uncond.shape)}; expected "
+            f"{(B,) + tuple(cond.shape[1:])} or {(1,) + tuple(cond.shape[1:])}"
+        )
     if uncond.dtype != cond.dtype:
         raise DTypeError(f"uncond has dtype {uncond.dtype}, cond has {cond.dtype}")
     return torch.cat([cond, uncond.expand_as(cond)]), True

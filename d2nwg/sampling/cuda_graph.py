@@ -22,35 +22,46 @@ from d2nwg.sampling.loop import Plan, run_eager, run_steps
 
 # CUDA graphs: one captured loop per (model, shapes, flags), replayed with fresh inputs copied
 # into its static buffers. Entries die with the model.
-GRAPHS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+GRAPHS: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 MAX_GRAPHS_PER_MODEL = 8
 
 
 class Captured:
     def __init__(self, plan: Plan, x: torch.Tensor, cond_in: Any) -> None:
-        self.x_T = x.clone()                                  # static inputs
-        self.x = torch.empty_like(x)                          # the state, in place
+        self.x_T = x.clone()  # static inputs
+        self.x = torch.empty_like(x)  # the state, in place
         self.cond = cond_in.clone() if isinstance(cond_in, torch.Tensor) else cond_in
         self.table = plan.table.clone()
         self.t_table = plan.t_table.clone()
-        self.step_idx = plan.step_idx.clone()                 # owned: the graph reads it
+        self.step_idx = plan.step_idx.clone()  # owned: the graph reads it
         n_noise = sum(plan.noise_steps)
         self.noise = torch.empty((n_noise,) + tuple(x.shape), dtype=x.dtype, device=x.device)
         self.prev = torch.zeros_like(x) if plan.use_prev else None
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.state: tuple = ()                                # _state_signature at capture
+        self.state: tuple = ()  # _state_signature at capture
 
     def plan_view(self, plan: Plan) -> Plan:
-        return Plan(**{**plan.__dict__, "table": self.table, "t_table": self.t_table,
-                        "step_idx": self.step_idx})
+        return Plan(
+            **{
+                **plan.__dict__,
+                "table": self.table,
+                "t_table": self.t_table,
+                "step_idx": self.step_idx,
+            }
+        )
 
     def body(self, plan: Plan) -> None:
         self.x.copy_(self.x_T)
         if self.prev is not None:
             self.prev.zero_()
         slot = {k: i for i, k in enumerate(k for k in range(plan.S) if plan.noise_steps[k])}
-        run_steps(self.plan_view(plan), self.x, self.prev, self.cond,
-              lambda k: self.noise[slot[k]] if k in slot else None)
+        run_steps(
+            self.plan_view(plan),
+            self.x,
+            self.prev,
+            self.cond,
+            lambda k: self.noise[slot[k]] if k in slot else None,
+        )
 
     def load(self, plan: Plan, x: torch.Tensor, cond_in: Any) -> None:
         self.x_T.copy_(x)
@@ -58,15 +69,28 @@ class Captured:
             self.cond.copy_(cond_in)
         self.table.copy_(plan.table)
         self.t_table.copy_(plan.t_table)
-        for i in range(self.noise.shape[0]):     # same draws, same order as the eager loop
+        for i in range(self.noise.shape[0]):  # same draws, same order as the eager loop
             self.noise[i].copy_(plan.draw())
 
 
 def _graph_key(plan: Plan, x: torch.Tensor, cond_in: Any) -> tuple:
-    cond_sig = (tuple(cond_in.shape), cond_in.dtype) if isinstance(cond_in, torch.Tensor) \
+    cond_sig = (
+        (tuple(cond_in.shape), cond_in.dtype)
+        if isinstance(cond_in, torch.Tensor)
         else ("object", id(cond_in))
-    return (tuple(plan.shape), x.dtype, x.device, plan.guided, plan.noise_steps, plan.use_prev,
-            plan.table.dtype, plan.run, cond_sig, _autocast_state())
+    )
+    return (
+        tuple(plan.shape),
+        x.dtype,
+        x.device,
+        plan.guided,
+        plan.noise_steps,
+        plan.use_prev,
+        plan.table.dtype,
+        plan.run,
+        cond_sig,
+        _autocast_state(),
+    )
 
 
 def _autocast_state() -> tuple:
@@ -92,8 +116,10 @@ def _state_signature(model: Any) -> tuple:
     capture. (A plain callable that closes over a module cannot be checked.)"""
     if not isinstance(model, torch.nn.Module):
         return ()
-    return tuple((t.data_ptr(), t.dtype, tuple(t.shape))
-                 for t in itertools.chain(model.parameters(), model.buffers()))
+    return tuple(
+        (t.data_ptr(), t.dtype, tuple(t.shape))
+        for t in itertools.chain(model.parameters(), model.buffers())
+    )
 
 
 def run_with_graph(plan: Plan, x: torch.Tensor, cond_in: Any) -> torch.Tensor:
@@ -109,7 +135,7 @@ def _run_on_device(plan: Plan, x: torch.Tensor, cond_in: Any) -> torch.Tensor:
     key = _graph_key(plan, x, cond_in)
     entry = per_model.get(key)
     if isinstance(entry, Captured) and entry.state != _state_signature(plan.model):
-        del per_model[key]   # parameters or buffers were reallocated since the capture
+        del per_model[key]  # parameters or buffers were reallocated since the capture
         entry = None
     if entry == "eager":
         return run_eager(plan, x, cond_in)
@@ -121,9 +147,11 @@ def _run_on_device(plan: Plan, x: torch.Tensor, cond_in: Any) -> torch.Tensor:
     noise_bytes = sum(plan.noise_steps) * x.numel() * x.element_size()
     free = torch.cuda.mem_get_info(x.device)[0]
     if noise_bytes > free // 4:
-        warn_at_caller(f"cuda_graph=True: the {sum(plan.noise_steps)} steps' noise "
-                       f"({noise_bytes / 2**30:.2f} GiB) would not fit beside the graph; "
-                       "running eagerly")
+        warn_at_caller(
+            f"cuda_graph=True: the {sum(plan.noise_steps)} steps' noise "
+            f"({noise_bytes / 2**30:.2f} GiB) would not fit beside the graph; "
+            "running eagerly"
+        )
         per_model[key] = "eager"
         return run_eager(plan, x, cond_in)
     cap = Captured(plan, x, cond_in)
@@ -152,12 +180,14 @@ def _run_on_device(plan: Plan, x: torch.Tensor, cond_in: Any) -> torch.Tensor:
             torch.cuda.synchronize(x.device)
         except RuntimeError:
             pass
-        warn_at_caller(f"cuda_graph=True: could not capture the sampling loop "
-                       f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                       "running eagerly")
+        warn_at_caller(
+            f"cuda_graph=True: could not capture the sampling loop "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "running eagerly"
+        )
         per_model[key] = "eager"
         return result
-    cap.graph, cap.state = graph, _state_signature(plan.model)   # as the graph reads them
+    cap.graph, cap.state = graph, _state_signature(plan.model)  # as the graph reads them
     if len(per_model) >= MAX_GRAPHS_PER_MODEL:
         per_model.pop(next(iter(per_model)))
     per_model[key] = cap

@@ -7,8 +7,9 @@ A :class:`Plan` holds everything a run needs on the sampling device (made once b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -50,8 +51,13 @@ def check_model_output(plan: Plan, out: Any) -> None:
         raise DTypeError(f"model(x_t, t, cond) returned dtype {out.dtype}")
 
 
-def run_steps(plan: Plan, x: torch.Tensor, prev: torch.Tensor | None, cond_in: Any,
-              noise: Callable[[int], torch.Tensor | None]) -> None:
+def run_steps(
+    plan: Plan,
+    x: torch.Tensor,
+    prev: torch.Tensor | None,
+    cond_in: Any,
+    noise: Callable[[int], torch.Tensor | None],
+) -> None:
     """S steps in place on x [B, N]: one model call and one fused kernel per step.
 
     Per step this does only the model call (on a cat of x with itself under guidance) and the
@@ -82,8 +88,9 @@ def run_eager(plan: Plan, x: torch.Tensor, cond_in: Any) -> torch.Tensor:
     return x
 
 
-def noise_drawer(generator, shape: tuple[int, ...], dtype: torch.dtype,
-                 device: torch.device) -> Callable[[], torch.Tensor]:
+def noise_drawer(
+    generator, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> Callable[[], torch.Tensor]:
     """One step's standard normal noise [B, ...]; with a list of generators, row i comes from
     generator i alone (so sample i does not depend on the rest of the batch)."""
     draw_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -91,13 +98,16 @@ def noise_drawer(generator, shape: tuple[int, ...], dtype: torch.dtype,
         return lambda: torch.randn(shape, dtype=draw_dtype, device=device).to(dtype)
     if isinstance(generator, torch.Generator):
         g = generator
-        return lambda: torch.randn(shape, generator=g, dtype=draw_dtype,
-                                   device=g.device).to(device, dtype)
+        return lambda: torch.randn(shape, generator=g, dtype=draw_dtype, device=g.device).to(
+            device, dtype
+        )
     gens = list(generator)
 
     def draw() -> torch.Tensor:
-        rows = [torch.randn(shape[1:], generator=g, dtype=draw_dtype, device=g.device)
-                .to(device, dtype) for g in gens]
+        rows = [
+            torch.randn(shape[1:], generator=g, dtype=draw_dtype, device=g.device).to(device, dtype)
+            for g in gens
+        ]
         return torch.stack(rows)
 
     return draw

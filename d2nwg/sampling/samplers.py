@@ -17,8 +17,8 @@ the model output (columns AX, AO, EX, EO): :data:`PREDICTIONS`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -117,8 +117,11 @@ def dpmpp_2m(a_t: torch.Tensor, a_prev: torch.Tensor, eta: float = 0.0) -> Colum
             cp[k] = -phi / (2 * r)
         h_before = h
     f64 = torch.float64
-    return {CX: torch.tensor(cx, dtype=f64), C0: torch.tensor(c0, dtype=f64),
-            CP: torch.tensor(cp, dtype=f64)}
+    return {
+        CX: torch.tensor(cx, dtype=f64),
+        C0: torch.tensor(c0, dtype=f64),
+        CP: torch.tensor(cp, dtype=f64),
+    }
 
 
 SAMPLERS = tuple(REGISTRY)

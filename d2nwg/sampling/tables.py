@@ -10,7 +10,8 @@ float64 arithmetic nor the host-to-device copies.
 from __future__ import annotations
 
 import weakref
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -19,8 +20,14 @@ from d2nwg.sampling.samplers import REGISTRY, prediction_coefficients
 from d2nwg.schedule import NoiseSchedule
 
 
-def build_table(schedule: NoiseSchedule, ts: Sequence[int], sampler: str, prediction_type: str,
-                eta: float = 0.0, guidance_scale: float = 1.0) -> torch.Tensor:
+def build_table(
+    schedule: NoiseSchedule,
+    ts: Sequence[int],
+    sampler: str,
+    prediction_type: str,
+    eta: float = 0.0,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
     """The float64 ``[S, K]`` coefficient table of the fused step (CPU)."""
     abar = schedule.alphas_cumprod.detach().to("cpu", torch.float64)
     a_t = abar[list(ts)]
@@ -48,9 +55,17 @@ _CACHE: weakref.WeakKeyDictionary[NoiseSchedule, dict[tuple, DeviceTables]] = (
 )
 
 
-def device_tables(schedule: NoiseSchedule, ts: list[int], sampler: str, prediction_type: str,
-                  eta: float, guidance_scale: float, dtype: torch.dtype, rows: int,
-                  device: torch.device) -> DeviceTables:
+def device_tables(
+    schedule: NoiseSchedule,
+    ts: list[int],
+    sampler: str,
+    prediction_type: str,
+    eta: float,
+    guidance_scale: float,
+    dtype: torch.dtype,
+    rows: int,
+    device: torch.device,
+) -> DeviceTables:
     """The tables of one run on ``device``, cached per schedule."""
     cache = _CACHE.setdefault(schedule, {})
     key = (tuple(ts), sampler, prediction_type, eta, guidance_scale, dtype, rows, device)
