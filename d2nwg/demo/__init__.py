@@ -4,6 +4,9 @@
    ascending class order). Digit 9 is *novel*: no zoo task contains it.
 2. A zoo: one head per (seen task, seed), fine-tuned on the frozen backbone's features; the
    condition of each is a support set of example features per class ``[5, shots, F]``.
+   Each head also enters the zoo in ``symmetries`` randomly rotated feature spaces (head and
+   examples rotated alike, so every logit is unchanged): the generator must then learn the
+   rule from examples to weights, not a table of the nine digits it has seen.
 3. ``D2NWG.fit`` on the zoo (under ``torchrun``, with DDP over the ranks).
 4. For every task of the three splits (seen, unseen class combinations, novel-class tasks)
    ``candidates`` heads are generated: ``generated_best`` is picked on the validation split
@@ -24,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from d2nwg.demo.digits import (Digits, accuracy, load_digits, make_tasks, random_heads,
-                               support_set, train_heads)
+from d2nwg.demo.digits import (Digits, accuracy, feature_symmetry, load_digits, make_tasks,
+                               random_heads, support_set, train_heads)
 from d2nwg.files import save_json
 from d2nwg.generator import D2NWG, D2NWGConfig
 from d2nwg.training import DistContext
@@ -41,6 +44,7 @@ class DemoSettings:
     unseen: int = 20
     novel: int = 10
     seeds: int = 3              # zoo heads per seen task
+    symmetries: int = 3         # rotated copies of each zoo head (besides the head itself)
     shots: int = 10             # support examples per class (the condition)
     head_steps: int = 100       # fine-tuning steps of a zoo head
     candidates: int = 10        # generated heads per task
@@ -51,8 +55,8 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(seen=40, unseen=10, novel=5, seeds=2, candidates=5, finetune_steps=40,
-                   finetune_tasks=5, vae_steps=150, diffusion_steps=250)
+        return cls(seen=40, unseen=10, novel=5, seeds=2, symmetries=1, candidates=5,
+                   finetune_steps=40, finetune_tasks=5, vae_steps=150, diffusion_steps=250)
 
 
 def build_zoo(data: Digits, tasks: list[tuple[int, ...]], s: DemoSettings, seed: int) -> tuple[ModelZoo, torch.Tensor]:
@@ -63,8 +67,12 @@ def build_zoo(data: Digits, tasks: list[tuple[int, ...]], s: DemoSettings, seed:
     w, b, _ = train_heads(data, zoo_tasks, w, b, s.head_steps)
     zoo = ModelZoo()
     for i, task in enumerate(zoo_tasks):
-        zoo.add({"weight": w[i], "bias": b[i]}, condition=support_set(data, task, s.shots, g),
-                meta={"task": list(task), "seed": i % s.seeds})
+        cond = support_set(data, task, s.shots, g)
+        meta = {"task": list(task), "seed": i % s.seeds}
+        zoo.add({"weight": w[i], "bias": b[i]}, condition=cond, meta=meta)
+        for k in range(s.symmetries):
+            rw, rc = feature_symmetry(w[i], cond, g)
+            zoo.add({"weight": rw, "bias": b[i]}, condition=rc, meta={**meta, "rotation": k + 1})
     return zoo, accuracy(w, b, data, zoo_tasks, "test")
 
 
@@ -130,8 +138,10 @@ def run(out: str, quick: bool = False, device: str = "auto", seed: int = 0,
     zoo, zoo_acc = build_zoo(data, tasks.seen, s, seed)
     seconds["data_and_zoo"] = time.perf_counter() - t0
 
-    cfg = D2NWGConfig(condition="dataset", vae_steps=s.vae_steps, diffusion_steps=s.diffusion_steps,
-                      guidance_scale=2.0, device=device, seed=seed,
+    # A head row is one 64-value token; rotated rows span all 64 directions, so the VAE keeps
+    # a 64-wide latent (no compression) instead of the default C / 4.
+    cfg = D2NWGConfig(condition="dataset", latent_dim=data.feature_dim, vae_steps=s.vae_steps,
+                      diffusion_steps=s.diffusion_steps, device=device, seed=seed,
                       checkpoint_every=max(s.diffusion_steps, s.vae_steps))
     gen = D2NWG(cfg).fit(zoo, out=os.path.join(out, "train"), progress=progress)
     seconds["fit_vae"] = gen.history["vae_seconds"]
@@ -142,7 +152,7 @@ def run(out: str, quick: bool = False, device: str = "auto", seed: int = 0,
     gen.save(os.path.join(out, "generator"))
 
     t1 = time.perf_counter()
-    seen_heads = zoo_heads_of(zoo, s.seeds)
+    seen_heads = zoo_heads_of(zoo)
     splits = {"seen": tasks.seen[:max(s.unseen, 10)], "unseen": tasks.unseen, "novel": tasks.novel}
     per_split = {}
     for name, task_list in splits.items():
@@ -164,7 +174,8 @@ def run(out: str, quick: bool = False, device: str = "auto", seed: int = 0,
         "tasks": {k: [list(t) for t in v] for k, v in splits.items()},
         "accuracy": {k: {m: float(v[m].mean()) for m in METHODS} for k, v in per_split.items()},
         "per_task_accuracy": {k: {m: v[m].tolist() for m in METHODS} for k, v in per_split.items()},
-        "zoo": {"models": len(zoo), "mean_test_accuracy": float(zoo_acc.mean())},
+        "zoo": {"models": len(zoo), "trained_heads": int(zoo_acc.numel()),
+                "mean_test_accuracy": float(zoo_acc.mean())},
         "finetune": ft,
         "generator": {"config": gen.config.to_dict(), "parameters": _count(gen)},
         "seconds": seconds,
@@ -182,9 +193,9 @@ def run(out: str, quick: bool = False, device: str = "auto", seed: int = 0,
     return results
 
 
-def zoo_heads_of(zoo: ModelZoo, seeds: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The seed-0 zoo head of every seen task, in task order."""
-    items = [zoo[i] for i in range(0, len(zoo), seeds)]
+def zoo_heads_of(zoo: ModelZoo) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seed-0 (unrotated) zoo head of every seen task, in task order."""
+    items = [it for it in zoo if it.meta["seed"] == 0 and "rotation" not in it.meta]
     return _heads([it.state_dict for it in items])
 
 

@@ -171,3 +171,18 @@ def train_heads(data: Digits, tasks: list[tuple[int, ...]], weight: torch.Tensor
         if record:
             curve.append(accuracy(weight.detach(), bias.detach(), data, tasks, "test"))
     return weight.detach(), bias.detach(), curve
+
+
+def feature_symmetry(weight: torch.Tensor, condition: torch.Tensor, generator: torch.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same task seen in a randomly rotated feature space: features ``x -> Q^T x`` and
+    head ``W -> W Q`` for a random orthogonal Q, so ``W x`` (every logit) is unchanged.
+
+    Zoo copies under this symmetry teach the generator the rule from a class's examples to its
+    row of the head instead of a lookup of the nine digits it has seen, which is what lets it
+    write a row for a digit that no zoo task contains.
+    """
+    F = weight.shape[-1]
+    q, r = torch.linalg.qr(torch.randn(F, F, generator=generator))
+    q = q * torch.sign(torch.diagonal(r))          # Haar-distributed (Mezzadri 2007)
+    return weight @ q, condition @ q

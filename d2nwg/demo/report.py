@@ -42,9 +42,10 @@ def plots(results: dict, log: list[dict], out: str) -> list[str]:
         ax.bar(xs, [acc[s][m] for s in acc], width, label=m)
     ax.set_xticks(range(len(acc)), list(acc))
     ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.25)
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_title("5-way digit tasks: generated heads vs zoo vs random")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", ncol=4, frameon=False)
     written.append(_save(fig, out, "accuracy.png"))
 
     ft = results["finetune"]
