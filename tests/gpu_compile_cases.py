@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -33,6 +34,7 @@ import tempfile
 import time
 import traceback
 
+SS_OPS = "d2nwg.ops.sampler_step_op"
 ARCHS = (80, 90)
 # Largest dynamic shared memory a block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}
@@ -65,7 +67,7 @@ def cases() -> list[dict]:
 
     # (d2nwg.ops re-exports functions of these names: import the modules themselves.)
     la_ops = importlib.import_module("d2nwg.ops.latent_attention_op")
-    ss_ops = importlib.import_module("d2nwg.ops.sampler_step_op")
+    ss_ops = importlib.import_module(SS_OPS)
     tk_ops = importlib.import_module("d2nwg.ops.tokenize_op")
 
     out: list[dict] = []
@@ -251,8 +253,8 @@ def _tokenize_job(c: dict):
             dst_ptr=Ptr("i64"),
             numel_ptr=Ptr("i64"),
             span_ptr=Ptr("i64"),
-            mean_ptr=Ptr("fp64"),
-            rstd_ptr=Ptr("fp64"),
+            shift_ptr=Ptr("fp64"),
+            rscale_ptr=Ptr("fp64"),
         )
         consts = dict(SRC=w, **common)
     else:
@@ -264,8 +266,8 @@ def _tokenize_job(c: dict):
             first_block_ptr=Ptr("i32"),
             src_ptr=Ptr("i64"),
             numel_ptr=Ptr("i64"),
-            std_ptr=Ptr("fp64"),
-            mean_ptr=Ptr("fp64"),
+            scale_ptr=Ptr("fp64"),
+            shift_ptr=Ptr("fp64"),
         )
         consts = dict(DST=w, **common)
     return fn, args, consts, dict(num_warps=tk.NUM_WARPS, enable_fp_fusion=False)
@@ -433,6 +435,8 @@ def _sampler_job(c: dict):
         ACC=tl.float64 if x == "fp64" else tl.float32,
         BLOCK_B=block_b,
         BLOCK_N=block_n,
+        # the coefficient columns, as the launcher passes them
+        **{f"COL_{n}": j for j, n in enumerate(importlib.import_module(SS_OPS).COLUMNS)},
     )
     return ss._sampler_step_kernel, args, consts, dict(num_warps=ss.NUM_WARPS)
 
