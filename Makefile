@@ -27,16 +27,10 @@ demo: build
 test: build
 	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
-# ruff (rules in pyproject.toml): lint, and the formatting check. TEMPORARY: files being edited
-# in another branch of work are left out until they are formatted (then empty this list).
-LINT_EXCLUDE ?= d2nwg/generator.py,d2nwg/training.py,d2nwg/demo,d2nwg/cli.py,d2nwg/zoo.py
-LINT_EXCLUDE += tests/test_generator.py tests/test_zoo.py bench/suite_generator.py
-LINT_EXCLUDE += bench/bench_generator.py
-comma := ,
-space := $(subst ,, )
+# ruff (rules in pyproject.toml): lint, and the formatting check.
 lint: $(VENV)/.deps
-	$(VENV)/bin/ruff check --extend-exclude "$(subst $(space),$(comma),$(LINT_EXCLUDE))" .
-	$(VENV)/bin/ruff format --check --extend-exclude "$(subst $(space),$(comma),$(LINT_EXCLUDE))" .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: build
 	$(PY) -m pytest -q bench --benchmark-columns=median,iqr,ops

@@ -23,7 +23,7 @@ from d2nwg.generator import D2NWG, D2NWGConfig  # noqa: E402
 @pytest.fixture(scope="module")
 def digit_generator() -> D2NWG:
     zoo = make_zoo(CASES["digit heads (325 weights)"]["shapes"], 32, 5, 64)
-    cfg = D2NWGConfig(vae_steps=20, diffusion_steps=20, guidance_scale=2.0, prediction_type="sample")
+    cfg = D2NWGConfig(vae_steps=20, diffusion_steps=20)
     return D2NWG(cfg).fit(zoo, progress=False)
 
 
@@ -43,4 +43,7 @@ if __name__ == "__main__":
     for r in rows:
         base = f"{r['baseline_ms']:9.1f}" if "baseline_ms" in r else " " * 9
         ratio = f"{r['ratio']:6.2f}" if "ratio" in r else " " * 6
-        print(f"{r['op']:9s} {r['case']:45s} {r['ms']:9.1f} {base} {ratio}  {r['check']}; {r['target']}")
+        print(
+            f"{r['op']:9s} {r['case']:45s} {r['ms']:9.1f} {base} {ratio}  "
+            f"{r['check']}; {r['target']}"
+        )

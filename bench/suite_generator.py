@@ -20,8 +20,9 @@ from d2nwg.timing import median_ms
 from d2nwg.zoo import ModelZoo
 
 
-def make_zoo(shapes: dict[str, tuple[int, ...]], models: int, classes: int, features: int,
-             seed: int = 0) -> ModelZoo:
+def make_zoo(
+    shapes: dict[str, tuple[int, ...]], models: int, classes: int, features: int, seed: int = 0
+) -> ModelZoo:
     g = torch.Generator().manual_seed(seed)
     zoo = ModelZoo()
     for _ in range(models):
@@ -32,13 +33,22 @@ def make_zoo(shapes: dict[str, tuple[int, ...]], models: int, classes: int, feat
 
 CASES = {
     "digit heads (325 weights)": dict(shapes={"weight": (5, 64), "bias": (5,)}, features=64),
-    "MLP (1.05M weights)": dict(shapes={"fc1.weight": (1024, 512), "fc1.bias": (1024,),
-                                        "fc2.weight": (512, 1024), "fc2.bias": (512,)}, features=64),
+    "MLP (1.05M weights)": dict(
+        shapes={
+            "fc1.weight": (1024, 512),
+            "fc1.bias": (1024,),
+            "fc2.weight": (512, 1024),
+            "fc2.bias": (512,),
+        },
+        features=64,
+    ),
 }
 
 
 @torch.no_grad()
-def plain_generate(gen: D2NWG, condition: torch.Tensor, num_samples: int, seed: int = 0) -> list[dict]:
+def plain_generate(
+    gen: D2NWG, condition: torch.Tensor, num_samples: int, seed: int = 0
+) -> list[dict]:
     """The same pipeline in plain PyTorch (the baseline of the ratio)."""
     c, tok, den = gen.config, gen.tokenizer, gen.model.denoiser
     device = next(den.parameters()).device
@@ -92,35 +102,59 @@ def _plain_detokenize(tok, tokens: torch.Tensor) -> dict:
     plan = tok.plan
     out = {}
     for spec, off, shift, scale in zip(tok.layers, plan.offset, plan.shift, plan.scale):
-        vals = flat[off:off + spec.numel] * scale + shift
+        vals = flat[off : off + spec.numel] * scale + shift
         out[spec.name] = vals.reshape(spec.shape).to(spec.torch_dtype)
     return out
 
 
-def run(device: str = "cuda", tiny: bool = False, steps: int | None = None) -> list[dict]:
+def run(
+    device: str | torch.device = "cuda", tiny: bool = False, steps: int | None = None
+) -> list[dict]:
     rows = []
+    device = str(device)
     steps = steps or (30 if tiny else 200)
     for name, case in CASES.items():
         if tiny and "MLP" in name:
             continue
-        zoo = make_zoo(case["shapes"], models=16 if tiny else 64, classes=5, features=case["features"])
-        cfg = D2NWGConfig(vae_steps=steps, diffusion_steps=steps, log_every=max(1, steps // 4),
-                          device=device, guidance_scale=2.0, prediction_type="sample")
+        zoo = make_zoo(
+            case["shapes"], models=16 if tiny else 64, classes=5, features=case["features"]
+        )
+        cfg = D2NWGConfig(
+            vae_steps=steps, diffusion_steps=steps, log_every=max(1, steps // 4), device=device
+        )
         gen = D2NWG(cfg).fit(zoo, progress=False)
         for stage, rate in gen.history["steps_per_s"].items():
-            rows.append(dict(op="fit", case=f"{name}: {stage} stage", backend="d2nwg", check="pass",
-                             ms=1e3 / rate, target="steps/s = 1000 / ms"))
+            rows.append(
+                dict(
+                    op="fit",
+                    case=f"{name}: {stage} stage",
+                    backend="d2nwg",
+                    check="pass",
+                    ms=1e3 / rate,
+                    target="steps/s = 1000 / ms",
+                )
+            )
         cond = zoo[0].condition
-        for k in ((4,) if tiny else (16, 256)):
-            ms = median_ms(lambda: gen.generate(cond, num_samples=k), device, repeat=3 if tiny else 5)
+        for k in (4,) if tiny else (16, 256):
+            ms = median_ms(
+                lambda: gen.generate(cond, num_samples=k), device, repeat=3 if tiny else 5
+            )
             base = median_ms(lambda: plain_generate(gen, cond, k), device, repeat=3 if tiny else 5)
             fused = gen.generate(cond, num_samples=1, seed=0)[0]
             plain = plain_generate(gen, cond, 1, seed=0)[0]
             err = max(float((fused[n] - plain[n]).abs().max()) for n in fused)
-            rows.append(dict(
-                op="generate", case=f"{name}: {k} candidates", backend="d2nwg",
-                check="pass" if err < 1e-3 else f"FAIL: differs from plain by {err:.2e}",
-                ms=ms, baseline="plain PyTorch pipeline", baseline_ms=base, ratio=base / ms,
-                target=f"{k * 1e3 / ms:.0f} candidates/s, "
-                       f"{k * gen.tokenizer.num_params * 1e3 / ms / 1e6:.1f}M weights/s"))
+            rows.append(
+                dict(
+                    op="generate",
+                    case=f"{name}: {k} candidates",
+                    backend="d2nwg",
+                    check="pass" if err < 1e-3 else f"FAIL: differs from plain by {err:.2e}",
+                    ms=ms,
+                    baseline="plain PyTorch pipeline",
+                    baseline_ms=base,
+                    ratio=base / ms,
+                    target=f"{k * 1e3 / ms:.0f} candidates/s, "
+                    f"{k * gen.tokenizer.num_params * 1e3 / ms / 1e6:.1f}M weights/s",
+                )
+            )
     return rows

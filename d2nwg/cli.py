@@ -12,45 +12,7 @@ import torch
 
 import d2nwg
 from d2nwg import _ext
-from d2nwg.backends import ENV_VAR
-
-
-def backend_reasons(device: torch.device) -> dict[str, str | None]:
-    """Why each backend can (None) or cannot run on ``device``, for any op that has it."""
-    from d2nwg.backends import triton_reason
-
-    probe = torch.empty(1, device=device)
-    reasons: dict[str, str | None] = {"torch": None}
-    reasons["cpp"] = _ext.cpp_reason() if device.type == "cpu" else "runs on CPU tensors"
-    reasons["cuda"] = (_ext.cuda_reason(device.index) if device.type == "cuda"
-                       else _ext.cuda_reason() or "runs on CUDA tensors")
-    reasons["triton"] = triton_reason([probe])
-    try:
-        import xformers  # noqa: F401
-
-        reasons["xformers"] = None if device.type == "cuda" else "runs on CUDA tensors"
-    except ImportError:
-        reasons["xformers"] = "xformers is not installed (pip install d2nwg[xformers])"
-    return reasons
-
-
-def op_backends() -> dict[str, list[str]]:
-    """Each public op and the backends it implements, in order of preference."""
-    import importlib
-
-    table = {}
-    for module, attrs in {"d2nwg.ops.tokenize": ["TOKENIZE_BACKENDS", "DETOKENIZE_BACKENDS"],
-                          "d2nwg.ops.sampler_step": ["SAMPLER_STEP_BACKENDS"],
-                          "d2nwg.ops.latent_attention": ["LATENT_ATTENTION_BACKENDS"]}.items():
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        for attr in attrs:
-            if hasattr(mod, attr):
-                name = attr.removesuffix("_BACKENDS").lower()
-                table[name] = [b.name for b in getattr(mod, attr)]
-    return table
+from d2nwg.backends import ENV_VAR, device_reasons
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -61,14 +23,18 @@ def cmd_info(args: argparse.Namespace) -> int:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    print(f"d2nwg {d2nwg.__version__}  (python {platform.python_version()}, "
-          f"torch {torch.__version__}, triton {triton_version})")
+    print(
+        f"d2nwg {d2nwg.__version__}  (python {platform.python_version()}, "
+        f"torch {torch.__version__}, triton {triton_version})"
+    )
     print(f"extension d2nwg._C: {'built' if _ext.IMPORT_ERROR is None else _ext.IMPORT_ERROR}")
     if _ext.IMPORT_ERROR is None:
         archs = ";".join(info["cuda_archs"]) or "-"
-        print(f"  CUDA ops: {'yes' if info['with_cuda'] else 'no'}; CUDA archs compiled in: "
-              f"{archs} (GPU code in the binary: {', '.join(_ext.machine_code_archs()) or '-'}); "
-              f"built against torch {info['torch']}")
+        print(
+            f"  CUDA ops: {'yes' if info['with_cuda'] else 'no'}; CUDA archs compiled in: "
+            f"{archs} (GPU code in the binary: {', '.join(_ext.machine_code_archs()) or '-'}); "
+            f"built against torch {info['torch']}"
+        )
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.append(torch.device("cuda", torch.cuda.current_device()))
@@ -80,12 +46,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{ENV_VAR}: {forced or 'unset (automatic choice)'}")
     for device in devices:
         print(f"backends for {device.type} tensors:")
-        for name, why in backend_reasons(device).items():
+        for name, why in device_reasons(device).items():
             print(f"  {name:9s} {'available' if why is None else 'unavailable: ' + why}")
     print(_generator_info())
     print("ops (backends in order of preference):")
-    for op, names in op_backends().items():
-        print(f"  {op:18s} {', '.join(names)}")
+    for op, backends in d2nwg.ops.BACKENDS.items():
+        print(f"  {op:18s} {', '.join(b.name for b in backends)}")
     return 0
 
 
@@ -103,20 +69,35 @@ def _generator_info() -> str:
         except md.PackageNotFoundError:
             return "missing (pip install d2nwg[demo])"
 
-    backends = [b for b, ok in (("gloo", dist.is_available() and dist.is_gloo_available()),
-                                ("nccl", dist.is_available() and dist.is_nccl_available())) if ok]
-    return "\n".join([
-        f"generator: d2nwg.D2NWG, conditions {', '.join(CONDITIONS)}; samplers "
-        f"{', '.join(d2nwg.SAMPLERS)}; prediction types {', '.join(d2nwg.PREDICTION_TYPES)}",
-        f"distributed training (torchrun): {', '.join(backends) or 'torch.distributed unavailable'}",
-        f"demo: scikit-learn {version('scikit-learn')}, matplotlib {version('matplotlib')}",
-    ])
+    backends = [
+        b
+        for b, ok in (
+            ("gloo", dist.is_available() and dist.is_gloo_available()),
+            ("nccl", dist.is_available() and dist.is_nccl_available()),
+        )
+        if ok
+    ]
+    return "\n".join(
+        [
+            f"generator: d2nwg.D2NWG, conditions {', '.join(CONDITIONS)}; samplers "
+            f"{', '.join(d2nwg.SAMPLERS)}; prediction types {', '.join(d2nwg.PREDICTION_TYPES)}",
+            "distributed training (torchrun): "
+            + (", ".join(backends) or "torch.distributed unavailable"),
+            f"demo: scikit-learn {version('scikit-learn')}, matplotlib {version('matplotlib')}",
+        ]
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from d2nwg.demo import run
 
-    run(args.out, quick=args.quick, device=args.device, seed=args.seed, progress=not args.no_progress)
+    run(
+        args.out,
+        quick=args.quick,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
     return 0
 
 
@@ -148,17 +129,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.condition:
         _, tensors = read_safetensors(args.condition)
         if "condition" not in tensors:
-            raise d2nwg.FileFormatError(f"{args.condition}: no tensor named 'condition' "
-                                        f"(found {sorted(tensors)[:8]})")
+            raise d2nwg.FileFormatError(
+                f"{args.condition}: no tensor named 'condition' (found {sorted(tensors)[:8]})"
+            )
         condition = tensors["condition"]
-    sampling = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps),
-                                  ("guidance_scale", args.guidance_scale)) if v is not None}
+    sampling = {
+        k: v
+        for k, v in (
+            ("sampler", args.sampler),
+            ("steps", args.steps),
+            ("guidance_scale", args.guidance_scale),
+        )
+        if v is not None
+    }
     sds = gen.generate(condition, num_samples=args.num, seed=args.seed, **sampling)
     for i, sd in enumerate(sds):
         unique = {k: v.contiguous() for k, v in sd.items()}
         path = os.path.join(args.out, f"sample_{i:05d}.safetensors")
-        save_safetensors(_untied(unique), path, {"format": "d2nwg.sample/1", "seed": str(args.seed),
-                                                 "index": str(i)})
+        save_safetensors(
+            _untied(unique),
+            path,
+            {"format": "d2nwg.sample/1", "seed": str(args.seed), "index": str(i)},
+        )
     print(f"wrote {len(sds)} samples to {args.out}")
     return 0
 
@@ -199,7 +191,9 @@ def _device(text: str) -> str:
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N, auto)") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a device (cpu, cuda, cuda:N, auto)"
+        ) from None
     if device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"{text!r}: d2nwg runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -211,11 +205,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     bench = os.path.join(here, "bench")
     if not os.path.isdir(bench):
-        print("d2nwg bench runs from a source checkout (the bench/ folder is not installed)",
-              file=sys.stderr)
+        print(
+            "d2nwg bench runs from a source checkout (the bench/ folder is not installed)",
+            file=sys.stderr,
+        )
         return 2
-    cmd = [sys.executable, os.path.join(bench, "gpu_suite.py")] if args.suite else \
-        [sys.executable, "-m", "pytest", "-q", bench, "--benchmark-columns=median,iqr,ops"]
+    cmd = (
+        [sys.executable, os.path.join(bench, "gpu_suite.py")]
+        if args.suite
+        else [sys.executable, "-m", "pytest", "-q", bench, "--benchmark-columns=median,iqr,ops"]
+    )
     return subprocess.call(cmd + args.rest)
 
 
@@ -227,10 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="version, backends available and why not, CUDA archs")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("demo", help="train a generator of digit-task heads and evaluate it",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="example:\n  d2nwg demo --quick --out demo_out\n"
-                              "  torchrun --standalone --nproc_per_node=2 -m d2nwg demo --quick")
+    p = sub.add_parser(
+        "demo",
+        help="train a generator of digit-task heads and evaluate it",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  d2nwg demo --quick --out demo_out\n"
+        "  torchrun --standalone --nproc_per_node=2 -m d2nwg demo --quick",
+    )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--quick", action="store_true", help="a smaller run (under a minute on CPU)")
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
@@ -238,23 +240,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("train", help="train a generator on a zoo directory",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="example:\n  d2nwg train --zoo my_zoo --config gen.json --out run\n"
-                              "  (the generator lands in run/generator, checkpoints in run/checkpoints)")
+    p = sub.add_parser(
+        "train",
+        help="train a generator on a zoo directory",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  d2nwg train --zoo my_zoo --config gen.json --out run\n"
+        "  (the generator lands in run/generator, checkpoints in run/checkpoints)",
+    )
     p.add_argument("--zoo", required=True, help="a directory written by ModelZoo.save")
     p.add_argument("--config", help="a JSON file of D2NWGConfig fields (default: all defaults)")
     p.add_argument("--out", required=True)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="sample weights from a trained generator",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="example:\n  d2nwg generate --generator run/generator "
-                              "--condition task.safetensors --num 8 --seed 0 --out samples\n"
-                              "  (the condition file holds one tensor named 'condition'; "
-                              "omit it for an unconditional generator)")
+    p = sub.add_parser(
+        "generate",
+        help="sample weights from a trained generator",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  d2nwg generate --generator run/generator "
+        "--condition task.safetensors --num 8 --seed 0 --out samples\n"
+        "  (the condition file holds one tensor named 'condition'; "
+        "omit it for an unconditional generator)",
+    )
     p.add_argument("--generator", required=True, help="a directory written by D2NWG.save")
     p.add_argument("--condition", help="a safetensors file with a tensor named 'condition'")
     p.add_argument("--num", type=_positive_int, default=1)

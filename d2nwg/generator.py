@@ -18,17 +18,29 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from d2nwg.errors import ConfigError, FileFormatError, ShapeError, shape_of
 from d2nwg.files import read_json, save_json
-from d2nwg.nn import (ChunkVAE, ChunkVAEConfig, Condition, DatasetEncoder, DatasetEncoderConfig,
-                      LatentDenoiser, LatentDenoiserConfig, TextConditioner,
-                      TextConditionerConfig, drop_condition, load_module, save_module)
+from d2nwg.nn import (
+    ChunkVAE,
+    ChunkVAEConfig,
+    Condition,
+    DatasetEncoder,
+    DatasetEncoderConfig,
+    LatentDenoiser,
+    LatentDenoiserConfig,
+    TextConditioner,
+    TextConditionerConfig,
+    drop_condition,
+    load_module,
+    save_module,
+)
 from d2nwg.nn.denoiser import diffusion_loss
 from d2nwg.nn.io import JSONConfig
 from d2nwg.sampling import SAMPLERS, sample
@@ -48,82 +60,110 @@ class D2NWGConfig(JSONConfig):
     """Everything that defines a generator. Fields left at 0 are derived from the zoo by
     :meth:`resolve` (the resolved config is what :meth:`D2NWG.save` stores)."""
 
-    condition: str = "dataset"       # "dataset" [classes, shots, F] | "text" [L, E] | "none"
+    condition: str = "dataset"  # "dataset" [classes, shots, F] | "text" [L, E] | "none"
     # tokenizer
-    chunk_size: int = 0              # C (0: ~64 tokens per model, within [64, 4096])
+    chunk_size: int = 0  # C (0: ~64 tokens per model, within [64, 4096])
     granularity: str = "layer"
-    include: list | None = None      # glob patterns of the tensors to generate
+    include: list | None = None  # glob patterns of the tensors to generate
     exclude: list | None = None
     # stage 1: ChunkVAE
-    latent_dim: int = 0              # d (0: C / 4 within [4, 64])
-    vae_hidden_dim: int = 0          # 0: ChunkVAEConfig's rule
+    latent_dim: int = 0  # d (0: C / 4 within [4, 64])
+    vae_hidden_dim: int = 0  # 0: ChunkVAEConfig's rule
     vae_blocks: int = 2
     kl_weight: float = 1e-4
-    vae_steps: int = 0               # 0: 1000
-    vae_batch: int = 512             # chunks per step
+    vae_steps: int = 0  # 0: 1000
+    vae_batch: int = 512  # chunks per step
     vae_lr: float = 1e-3
     # stage 2: denoiser and condition encoder
-    hidden_dim: int = 0              # 0: 128 up to 64 tokens, else 256
-    depth: int = 0                   # 0: 4 up to 64 tokens, else 6
+    hidden_dim: int = 0  # 0: 128 up to 64 tokens, else 256
+    depth: int = 0  # 0: 4 up to 64 tokens, else 6
     num_heads: int = 4
-    cond_dim: int = 0                # condition width (0: 64)
-    cond_features: int = 0           # F of the raw condition (0: from the zoo)
-    prediction_type: str = "v"      # v converged fastest in the demo (epsilon needs more steps)
-    schedule: str = "linear"         # "linear" | "cosine"
+    cond_dim: int = 0  # condition width (0: 64)
+    cond_features: int = 0  # F of the raw condition (0: from the zoo)
+    prediction_type: str = "v"  # v converged fastest in the demo (epsilon needs more steps)
+    schedule: str = "linear"  # "linear" | "cosine"
     timesteps: int = 1000
-    diffusion_steps: int = 0         # 0: 2000
-    batch_size: int = 64             # models per step (per process)
+    diffusion_steps: int = 0  # 0: 2000
+    batch_size: int = 64  # models per step (per process)
     lr: float = 1e-3
     weight_decay: float = 0.0
-    warmup: float = 0.05             # fraction of each stage's steps
+    warmup: float = 0.05  # fraction of each stage's steps
     grad_clip: float = 1.0
-    ema_decay: float = 0.0           # 0: min(0.999, 1 - 10 / diffusion_steps)
-    cond_drop: float = 0.1           # condition dropout (classifier-free guidance)
+    ema_decay: float = 0.0  # 0: min(0.999, 1 - 10 / diffusion_steps)
+    cond_drop: float = 0.1  # condition dropout (classifier-free guidance)
     # bookkeeping
     checkpoint_every: int = 500
     log_every: int = 25
     seed: int = 0
-    device: str = "auto"             # "auto" | "cpu" | "cuda" | "cuda:N"
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     # sampling defaults (what the demo shows to work best)
     sampler: str = "dpmpp_2m"
     sample_steps: int = 25
     guidance_scale: float = 2.0
 
     def __post_init__(self) -> None:
-        choices = {"condition": CONDITIONS, "granularity": ("layer", "model"),
-                   "prediction_type": PREDICTION_TYPES, "schedule": ("linear", "cosine"),
-                   "sampler": SAMPLERS}
+        choices = {
+            "condition": CONDITIONS,
+            "granularity": ("layer", "model"),
+            "prediction_type": PREDICTION_TYPES,
+            "schedule": ("linear", "cosine"),
+            "sampler": SAMPLERS,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"D2NWGConfig.{name}={getattr(self, name)!r}; choose from {allowed}")
+                raise ConfigError(
+                    f"D2NWGConfig.{name}={getattr(self, name)!r}; choose from {allowed}"
+                )
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.type in ("int", "float") and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                                 or (f.type == "int" and not isinstance(v, int))):
+            if f.type in ("int", "float") and (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or (f.type == "int" and not isinstance(v, int))
+            ):
                 raise ConfigError(f"D2NWGConfig.{f.name} must be {f.type}, got {v!r}")
             if f.type in ("int", "float") and not (math.isfinite(v) and v >= 0):
                 raise ConfigError(f"D2NWGConfig.{f.name} must be finite and >= 0, got {v!r}")
-            if f.type == "list | None" and v is not None and not (
-                    isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v)):
-                raise ConfigError(f"D2NWGConfig.{f.name} must be a list of glob patterns, got {v!r}")
-        for name in ("vae_blocks", "num_heads", "batch_size", "vae_batch", "timesteps",
-                     "checkpoint_every", "log_every", "sample_steps"):
+            if (
+                f.type == "list | None"
+                and v is not None
+                and not (isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v))
+            ):
+                raise ConfigError(
+                    f"D2NWGConfig.{f.name} must be a list of glob patterns, got {v!r}"
+                )
+        for name in (
+            "vae_blocks",
+            "num_heads",
+            "batch_size",
+            "vae_batch",
+            "timesteps",
+            "checkpoint_every",
+            "log_every",
+            "sample_steps",
+        ):
             if getattr(self, name) < 1 and name != "vae_blocks":
                 raise ConfigError(f"D2NWGConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup", "cond_drop"):
             if not getattr(self, name) <= 1:
-                raise ConfigError(f"D2NWGConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(
+                    f"D2NWGConfig.{name} must lie in [0, 1], got {getattr(self, name)}"
+                )
         if self.ema_decay >= 1:
             raise ConfigError(f"D2NWGConfig.ema_decay must be < 1, got {self.ema_decay}")
         if not 1 <= self.sample_steps <= self.timesteps:
-            raise ConfigError(f"D2NWGConfig.sample_steps={self.sample_steps} is not in "
-                              f"[1, timesteps={self.timesteps}]")
+            raise ConfigError(
+                f"D2NWGConfig.sample_steps={self.sample_steps} is not in "
+                f"[1, timesteps={self.timesteps}]"
+            )
 
-    def resolve(self, num_params: int, cond_features: int) -> "D2NWGConfig":
+    def resolve(self, num_params: int, cond_features: int) -> D2NWGConfig:
         """This config with every field left at 0 derived from the zoo's size."""
         c = dataclasses.replace(self)
         if c.chunk_size == 0:
-            c.chunk_size = min(4096, max(64, 1 << max(0, math.ceil(math.log2(max(1, num_params) / 64)))))
+            c.chunk_size = min(
+                4096, max(64, 1 << max(0, math.ceil(math.log2(max(1, num_params) / 64))))
+            )
         tokens = math.ceil(num_params / c.chunk_size)
         c.latent_dim = c.latent_dim or min(64, max(4, c.chunk_size // 4))
         c.hidden_dim = c.hidden_dim or (128 if tokens <= 64 else 256)
@@ -141,8 +181,9 @@ class D2NWGConfig(JSONConfig):
         # Ho et al.'s betas are for T = 1000; scale them so that alpha_bar_T ~ 0 for any T
         # (as improved-diffusion does), else short schedules end far from pure noise.
         scale = 1000 / self.timesteps
-        return NoiseSchedule.linear(self.timesteps, beta_start=min(0.5, 1e-4 * scale),
-                                    beta_end=min(0.999, 2e-2 * scale))
+        return NoiseSchedule.linear(
+            self.timesteps, beta_start=min(0.5, 1e-4 * scale), beta_end=min(0.999, 2e-2 * scale)
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -156,21 +197,27 @@ class RawConditions:
     x: torch.Tensor
     mask: torch.Tensor
 
-    def __getitem__(self, index: torch.Tensor) -> "RawConditions":
+    def __getitem__(self, index: torch.Tensor) -> RawConditions:
         return RawConditions(self.x[index], self.mask[index])
 
-    def to(self, device: torch.device) -> "RawConditions":
+    def to(self, device: torch.device) -> RawConditions:
         return RawConditions(self.x.to(device), self.mask.to(device))
 
     @classmethod
-    def stack(cls, conditions: Sequence[torch.Tensor], rank: int, features: int) -> "RawConditions":
+    def stack(cls, conditions: Sequence[torch.Tensor], rank: int, features: int) -> RawConditions:
         """Pad conditions of rank ``rank`` (varying leading sizes) into one masked batch."""
         for i, c in enumerate(conditions):
-            if not isinstance(c, torch.Tensor) or c.dim() != rank or c.shape[-1] != features \
-                    or not c.is_floating_point():
+            if (
+                not isinstance(c, torch.Tensor)
+                or c.dim() != rank
+                or c.shape[-1] != features
+                or not c.is_floating_point()
+            ):
                 want = "[classes, shots, F]" if rank == 3 else "[L, E]"
-                raise ShapeError(f"condition {i} must be a floating tensor {want} with "
-                                 f"F = {features}, got {shape_of(c)}")
+                raise ShapeError(
+                    f"condition {i} must be a floating tensor {want} with "
+                    f"F = {features}, got {shape_of(c)}"
+                )
         lead = [max(c.shape[d] for c in conditions) for d in range(rank - 1)]
         x = conditions[0].new_zeros(len(conditions), *lead, features, dtype=torch.float32)
         mask = torch.zeros(len(conditions), *lead, dtype=torch.bool)
@@ -195,15 +242,29 @@ class ConditionalDenoiser(nn.Module):
             return None
         return self.encoder(raw.x, raw.mask)
 
-    def forward(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                raw: RawConditions | None, schedule: NoiseSchedule, cond_drop: float,
-                generator: torch.Generator) -> torch.Tensor:
+    def forward(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        raw: RawConditions | None,
+        schedule: NoiseSchedule,
+        cond_drop: float,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
         """The training loss of one batch (everything that needs a gradient, for DDP)."""
         cond = self.encode(raw)
         if cond is not None:
             cond = drop_condition(cond, cond_drop, generator, self.denoiser.null)
-        return diffusion_loss(self.denoiser, x0, schedule, t, noise, cond,
-                              prediction_type=self.denoiser.config.prediction_type)
+        return diffusion_loss(
+            self.denoiser,
+            x0,
+            schedule,
+            t,
+            noise,
+            cond,
+            prediction_type=self.denoiser.config.prediction_type,
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -225,7 +286,7 @@ class D2NWG:
         self.vae: ChunkVAE | None = None
         self.model: ConditionalDenoiser | None = None
         self.latent_scale = 1.0
-        self.cond_rank = 0        # 3 for dataset conditions, 2 for text, 0 for none
+        self.cond_rank = 0  # 3 for dataset conditions, 2 for text, 0 for none
         self.history: dict[str, float] = {}
 
     # ---- set-up ---------------------------------------------------------------------------
@@ -250,30 +311,59 @@ class D2NWG:
     def _build(self) -> None:
         """The networks of a resolved config (deterministic given ``config.seed``)."""
         c, tok = self.config, self.tokenizer
-        self.vae = ChunkVAE(ChunkVAEConfig(chunk_size=c.chunk_size, latent_dim=c.latent_dim,
-                                           hidden_dim=c.vae_hidden_dim, num_blocks=c.vae_blocks,
-                                           kl_weight=c.kl_weight), seed=c.seed)
+        self.vae = ChunkVAE(
+            ChunkVAEConfig(
+                chunk_size=c.chunk_size,
+                latent_dim=c.latent_dim,
+                hidden_dim=c.vae_hidden_dim,
+                num_blocks=c.vae_blocks,
+                kl_weight=c.kl_weight,
+            ),
+            seed=c.seed,
+        )
         conditional = c.condition != "none"
-        den = LatentDenoiser(LatentDenoiserConfig(
-            latent_dim=c.latent_dim, hidden_dim=c.hidden_dim, depth=c.depth, num_heads=c.num_heads,
-            cond_dim=c.cond_dim if conditional else 0,
-            max_cond_slots=_max_slots(self) if c.condition == "dataset" else 0,
-            num_layer_kinds=len(tok.kind_names), prediction_type=c.prediction_type,
-            timestep_freq_dim=min(256, c.hidden_dim)), seed=c.seed + 1)
+        den = LatentDenoiser(
+            LatentDenoiserConfig(
+                latent_dim=c.latent_dim,
+                hidden_dim=c.hidden_dim,
+                depth=c.depth,
+                num_heads=c.num_heads,
+                cond_dim=c.cond_dim if conditional else 0,
+                max_cond_slots=_max_slots(self) if c.condition == "dataset" else 0,
+                num_layer_kinds=len(tok.kind_names),
+                prediction_type=c.prediction_type,
+                timestep_freq_dim=min(256, c.hidden_dim),
+            ),
+            seed=c.seed + 1,
+        )
         den.set_layout(tok.positions, tok.kinds)
         encoder: nn.Module | None = None
         if c.condition == "dataset":
-            encoder = DatasetEncoder(DatasetEncoderConfig(
-                in_features=c.cond_features, dim=c.cond_dim, num_heads=c.num_heads,
-                num_inducing=8, shot_layers=1, class_layers=1), seed=c.seed + 2)
+            encoder = DatasetEncoder(
+                DatasetEncoderConfig(
+                    in_features=c.cond_features,
+                    dim=c.cond_dim,
+                    num_heads=c.num_heads,
+                    num_inducing=8,
+                    shot_layers=1,
+                    class_layers=1,
+                ),
+                seed=c.seed + 2,
+            )
         elif c.condition == "text":
-            encoder = TextConditioner(TextConditionerConfig(in_dim=c.cond_features, dim=c.cond_dim),
-                                      seed=c.seed + 2)
+            encoder = TextConditioner(
+                TextConditionerConfig(in_dim=c.cond_features, dim=c.cond_dim), seed=c.seed + 2
+            )
         self.model = ConditionalDenoiser(den, encoder, c.condition)
 
     # ---- training -------------------------------------------------------------------------
-    def fit(self, zoo: ModelZoo, out: str | os.PathLike | None = None, resume: bool = False,
-            progress: bool = True) -> "D2NWG":
+    def fit(
+        self,
+        zoo: ModelZoo,
+        out: str | os.PathLike | None = None,
+        resume: bool = False,
+        progress: bool = True,
+    ) -> D2NWG:
         """Train the generator on ``zoo``: stage 1 the ChunkVAE, stage 2 the latent diffusion.
 
         ``out`` receives checkpoints (``out/checkpoints/``), the loss log (``out/log.jsonl``)
@@ -289,26 +379,38 @@ class D2NWG:
         ctx = DistContext.from_env(device)
         share = zoo.shard(ctx.rank, ctx.world_size) if ctx.active else zoo
         if len(share) == 0:
-            raise ConfigError(f"rank {ctx.rank} has no model of the zoo's {len(zoo)} "
-                              f"(world size {ctx.world_size})")
+            raise ConfigError(
+                f"rank {ctx.rank} has no model of the zoo's {len(zoo)} "
+                f"(world size {ctx.world_size})"
+            )
         first = zoo[0]
         self._check_condition_kind(first.condition)
         c = self.config
-        tok = WeightTokenizer.from_state_dict(first.state_dict, chunk_size=c.chunk_size or 64,
-                                              granularity=c.granularity, include=c.include,
-                                              exclude=c.exclude)
-        self.config = c = c.resolve(tok.num_params, 0 if first.condition is None
-                                    else first.condition.shape[-1])
+        tok = WeightTokenizer.from_state_dict(
+            first.state_dict,
+            chunk_size=c.chunk_size or 64,
+            granularity=c.granularity,
+            include=c.include,
+            exclude=c.exclude,
+        )
+        self.config = c = c.resolve(
+            tok.num_params, 0 if first.condition is None else first.condition.shape[-1]
+        )
         self.tokenizer = tok = WeightTokenizer.from_state_dict(
-            first.state_dict, chunk_size=c.chunk_size, granularity=c.granularity,
-            include=c.include, exclude=c.exclude)
+            first.state_dict,
+            chunk_size=c.chunk_size,
+            granularity=c.granularity,
+            include=c.include,
+            exclude=c.exclude,
+        )
         # Statistics over the whole zoo (a cheap streaming pass), identical on every rank.
         tok.fit(zoo.state_dicts())
-        tokens = tok.tokenize(list(share.state_dicts()))                       # [M, T, C]
+        tokens = tok.tokenize(list(share.state_dicts()))  # [M, T, C]
         raw = None
         if c.condition != "none":
-            raw = RawConditions.stack([item.condition for item in share], self.cond_rank,
-                                      c.cond_features)
+            raw = RawConditions.stack(
+                [item.condition for item in share], self.cond_rank, c.cond_features
+            )
             self._max_classes = _global_max(ctx, raw.x.shape[1]) if self.cond_rank == 3 else 0
         else:
             self._max_classes = 0
@@ -322,8 +424,10 @@ class D2NWG:
                 ckpt.clear()
         ctx.barrier()
         if state is not None and state["world_size"] != ctx.world_size:
-            raise ConfigError(f"the checkpoint was written by {state['world_size']} processes; "
-                              f"resume with the same number (now {ctx.world_size})")
+            raise ConfigError(
+                f"the checkpoint was written by {state['world_size']} processes; "
+                f"resume with the same number (now {ctx.world_size})"
+            )
         t0 = time.perf_counter()
         self.vae.to(device)
         if state is None or state["stage"] == "vae":
@@ -335,9 +439,10 @@ class D2NWG:
 
         t1 = time.perf_counter()
         self.vae.eval()
-        mu = self.vae.encode_mean(tokens.to(device), max_batch=65536)         # [M, T, d]
-        sq = ctx.all_reduce_(torch.tensor([mu.double().square().sum().item(), mu.numel()],
-                                          dtype=torch.float64))
+        mu = self.vae.encode_mean(tokens.to(device), max_batch=65536)  # [M, T, d]
+        sq = ctx.all_reduce_(
+            torch.tensor([mu.double().square().sum().item(), mu.numel()], dtype=torch.float64)
+        )
         self.latent_scale = float(1.0 / math.sqrt(sq[0] / sq[1]))
         latents = (mu * self.latent_scale).float()
         self.model.to(device)
@@ -351,31 +456,50 @@ class D2NWG:
         kind = self.config.condition
         if kind == "none":
             if condition is not None:
-                raise ConfigError("the zoo's items have conditions but D2NWGConfig.condition='none'")
+                raise ConfigError(
+                    "the zoo's items have conditions but D2NWGConfig.condition='none'"
+                )
             self.cond_rank = 0
             return
         self.cond_rank = 3 if kind == "dataset" else 2
         if condition is None or condition.dim() != self.cond_rank:
             want = "[classes, shots, F]" if kind == "dataset" else "[L, E]"
-            raise ConfigError(f"D2NWGConfig.condition={kind!r} needs zoo conditions {want}, "
-                              f"got {shape_of(condition) if condition is not None else None}")
+            raise ConfigError(
+                f"D2NWGConfig.condition={kind!r} needs zoo conditions {want}, "
+                f"got {shape_of(condition) if condition is not None else None}"
+            )
 
     def _optimizer(self, params, lr: float) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=self.config.weight_decay,
-                                 betas=(0.9, 0.99))
+        return torch.optim.AdamW(
+            params, lr=lr, weight_decay=self.config.weight_decay, betas=(0.9, 0.99)
+        )
 
-    def _run_stage(self, stage: str, module: nn.Module, steps: int, lr: float,
-                   loss_fn: Callable[[nn.Module, torch.Generator], torch.Tensor],
-                   device: torch.device, ctx: DistContext, ckpt: Checkpoints | None,
-                   log: LossLog, state: dict | None, progress: bool, ema: EMA | None) -> None:
+    def _run_stage(
+        self,
+        stage: str,
+        module: nn.Module,
+        steps: int,
+        lr: float,
+        loss_fn: Callable[[nn.Module, torch.Generator], torch.Tensor],
+        device: torch.device,
+        ctx: DistContext,
+        ckpt: Checkpoints | None,
+        log: LossLog,
+        state: dict | None,
+        progress: bool,
+        ema: EMA | None,
+    ) -> None:
         """The training loop both stages share: AdamW, warm-up + cosine, clipping, EMA,
         checkpoints and the loss log. ``loss_fn(trained, generator)`` computes one batch."""
         c = self.config
-        gen = torch.Generator().manual_seed(c.seed * 1_000_003 + 7919 * ctx.rank + STAGES.index(stage))
+        gen = torch.Generator().manual_seed(
+            c.seed * 1_000_003 + 7919 * ctx.rank + STAGES.index(stage)
+        )
         trained = module
         if ctx.active:
             trained = nn.parallel.DistributedDataParallel(
-                module, device_ids=[device.index] if device.type == "cuda" else None)
+                module, device_ids=[device.index] if device.type == "cuda" else None
+            )
         opt = self._optimizer(module.parameters(), lr)
         start = 0
         if state is not None:
@@ -407,8 +531,14 @@ class D2NWG:
                 now = time.perf_counter()
                 value = float(ctx.all_reduce_(loss.detach().float().clone())) / ctx.world_size
                 rate = (done - tick_step) / max(now - tick, 1e-9)
-                log.write(stage=stage, step=done, loss=value, grad_norm=float(norm),
-                          lr=opt.param_groups[0]["lr"], steps_per_s=rate)
+                log.write(
+                    stage=stage,
+                    step=done,
+                    loss=value,
+                    grad_norm=float(norm),
+                    lr=opt.param_groups[0]["lr"],
+                    steps_per_s=rate,
+                )
                 bar.set_postfix(loss=f"{value:.4f}", steps_per_s=f"{rate:.1f}")
                 tick, tick_step = now, done
             bar.update(1)
@@ -417,26 +547,45 @@ class D2NWG:
         bar.close()
         module.eval()
         if steps > start:
-            self.history.setdefault("steps_per_s", {})[stage] = \
-                (steps - start) / (time.perf_counter() - stage_t0)
+            self.history.setdefault("steps_per_s", {})[stage] = (steps - start) / (
+                time.perf_counter() - stage_t0
+            )
 
-    def _checkpoint(self, ckpt: Checkpoints, ctx: DistContext, stage: str, step: int,
-                    module: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
-                    ema: EMA | None) -> None:
+    def _checkpoint(
+        self,
+        ckpt: Checkpoints,
+        ctx: DistContext,
+        stage: str,
+        step: int,
+        module: nn.Module,
+        opt: torch.optim.Optimizer,
+        gen: torch.Generator,
+        ema: EMA | None,
+    ) -> None:
         rng = ctx.all_gather(gen.get_state())  # every rank's generator, for an exact resume
         if ctx.is_main:
             modules = {"trained": module.state_dict(), "vae": self.vae.state_dict()}
-            ckpt.save(STAGES.index(stage), stage, step, {
-                "stage": stage, "step": step, "world_size": ctx.world_size,
-                "modules": modules, "optimizer": opt.state_dict(), "rng": rng,
-                "ema": None if ema is None else ema.state_dict(),
-                "latent_scale": self.latent_scale})
+            ckpt.save(
+                STAGES.index(stage),
+                stage,
+                step,
+                {
+                    "stage": stage,
+                    "step": step,
+                    "world_size": ctx.world_size,
+                    "modules": modules,
+                    "optimizer": opt.state_dict(),
+                    "rng": rng,
+                    "ema": None if ema is None else ema.state_dict(),
+                    "latent_scale": self.latent_scale,
+                },
+            )
         ctx.barrier()
 
     def _train_vae(self, tokens, device, ctx, ckpt, log, state, progress) -> None:
         c = self.config
         T = tokens.shape[1]
-        flat = tokens.reshape(-1, c.chunk_size)                                  # [M*T, C]
+        flat = tokens.reshape(-1, c.chunk_size)  # [M*T, C]
         real = torch.nonzero(self.tokenizer.mask.any(1).repeat(tokens.shape[0])).squeeze(1)
         mask = self.tokenizer.mask.to(device)
 
@@ -446,8 +595,20 @@ class D2NWG:
             m = mask[(idx % T).to(device)]
             return trained(x, m, gen)
 
-        self._run_stage("vae", _VAELoss(self.vae), c.vae_steps, c.vae_lr, loss_fn, device, ctx, ckpt, log,
-                        state, progress, None)
+        self._run_stage(
+            "vae",
+            _VAELoss(self.vae),
+            c.vae_steps,
+            c.vae_lr,
+            loss_fn,
+            device,
+            ctx,
+            ckpt,
+            log,
+            state,
+            progress,
+            None,
+        )
 
     def _train_diffusion(self, latents, raw, device, ctx, ckpt, log, state, progress) -> None:
         c = self.config
@@ -458,16 +619,36 @@ class D2NWG:
         self.ema = ema = EMA(self.model, c.ema_decay)
 
         def loss_fn(trained: nn.Module, gen: torch.Generator) -> torch.Tensor:
-            idx = torch.randint(M, (min(c.batch_size, M) if M < c.batch_size else c.batch_size,),
-                                generator=gen)
+            idx = torch.randint(
+                M, (min(c.batch_size, M) if M < c.batch_size else c.batch_size,), generator=gen
+            )
             t = torch.randint(c.timesteps, (idx.numel(),), generator=gen)
             noise = torch.randn(latents[idx].shape, generator=gen)
-            return trained(latents[idx.to(device)], t.to(device), noise.to(device),
-                           None if raw is None else raw[idx.to(device)], schedule, c.cond_drop, gen)
+            return trained(
+                latents[idx.to(device)],
+                t.to(device),
+                noise.to(device),
+                None if raw is None else raw[idx.to(device)],
+                schedule,
+                c.cond_drop,
+                gen,
+            )
 
-        self._run_stage("diffusion", self.model, c.diffusion_steps, c.lr, loss_fn, device, ctx,
-                        ckpt, log, state, progress, ema)
-        ema.copy_to(self.model)   # the generator samples with the averaged weights
+        self._run_stage(
+            "diffusion",
+            self.model,
+            c.diffusion_steps,
+            c.lr,
+            loss_fn,
+            device,
+            ctx,
+            ckpt,
+            log,
+            state,
+            progress,
+            ema,
+        )
+        ema.copy_to(self.model)  # the generator samples with the averaged weights
 
     # ---- generation -----------------------------------------------------------------------
     def _require_fitted(self) -> None:
@@ -489,26 +670,41 @@ class D2NWG:
             condition = list(condition)
         if not isinstance(condition, (list, tuple)) or not condition:
             want = "[classes, shots, F]" if c.condition == "dataset" else "[L, E]"
-            raise ShapeError(f"condition must be a tensor {want}, a batch of them, or a list; "
-                             f"got {shape_of(condition)}")
+            raise ShapeError(
+                f"condition must be a tensor {want}, a batch of them, or a list; "
+                f"got {shape_of(condition)}"
+            )
         for i, x in enumerate(condition):
-            if isinstance(x, torch.Tensor) and x.is_floating_point() and \
-                    not bool(torch.isfinite(x).all()):
+            if (
+                isinstance(x, torch.Tensor)
+                and x.is_floating_point()
+                and not bool(torch.isfinite(x).all())
+            ):
                 raise ShapeError(f"condition {i} holds NaN or Inf")
         return RawConditions.stack(condition, self.cond_rank, c.cond_features), len(condition)
 
     @torch.no_grad()
-    def generate_latents(self, condition=None, num_samples: int = 1, *, seed: int = 0,
-                         sampler: str | None = None, steps: int | None = None,
-                         guidance_scale: float | None = None, eta: float = 0.0,
-                         device: str | torch.device | None = None,
-                         cuda_graph: bool = False) -> torch.Tensor:
+    def generate_latents(
+        self,
+        condition=None,
+        num_samples: int = 1,
+        *,
+        seed: int = 0,
+        sampler: str | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        eta: float = 0.0,
+        device: str | torch.device | None = None,
+        cuda_graph: bool = False,
+    ) -> torch.Tensor:
         """Decoded chunk tokens ``[tasks * num_samples, T, C]`` (task-major order)."""
         self._require_fitted()
         c = self.config
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ConfigError(f"num_samples must be an int >= 1, got {num_samples!r}")
-        device = torch.device(device) if device is not None else next(self.model.parameters()).device
+        device = (
+            torch.device(device) if device is not None else next(self.model.parameters()).device
+        )
         self.model.to(device).eval()
         self.vae.to(device).eval()
         raw, tasks = self._raw(condition)
@@ -517,24 +713,39 @@ class D2NWG:
         T, d = self.tokenizer.num_tokens, c.latent_dim
         # Sample i of a task comes from generator (seed, i) alone: the same whatever
         # num_samples or the other tasks are.
-        gens = [torch.Generator().manual_seed(_sample_seed(seed, i))
-                for _ in range(tasks) for i in range(num_samples)]
+        gens = [
+            torch.Generator().manual_seed(_sample_seed(seed, i))
+            for _ in range(tasks)
+            for i in range(num_samples)
+        ]
         x_T = torch.stack([torch.randn(T, d, generator=g) for g in gens]).to(device)
         cond = uncond = None
         scale = c.guidance_scale if guidance_scale is None else guidance_scale
         if raw is None:
-            scale = 1.0   # nothing to guide towards
+            scale = 1.0  # nothing to guide towards
         else:
             cond = self.model.encode(raw.to(device)).repeat_interleave(num_samples)
             if scale != 1.0:
                 uncond = den.null_condition(1, device)
-        z = sample(den, x_T, c.noise_schedule().to(device), sampler=sampler or c.sampler,
-                   steps=steps or c.sample_steps, eta=eta, cond=cond, uncond=uncond,
-                   guidance_scale=scale, generator=gens, prediction_type=c.prediction_type,
-                   cuda_graph=cuda_graph)
+        z = sample(
+            den,
+            x_T,
+            c.noise_schedule().to(device),
+            sampler=sampler or c.sampler,
+            steps=steps or c.sample_steps,
+            eta=eta,
+            cond=cond,
+            uncond=uncond,
+            guidance_scale=scale,
+            generator=gens,
+            prediction_type=c.prediction_type,
+            cuda_graph=cuda_graph,
+        )
         return self.vae.decode(z / self.latent_scale, max_batch=65536).reshape(B, T, c.chunk_size)
 
-    def generate(self, condition=None, num_samples: int = 1, **sampling: Any) -> list[dict[str, torch.Tensor]]:
+    def generate(
+        self, condition=None, num_samples: int = 1, **sampling: Any
+    ) -> list[dict[str, torch.Tensor]]:
         """``num_samples`` state dicts per task (task-major), with the zoo's names, shapes and
         dtypes, on CPU.
 
@@ -547,8 +758,9 @@ class D2NWG:
         tokens = self.generate_latents(condition, num_samples, **sampling)
         return self.tokenizer.detokenize(tokens.float().cpu())
 
-    def generate_into(self, model: nn.Module | dict[str, torch.Tensor], condition=None,
-                      **sampling: Any):
+    def generate_into(
+        self, model: nn.Module | dict[str, torch.Tensor], condition=None, **sampling: Any
+    ):
         """Generate one set of weights and write it in place into ``model`` (a module or a
         state dict with the zoo's names); returns ``model``."""
         tokens = self.generate_latents(condition, 1, **sampling)
@@ -565,13 +777,20 @@ class D2NWG:
         save_module(self.model.denoiser, os.path.join(directory, "denoiser.safetensors"))
         if self.model.encoder is not None:
             save_module(self.model.encoder, os.path.join(directory, "encoder.safetensors"))
-        save_json(os.path.join(directory, "config.json"), {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "config": self.config.to_dict(),
-            "latent_scale": self.latent_scale, "cond_rank": self.cond_rank,
-            "max_classes": self._max_classes})
+        save_json(
+            os.path.join(directory, "config.json"),
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "config": self.config.to_dict(),
+                "latent_scale": self.latent_scale,
+                "cond_rank": self.cond_rank,
+                "max_classes": self._max_classes,
+            },
+        )
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "D2NWG":
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> D2NWG:
         """A generator written by :meth:`save`; bad files raise :class:`FileFormatError`."""
         directory = os.fspath(directory)
         path = os.path.join(directory, "config.json")
@@ -580,8 +799,9 @@ class D2NWG:
             raise FileFormatError(f"{path}: not a d2nwg generator (format {FORMAT!r})")
         version = meta.get("format_version")
         if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-            raise FileFormatError(f"{path}: format_version {version!r}; this d2nwg reads "
-                                  f"1..{FORMAT_VERSION}")
+            raise FileFormatError(
+                f"{path}: format_version {version!r}; this d2nwg reads 1..{FORMAT_VERSION}"
+            )
         try:
             gen = cls(D2NWGConfig.from_dict(meta["config"]))
             gen.latent_scale = float(meta["latent_scale"])
@@ -630,5 +850,11 @@ class _VAELoss(nn.Module):
 def _progress(enabled: bool, total: int, initial: int, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, leave=False,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not enabled,
+        leave=False,
+        dynamic_ncols=True,
+    )

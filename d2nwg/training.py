@@ -49,8 +49,9 @@ class EMA:
             raise ConfigError(f"ema decay must lie in [0, 1), got {decay}")
         self.decay = decay
         self.num_updates = 0
-        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()
-                       if v.is_floating_point()}
+        self.shadow = {
+            k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()
+        }
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
@@ -58,8 +59,9 @@ class EMA:
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         state = module.state_dict()
         names = list(self.shadow)
-        torch._foreach_lerp_([self.shadow[k] for k in names],
-                             [state[k].detach() for k in names], 1.0 - d)
+        torch._foreach_lerp_(
+            [self.shadow[k] for k in names], [state[k].detach() for k in names], 1.0 - d
+        )
 
     def copy_to(self, module: torch.nn.Module) -> None:
         """Load the averaged weights into ``module`` (non-floating buffers are left as they are)."""
@@ -87,11 +89,18 @@ def pack_state(obj: Any) -> tuple[dict[str, torch.Tensor], str]:
             tensors[path] = x.detach().to("cpu", copy=True).contiguous()
             return {"$t": path}
         if isinstance(x, dict):
-            return {"$d": [[enc(k, f"{path}.k{i}"), enc(v, f"{path}.{i}")]
-                           for i, (k, v) in enumerate(x.items())]}
+            return {
+                "$d": [
+                    [enc(k, f"{path}.k{i}"), enc(v, f"{path}.{i}")]
+                    for i, (k, v) in enumerate(x.items())
+                ]
+            }
         if isinstance(x, (list, tuple)):
-            return {"$l" if isinstance(x, list) else "$u":
-                    [enc(v, f"{path}.{i}") for i, v in enumerate(x)]}
+            return {
+                "$l" if isinstance(x, list) else "$u": [
+                    enc(v, f"{path}.{i}") for i, v in enumerate(x)
+                ]
+            }
         if isinstance(x, float) and not math.isfinite(x):
             return {"$f": repr(x)}
         if x is None or isinstance(x, (bool, int, float, str)):
@@ -106,7 +115,7 @@ def unpack_state(tensors: dict[str, torch.Tensor], skeleton: str) -> Any:
 
     def dec(x: Any) -> Any:
         if isinstance(x, dict):
-            (tag, v), = x.items()
+            ((tag, v),) = x.items()
             if tag == "$t":
                 return tensors[v]
             if tag == "$d":
@@ -151,7 +160,7 @@ class Checkpoints:
         tensors, skeleton = pack_state(state)
         path = os.path.join(self.directory, f"{stage_index}-{stage}-{step:08d}.safetensors")
         save_safetensors(tensors, path, {"format": CHECKPOINT_FORMAT, "state": skeleton})
-        for *_, name in self._listing()[:-self.keep]:
+        for *_, name in self._listing()[: -self.keep]:
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(self.directory, name))
         return path
@@ -231,7 +240,7 @@ class DistContext:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, device: torch.device) -> "DistContext":
+    def from_env(cls, device: torch.device) -> DistContext:
         """Join the process group that ``torchrun`` describes (env:// rendezvous): gloo on CPU,
         NCCL on CUDA. Without ``WORLD_SIZE`` > 1 this is a single process."""
         if dist.is_available() and dist.is_initialized():

@@ -18,9 +18,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath, PureWindowsPath
-from typing import Iterator, Mapping, NamedTuple, overload
+from typing import NamedTuple, overload
 
 import torch
 
@@ -40,9 +41,23 @@ FORMAT_VERSION = 1
 MANIFEST = "zoo.json"
 
 # What safetensors can store; anything else would only fail at save time.
-_DTYPES = {str(d).removeprefix("torch."): d for d in (
-    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn,
-    torch.float8_e5m2, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
+_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
 
 StateDict = dict[str, torch.Tensor]
 Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -92,27 +107,34 @@ def _check_state_dict(sd: Mapping[str, torch.Tensor], layout: Layout | None) -> 
     if layout is not None and set(sd) != set(layout):
         missing = [k for k in layout if k not in sd]
         unexpected = [k for k in sd if k not in layout]
-        raise KeyMismatchError(f"state dict does not match the zoo's layout: missing keys "
-                               f"{missing}, unexpected keys {unexpected}")
+        raise KeyMismatchError(
+            f"state dict does not match the zoo's layout: missing keys "
+            f"{missing}, unexpected keys {unexpected}"
+        )
     for name, t in sd.items():
         if not isinstance(name, str):
             raise ConfigError(f"state dict key {name!r} is a {type(name).__name__}, not a str")
         if not isinstance(t, torch.Tensor):
             raise DTypeError(f"state_dict[{name!r}] is a {type(t).__name__}, not a tensor")
         if t.layout != torch.strided or t.is_meta:
-            raise ConfigError(f"state_dict[{name!r}] is a {t.layout} tensor on {t.device}; "
-                              f"only dense tensors with data can be stored")
+            raise ConfigError(
+                f"state_dict[{name!r}] is a {t.layout} tensor on {t.device}; "
+                f"only dense tensors with data can be stored"
+            )
         if t.dtype not in _DTYPES.values():
-            raise DTypeError(f"state_dict[{name!r}] has dtype {t.dtype}; a zoo stores "
-                             f"{sorted(_DTYPES)}")
+            raise DTypeError(
+                f"state_dict[{name!r}] has dtype {t.dtype}; a zoo stores {sorted(_DTYPES)}"
+            )
         if layout is not None:
             shape, dtype = layout[name]
             if tuple(t.shape) != shape:
-                raise ShapeError(f"state_dict[{name!r}] has shape {tuple(t.shape)}; the zoo's "
-                                 f"layout has {shape}")
+                raise ShapeError(
+                    f"state_dict[{name!r}] has shape {tuple(t.shape)}; the zoo's layout has {shape}"
+                )
             if t.dtype != dtype:
-                raise DTypeError(f"state_dict[{name!r}] has dtype {t.dtype}; the zoo's layout "
-                                 f"has {dtype}")
+                raise DTypeError(
+                    f"state_dict[{name!r}] has dtype {t.dtype}; the zoo's layout has {dtype}"
+                )
         if not _all_finite(t):
             raise NonFiniteError(f"state_dict[{name!r}] holds NaN or Inf")
 
@@ -124,11 +146,15 @@ def _check_condition(c: object, spec: tuple[int, int] | None) -> None:
     if not c.is_floating_point():
         raise DTypeError(f"condition has dtype {c.dtype}; expected a floating dtype")
     if c.dim() not in (2, 3):
-        raise ShapeError(f"condition has shape {tuple(c.shape)}; expected [classes, shots, F] "
-                         f"dataset examples or an [L, E] text embedding")
+        raise ShapeError(
+            f"condition has shape {tuple(c.shape)}; expected [classes, shots, F] "
+            f"dataset examples or an [L, E] text embedding"
+        )
     if spec is not None and (c.dim(), c.shape[-1]) != spec:
-        raise ShapeError(f"condition has shape {tuple(c.shape)}; the zoo's conditions have rank "
-                         f"{spec[0]} and {spec[1]} features in the last dimension")
+        raise ShapeError(
+            f"condition has shape {tuple(c.shape)}; the zoo's conditions have rank "
+            f"{spec[0]} and {spec[1]} features in the last dimension"
+        )
     if not _all_finite(c):
         raise NonFiniteError("condition holds NaN or Inf")
 
@@ -140,8 +166,14 @@ def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
 
 def _storage_key(t: torch.Tensor) -> tuple:
     """Equal for names that are the very same tensor view (tied weights), e.g. lm_head/embed."""
-    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-            t.stride(), t.dtype)
+    return (
+        t.device,
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        t.stride(),
+        t.dtype,
+    )
 
 
 def _untie(sd: StateDict) -> tuple[StateDict, dict[str, str]]:
@@ -163,8 +195,12 @@ def _relative_path(value: object, where: str) -> str:
     """A path from zoo.json that stays inside the zoo's directory, else ValueError."""
     if not isinstance(value, str) or value in ("", "."):
         raise ValueError(f"{where} is {value!r}, not a file name")
-    if (PurePosixPath(value).is_absolute() or PureWindowsPath(value).is_absolute()
-            or PureWindowsPath(value).drive or ".." in PureWindowsPath(value).parts):
+    if (
+        PurePosixPath(value).is_absolute()
+        or PureWindowsPath(value).is_absolute()
+        or PureWindowsPath(value).drive
+        or ".." in PureWindowsPath(value).parts
+    ):
         raise ValueError(f"{where} {value!r} leaves the zoo's directory")
     return value
 
@@ -178,8 +214,10 @@ def _parse_manifest(manifest: object, directory: str) -> tuple[_Spec | None, lis
     if type(version) is not int or version < 1:
         raise ValueError(f"format_version {version!r} is not a positive int")
     if version > FORMAT_VERSION:
-        raise ValueError(f"format_version {version} is newer than this d2nwg reads "
-                         f"({FORMAT_VERSION}); upgrade d2nwg")
+        raise ValueError(
+            f"format_version {version} is newer than this d2nwg reads "
+            f"({FORMAT_VERSION}); upgrade d2nwg"
+        )
     layout: Layout = {}
     for name, entry in manifest["layout"].items():
         shape, dtype = entry["shape"], entry["dtype"]
@@ -199,18 +237,26 @@ def _parse_manifest(manifest: object, directory: str) -> tuple[_Spec | None, lis
         weights = _relative_path(record["weights"], f"items[{i}].weights")
         cpath = record["condition"]
         if (cpath is None) != (cond is None):
-            raise ValueError(f"items[{i}].condition is {cpath!r} but the zoo's condition spec "
-                             f"is {manifest['condition']!r}")
+            raise ValueError(
+                f"items[{i}].condition is {cpath!r} but the zoo's condition spec "
+                f"is {manifest['condition']!r}"
+            )
         if cpath is not None:
             cpath = os.path.join(directory, _relative_path(cpath, f"items[{i}].condition"))
         meta, aliases = record["meta"], record.get("aliases", {})
         if not isinstance(meta, dict) or not isinstance(aliases, dict):
             raise TypeError(f"items[{i}]: meta and aliases must be objects")
         for alias, target in aliases.items():
-            if alias not in layout or target not in layout or target in aliases \
-                    or layout[alias] != layout[target]:
-                raise ValueError(f"items[{i}].aliases: {alias!r} -> {target!r} does not tie two "
-                                 f"names of the same shape and dtype in the layout")
+            if (
+                alias not in layout
+                or target not in layout
+                or target in aliases
+                or layout[alias] != layout[target]
+            ):
+                raise ValueError(
+                    f"items[{i}].aliases: {alias!r} -> {target!r} does not tie two "
+                    f"names of the same shape and dtype in the layout"
+                )
         items.append(_OnDisk(os.path.join(directory, weights), cpath, meta, aliases))
     if items and not layout:
         raise ValueError("the layout is empty but the zoo has items")
@@ -231,8 +277,12 @@ class ModelZoo:
         self._items: list[ZooItem | _OnDisk] = []
 
     # ------------------------------------------------------------------ building
-    def add(self, state_dict: Mapping[str, torch.Tensor], condition: torch.Tensor | None = None,
-            meta: Mapping | None = None) -> None:
+    def add(
+        self,
+        state_dict: Mapping[str, torch.Tensor],
+        condition: torch.Tensor | None = None,
+        meta: Mapping | None = None,
+    ) -> None:
         """Append a model. Its tensors are copied (detached, CPU, contiguous; ties kept).
 
         state_dict: the first item fixes the zoo's names, shapes and dtypes; later ones must match.
@@ -241,16 +291,20 @@ class ModelZoo:
         meta: a JSON-serializable dict, stored as a copy.
         """
         if not isinstance(state_dict, Mapping):
-            raise ConfigError(f"state_dict must be a mapping of names to tensors, "
-                              f"got a {type(state_dict).__name__}")
+            raise ConfigError(
+                f"state_dict must be a mapping of names to tensors, "
+                f"got a {type(state_dict).__name__}"
+            )
         if not state_dict:
             raise ConfigError("state_dict is empty")
         spec = self._spec
         _check_state_dict(state_dict, spec.layout if spec else None)
         if spec is not None and (condition is None) != (spec.condition is None):
-            raise ConfigError(f"every item of a zoo has a condition or none does: this item has "
-                              f"{'none' if condition is None else 'one'}, the first "
-                              f"{'has one' if condition is None else 'has none'}")
+            raise ConfigError(
+                f"every item of a zoo has a condition or none does: this item has "
+                f"{'none' if condition is None else 'one'}, the first "
+                f"{'has one' if condition is None else 'has none'}"
+            )
         if condition is not None:
             _check_condition(condition, spec.condition if spec else None)
         meta = {} if meta is None else meta
@@ -273,8 +327,10 @@ class ModelZoo:
             sd[name] = copies[key]
         cond = None if condition is None else _cpu_copy(condition)
         if spec is None:
-            self._spec = _Spec({k: (tuple(t.shape), t.dtype) for k, t in sd.items()},
-                               None if cond is None else (cond.dim(), cond.shape[-1]))
+            self._spec = _Spec(
+                {k: (tuple(t.shape), t.dtype) for k, t in sd.items()},
+                None if cond is None else (cond.dim(), cond.shape[-1]),
+            )
         self._items.append(ZooItem(sd, cond, meta))
 
     # ------------------------------------------------------------------ access
@@ -284,9 +340,9 @@ class ModelZoo:
     @overload
     def __getitem__(self, index: int) -> ZooItem: ...
     @overload
-    def __getitem__(self, index: slice) -> "ModelZoo": ...
+    def __getitem__(self, index: slice) -> ModelZoo: ...
 
-    def __getitem__(self, index: int | slice) -> "ZooItem | ModelZoo":
+    def __getitem__(self, index: int | slice) -> ZooItem | ModelZoo:
         if isinstance(index, slice):
             return self._view(self._items[index])
         return self._get(self._items[index])  # IndexError / TypeError as for a list
@@ -312,7 +368,7 @@ class ModelZoo:
         """``{name: (shape, dtype)}`` shared by every item (empty before the first add)."""
         return dict(self._spec.layout) if self._spec else {}
 
-    def shard(self, rank: int | None = None, world_size: int | None = None) -> "ModelZoo":
+    def shard(self, rank: int | None = None, world_size: int | None = None) -> ModelZoo:
         """The view of items ``i`` with ``i % world_size == rank``, so that every process of a
         distributed job reads its own share. Defaults: torch.distributed's rank and world size
         when it is initialized, else (0, 1)."""
@@ -320,23 +376,34 @@ class ModelZoo:
             dist = torch.distributed
             initialized = dist.is_available() and dist.is_initialized()
             rank, world_size = (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
-        if type(world_size) is not int or world_size < 1 or type(rank) is not int \
-                or not 0 <= rank < world_size:
-            raise ConfigError(f"shard(rank={rank!r}, world_size={world_size!r}): need ints with "
-                              f"0 <= rank < world_size")
+        if (
+            type(world_size) is not int
+            or world_size < 1
+            or type(rank) is not int
+            or not 0 <= rank < world_size
+        ):
+            raise ConfigError(
+                f"shard(rank={rank!r}, world_size={world_size!r}): need ints with "
+                f"0 <= rank < world_size"
+            )
         return self._view(self._items[rank::world_size])
 
-    def _view(self, items: list) -> "ModelZoo":
+    def _view(self, items: list) -> ModelZoo:
         view = ModelZoo()
         view._spec, view._items = self._spec, items
         return view
 
     def __repr__(self) -> str:
         spec = self._spec
-        cond = "none" if spec is None or spec.condition is None else \
-            f"rank {spec.condition[0]}, {spec.condition[1]} features"
-        return (f"ModelZoo({len(self)} items, {len(spec.layout) if spec else 0} tensors each, "
-                f"conditions: {cond})")
+        cond = (
+            "none"
+            if spec is None or spec.condition is None
+            else f"rank {spec.condition[0]}, {spec.condition[1]} features"
+        )
+        return (
+            f"ModelZoo({len(self)} items, {len(spec.layout) if spec else 0} tensors each, "
+            f"conditions: {cond})"
+        )
 
     # ------------------------------------------------------------------ files
     def _load_weights(self, item: _OnDisk) -> StateDict:
@@ -384,20 +451,43 @@ class ModelZoo:
                 cond = None
                 if item.condition is not None:
                     cond = f"condition_{i:05d}.safetensors"
-                    save_safetensors({"condition": item.condition}, os.path.join(staging, cond),
-                                     {"format": FORMAT})
-                records.append({"weights": weights, "condition": cond, "meta": item.meta,
-                                **({"aliases": aliases} if aliases else {})})
-                on_disk.append(_OnDisk(os.path.join(directory, weights), cond and
-                                       os.path.join(directory, cond), item.meta, aliases))
+                    save_safetensors(
+                        {"condition": item.condition},
+                        os.path.join(staging, cond),
+                        {"format": FORMAT},
+                    )
+                records.append(
+                    {
+                        "weights": weights,
+                        "condition": cond,
+                        "meta": item.meta,
+                        **({"aliases": aliases} if aliases else {}),
+                    }
+                )
+                on_disk.append(
+                    _OnDisk(
+                        os.path.join(directory, weights),
+                        cond and os.path.join(directory, cond),
+                        item.meta,
+                        aliases,
+                    )
+                )
             spec = self._spec
-            save_json(os.path.join(staging, MANIFEST), {
-                "format": FORMAT, "format_version": FORMAT_VERSION,
-                "layout": {k: {"shape": list(s), "dtype": str(d).removeprefix("torch.")}
-                           for k, (s, d) in (spec.layout.items() if spec else ())},
-                "condition": None if spec is None or spec.condition is None else
-                dict(zip(("rank", "features"), spec.condition)),
-                "items": records})
+            save_json(
+                os.path.join(staging, MANIFEST),
+                {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "layout": {
+                        k: {"shape": list(s), "dtype": str(d).removeprefix("torch.")}
+                        for k, (s, d) in (spec.layout.items() if spec else ())
+                    },
+                    "condition": None
+                    if spec is None or spec.condition is None
+                    else dict(zip(("rank", "features"), spec.condition)),
+                    "items": records,
+                },
+            )
             new = sorted(os.listdir(staging), key=lambda f: f == MANIFEST)  # zoo.json last
             for name in new:
                 os.replace(os.path.join(staging, name), os.path.join(directory, name))
@@ -405,8 +495,9 @@ class ModelZoo:
             shutil.rmtree(staging, ignore_errors=True)
         # Items read from disk now read the files just written (they hold the same tensors),
         # so this zoo stays valid even if ``directory`` was where it read them from.
-        self._items = [on_disk[i] if isinstance(item, _OnDisk) else item
-                       for i, item in enumerate(self._items)]
+        self._items = [
+            on_disk[i] if isinstance(item, _OnDisk) else item for i, item in enumerate(self._items)
+        ]
         for path in old - {os.path.join(directory, name) for name in new}:
             try:  # files of the replaced zoo that the new one does not use
                 os.remove(path)
@@ -423,7 +514,7 @@ class ModelZoo:
         return {p for item in items for p in (item.weights, item.condition) if p is not None}
 
     @classmethod
-    def from_directory(cls, directory: str | os.PathLike) -> "ModelZoo":
+    def from_directory(cls, directory: str | os.PathLike) -> ModelZoo:
         """The zoo saved in ``directory``. Reads zoo.json only; items are read when accessed.
 
         A missing or malformed zoo.json raises FileFormatError naming it; a missing, corrupt or

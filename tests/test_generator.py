@@ -20,10 +20,24 @@ from d2nwg.files import read_safetensors, save_safetensors
 from d2nwg.generator import D2NWG, D2NWGConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(vae_steps=150, diffusion_steps=150, batch_size=16, vae_batch=128, hidden_dim=64,
-            depth=2, latent_dim=8, vae_hidden_dim=64, cond_dim=32, checkpoint_every=50,
-            log_every=10, timesteps=100, sample_steps=10, vae_lr=3e-3, lr=3e-3,
-            prediction_type="sample")
+TINY = dict(
+    vae_steps=150,
+    diffusion_steps=150,
+    batch_size=16,
+    vae_batch=128,
+    hidden_dim=64,
+    depth=2,
+    latent_dim=8,
+    vae_hidden_dim=64,
+    cond_dim=32,
+    checkpoint_every=50,
+    log_every=10,
+    timesteps=100,
+    sample_steps=10,
+    vae_lr=3e-3,
+    lr=3e-3,
+    prediction_type="sample",
+)
 
 
 def toy_zoo(n: int = 24, conditional: bool = False, seed: int = 0) -> tuple[d2nwg.ModelZoo, dict]:
@@ -54,11 +68,15 @@ def test_generated_weights_beat_random(fitted):
     gen, target, _ = fitted
     sds = gen.generate(num_samples=6, seed=0)
     assert len(sds) == 6 and set(sds[0]) == set(target)
-    assert all(sd[k].shape == v.shape and sd[k].dtype == v.dtype for sd in sds for k, v in target.items())
+    assert all(
+        sd[k].shape == v.shape and sd[k].dtype == v.dtype for sd in sds for k, v in target.items()
+    )
     generated = sum(_distance(sd, target) for sd in sds) / len(sds)
     g = torch.Generator().manual_seed(1)
-    random = {"fc.weight": (torch.rand(4, 16, generator=g) * 2 - 1) / 4,
-              "fc.bias": (torch.rand(4, generator=g) * 2 - 1) / 4}
+    random = {
+        "fc.weight": (torch.rand(4, 16, generator=g) * 2 - 1) / 4,
+        "fc.bias": (torch.rand(4, generator=g) * 2 - 1) / 4,
+    }
     # the zoo's own spread is 0.05^2 * 68 = 0.17; random initialization is ~70 away
     assert generated < 1.0 < 0.1 * _distance(random, target), (generated, _distance(random, target))
 
@@ -88,8 +106,12 @@ def test_sample_i_does_not_depend_on_num_samples(fitted):
 def test_generate_into_module_and_save_load(fitted, tmp_path):
     gen = fitted[0]
     gen.save(tmp_path / "gen")
-    assert sorted(os.listdir(tmp_path / "gen")) == ["config.json", "denoiser.safetensors",
-                                                    "tokenizer.safetensors", "vae.safetensors"]
+    assert sorted(os.listdir(tmp_path / "gen")) == [
+        "config.json",
+        "denoiser.safetensors",
+        "tokenizer.safetensors",
+        "vae.safetensors",
+    ]
     loaded = D2NWG.load(tmp_path / "gen")
     a = gen.generate(num_samples=2, seed=7)
     b = loaded.generate(num_samples=2, seed=7)
@@ -234,10 +256,21 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 def test_two_process_gloo_fit_ends_identical(tmp_path):
     script = _script(tmp_path)
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           script, out, "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        script,
+        out,
+        "0",
+    ]
     subprocess.run(cmd, check=True, env=_env(), timeout=300, capture_output=True)
-    a, b = _tensors(os.path.join(out, "final-rank0.safetensors")), _tensors(os.path.join(out, "final-rank1.safetensors"))
+    a, b = (
+        _tensors(os.path.join(out, "final-rank0.safetensors")),
+        _tensors(os.path.join(out, "final-rank1.safetensors")),
+    )
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -251,32 +284,95 @@ def test_two_process_gloo_fit_ends_identical(tmp_path):
 def test_cli_train_and_generate(tmp_path, capsys):
     zoo, _ = toy_zoo(8)
     zoo.save(tmp_path / "zoo")
-    (tmp_path / "cfg.json").write_text(json.dumps({"condition": "none", **TINY,
-                                                   "vae_steps": 10, "diffusion_steps": 10}))
-    assert main(["train", "--zoo", str(tmp_path / "zoo"), "--config", str(tmp_path / "cfg.json"),
-                 "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    (tmp_path / "cfg.json").write_text(
+        json.dumps({"condition": "none", **TINY, "vae_steps": 10, "diffusion_steps": 10})
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--zoo",
+                str(tmp_path / "zoo"),
+                "--config",
+                str(tmp_path / "cfg.json"),
+                "--out",
+                str(tmp_path / "run"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert os.path.exists(tmp_path / "run" / "generator" / "config.json")
-    assert main(["generate", "--generator", str(tmp_path / "run" / "generator"), "--num", "3",
-                 "--seed", "1", "--out", str(tmp_path / "samples")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--generator",
+                str(tmp_path / "run" / "generator"),
+                "--num",
+                "3",
+                "--seed",
+                "1",
+                "--out",
+                str(tmp_path / "samples"),
+            ]
+        )
+        == 0
+    )
     files = sorted(os.listdir(tmp_path / "samples"))
     assert files == [f"sample_{i:05d}.safetensors" for i in range(3)]
     sd = _tensors(tmp_path / "samples" / files[0])
     assert sd["fc.weight"].shape == (4, 16)
     # same seed -> same files
-    assert main(["generate", "--generator", str(tmp_path / "run" / "generator"), "--num", "1",
-                 "--seed", "1", "--out", str(tmp_path / "again")]) == 0
-    torch.testing.assert_close(_tensors(tmp_path / "again" / files[0])["fc.weight"], sd["fc.weight"],
-                               rtol=1e-5, atol=1e-5)
+    assert (
+        main(
+            [
+                "generate",
+                "--generator",
+                str(tmp_path / "run" / "generator"),
+                "--num",
+                "1",
+                "--seed",
+                "1",
+                "--out",
+                str(tmp_path / "again"),
+            ]
+        )
+        == 0
+    )
+    torch.testing.assert_close(
+        _tensors(tmp_path / "again" / files[0])["fc.weight"], sd["fc.weight"], rtol=1e-5, atol=1e-5
+    )
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["train", "--zoo", "{tmp}/missing", "--out", "{tmp}/run"], "missing"),
-    (["train", "--zoo", "{tmp}/zoo", "--config", "{tmp}/bad.json", "--out", "{tmp}/run"], "bad.json"),
-    (["train", "--zoo", "{tmp}/zoo", "--config", "{tmp}/unknown.json", "--out", "{tmp}/run"], "chunk_sise"),
-    (["train", "--zoo", "{tmp}/zoo", "--config", "{tmp}/wrongtype.json", "--out", "{tmp}/run"], "vae_steps"),
-    (["generate", "--generator", "{tmp}/nogen", "--out", "{tmp}/s"], "config.json"),
-    (["generate", "--generator", "{tmp}/zoo", "--out", "{tmp}/s"], "config.json"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["train", "--zoo", "{tmp}/missing", "--out", "{tmp}/run"], "missing"),
+        (
+            ["train", "--zoo", "{tmp}/zoo", "--config", "{tmp}/bad.json", "--out", "{tmp}/run"],
+            "bad.json",
+        ),
+        (
+            ["train", "--zoo", "{tmp}/zoo", "--config", "{tmp}/unknown.json", "--out", "{tmp}/run"],
+            "chunk_sise",
+        ),
+        (
+            [
+                "train",
+                "--zoo",
+                "{tmp}/zoo",
+                "--config",
+                "{tmp}/wrongtype.json",
+                "--out",
+                "{tmp}/run",
+            ],
+            "vae_steps",
+        ),
+        (["generate", "--generator", "{tmp}/nogen", "--out", "{tmp}/s"], "config.json"),
+        (["generate", "--generator", "{tmp}/zoo", "--out", "{tmp}/s"], "config.json"),
+    ],
+)
 def test_cli_errors_are_one_line(tmp_path, capsys, args, expected):
     zoo, _ = toy_zoo(2)
     zoo.save(tmp_path / "zoo")
@@ -290,8 +386,13 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, expected):
 
 @pytest.mark.parametrize("flag", [["--device", "tpu9"], ["--seed", "-1"], ["--nope"]])
 def test_cli_bad_flags_exit_nonzero_without_traceback(flag):
-    proc = subprocess.run([sys.executable, "-m", "d2nwg", "demo", *flag], env=_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "d2nwg", "demo", *flag],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "error" in proc.stderr
 
 
@@ -299,6 +400,18 @@ def test_cli_generate_condition_file_errors(fitted, tmp_path, capsys):
     gen = fitted[0]
     gen.save(tmp_path / "gen")
     save_safetensors({"other": torch.zeros(1)}, tmp_path / "cond.safetensors", {})
-    assert main(["generate", "--generator", str(tmp_path / "gen"), "--condition",
-                 str(tmp_path / "cond.safetensors"), "--out", str(tmp_path / "s")]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--generator",
+                str(tmp_path / "gen"),
+                "--condition",
+                str(tmp_path / "cond.safetensors"),
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 2
+    )
     assert "cond.safetensors" in capsys.readouterr().err

@@ -11,20 +11,25 @@ from d2nwg import ModelZoo, ZooItem
 from d2nwg import zoo as zoo_module
 from d2nwg.files import read_json, save_json, save_safetensors
 
-COND_SHAPES = {"dataset": [(3, 2, 5), (4, 1, 5), (2, 3, 5)], "text": [(7, 6), (2, 6), (5, 6)],
-               None: [None, None, None]}
+COND_SHAPES = {
+    "dataset": [(3, 2, 5), (4, 1, 5), (2, 3, 5)],
+    "text": [(7, 6), (2, 6), (5, 6)],
+    None: [None, None, None],
+}
 
 
 def make_sd(gen, tied=True):
     """Mixed dtypes, a -0.0, an int buffer, a scalar, an empty tensor and a tied pair."""
     emb = torch.randn(6, 4, generator=gen)
-    sd = {"embed.weight": emb,
-          "block.weight": torch.randn(3, 4, generator=gen).to(torch.bfloat16),
-          "block.bias": torch.tensor([-0.0, 0.0, 1.5], dtype=torch.float16),
-          "norm.steps": torch.tensor(7),
-          "scale": torch.randn((), generator=gen),
-          "empty": torch.zeros(0, 3),
-          "head.weight": emb if tied else emb.clone()}
+    sd = {
+        "embed.weight": emb,
+        "block.weight": torch.randn(3, 4, generator=gen).to(torch.bfloat16),
+        "block.bias": torch.tensor([-0.0, 0.0, 1.5], dtype=torch.float16),
+        "norm.steps": torch.tensor(7),
+        "scale": torch.randn((), generator=gen),
+        "empty": torch.zeros(0, 3),
+        "head.weight": emb if tied else emb.clone(),
+    }
     return sd
 
 
@@ -39,8 +44,11 @@ def make_zoo(gen, cond_kind="dataset", n=3):
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal dtype, shape and bytes (so -0.0 differs from 0.0)."""
-    return (a.dtype == b.dtype and a.shape == b.shape
-            and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
 
 
 def assert_items_equal(x: ZooItem, y: ZooItem):
@@ -75,7 +83,11 @@ def test_add_len_getitem_iteration(gen):
     assert [list(sd) for sd in zoo.state_dicts()] == [list(sds[0])] * 4
     assert zoo.layout == {k: (tuple(v.shape), v.dtype) for k, v in sds[0].items()}
     view = zoo[1::2]
-    assert isinstance(view, ModelZoo) and indices(view) == [1, 3] and indices(zoo[::-1]) == [3, 2, 1, 0]
+    assert (
+        isinstance(view, ModelZoo)
+        and indices(view) == [1, 3]
+        and indices(zoo[::-1]) == [3, 2, 1, 0]
+    )
     assert view.layout == zoo.layout
     # Editing what access returned does not change the zoo.
     item.state_dict.clear()
@@ -86,7 +98,12 @@ def test_add_len_getitem_iteration(gen):
 def test_add_stores_detached_contiguous_cpu_copies(gen):
     base = torch.randn(4, 6, generator=gen)
     param = torch.nn.Parameter(torch.randn(3, generator=gen))
-    sd = {"t": base.t(), "p": param, "a": base, "b": base}  # a non-contiguous view, a parameter, a tie
+    sd = {
+        "t": base.t(),
+        "p": param,
+        "a": base,
+        "b": base,
+    }  # a non-contiguous view, a parameter, a tie
     cond = torch.randn(2, 3, 5, generator=gen)
     meta = {"nested": {"list": [1, 2]}}
     zoo = ModelZoo()
@@ -123,8 +140,9 @@ def test_save_from_directory_round_trip_bit_exact(tmp_path, gen, cond_kind):
     manifest = json.loads((tmp_path / "zoo" / "zoo.json").read_text())
     assert manifest["format"] == "d2nwg.ModelZoo" and manifest["format_version"] == 1
     assert manifest["items"][0]["weights"] == "model_00000.safetensors"
-    assert manifest["items"][2]["condition"] == (None if cond_kind is None
-                                                 else "condition_00002.safetensors")
+    assert manifest["items"][2]["condition"] == (
+        None if cond_kind is None else "condition_00002.safetensors"
+    )
     assert manifest["layout"]["block.weight"] == {"shape": [3, 4], "dtype": "bfloat16"}
     _, stored = d2nwg.files.read_safetensors(tmp_path / "zoo" / "model_00001.safetensors")
     assert "head.weight" not in stored and "embed.weight" in stored
@@ -147,8 +165,11 @@ def test_from_directory_is_lazy(tmp_path, gen, monkeypatch):
     make_zoo(gen, "text", n=3).save(tmp_path)
     reads = []
     real_read = zoo_module.read_safetensors
-    monkeypatch.setattr(zoo_module, "read_safetensors", lambda p, **kw: reads.append(os.fspath(p))
-                        or real_read(p, **kw))
+    monkeypatch.setattr(
+        zoo_module,
+        "read_safetensors",
+        lambda p, **kw: reads.append(os.fspath(p)) or real_read(p, **kw),
+    )
     zoo = ModelZoo.from_directory(tmp_path)
     assert reads == [] and len(zoo) == 3 and zoo.layout  # zoo.json only
     os.remove(tmp_path / "model_00001.safetensors")
@@ -244,7 +265,7 @@ def test_add_rejects_bad_input_with_named_errors(gen):
     zoo = ModelZoo()
     zoo.add(make_sd(gen), condition=torch.randn(3, 2, 5, generator=gen))
 
-    def rejects(error, match, sd=None, condition=torch.zeros(1, 1, 5), meta=None):
+    def rejects(error, match, sd=None, condition=torch.zeros(1, 1, 5), meta=None):  # noqa: B008
         with pytest.raises(error, match=match):
             zoo.add(make_sd(gen) if sd is None else sd, condition=condition, meta=meta)
         assert len(zoo) == 1
@@ -252,7 +273,9 @@ def test_add_rejects_bad_input_with_named_errors(gen):
     sd = make_sd(gen)
     del sd["block.bias"]
     sd["extra"] = torch.zeros(1)
-    rejects(d2nwg.KeyMismatchError, r"missing keys \['block.bias'\], unexpected keys \['extra'\]", sd)
+    rejects(
+        d2nwg.KeyMismatchError, r"missing keys \['block.bias'\], unexpected keys \['extra'\]", sd
+    )
     sd = make_sd(gen)
     sd["block.weight"] = torch.zeros(4, 3, dtype=torch.bfloat16)
     rejects(d2nwg.ShapeError, r"'block.weight'.*\(4, 3\).*\(3, 4\)", sd)
@@ -272,8 +295,11 @@ def test_add_rejects_bad_input_with_named_errors(gen):
     rejects(d2nwg.DTypeError, "condition.*int64", condition=torch.zeros(1, 1, 5, dtype=torch.long))
     rejects(d2nwg.DTypeError, "condition is a list", condition=[[0.0] * 5])
     rejects(d2nwg.ShapeError, r"condition has shape \(1, 5\).*rank 3", condition=torch.zeros(1, 5))
-    rejects(d2nwg.ShapeError, r"condition has shape \(1, 1, 4\).*5 features",
-            condition=torch.zeros(1, 1, 4))
+    rejects(
+        d2nwg.ShapeError,
+        r"condition has shape \(1, 1, 4\).*5 features",
+        condition=torch.zeros(1, 1, 4),
+    )
     rejects(d2nwg.NonFiniteError, "condition", condition=torch.full((1, 1, 5), float("inf")))
     rejects(d2nwg.ConfigError, "meta is not JSON", meta={"t": torch.zeros(1)})
     rejects(d2nwg.ConfigError, "meta is not JSON", meta={"x": float("nan")})
@@ -301,6 +327,7 @@ def _set(path, value):
         for k in keys:
             m = m[k]
         m[last] = value
+
     return edit
 
 
@@ -361,29 +388,53 @@ def _replace(name, key, value):
         tensors.pop(name)
         if key is not None:
             tensors[key] = value
+
     return edit
 
 
 FILE_EDITS = {  # (file, edit of its tensors, what the error must name)
     "missing key": ("model_00001", _replace("scale", None, None), r"missing keys \['scale'\]"),
-    "unexpected key": ("model_00001", lambda t: t.update(x=torch.zeros(1)), r"unexpected keys \['x'\]"),
-    "stored alias": ("model_00001", lambda t: t.update({"head.weight": t["embed.weight"].clone()}),
-                     "head.weight"),
+    "unexpected key": (
+        "model_00001",
+        lambda t: t.update(x=torch.zeros(1)),
+        r"unexpected keys \['x'\]",
+    ),
+    "stored alias": (
+        "model_00001",
+        lambda t: t.update({"head.weight": t["embed.weight"].clone()}),
+        "head.weight",
+    ),
     "shape": ("model_00001", _replace("scale", "scale", torch.zeros(2)), r"'scale'.*shape \(2,\)"),
-    "dtype": ("model_00001", _replace("scale", "scale", torch.zeros((), dtype=torch.float64)),
-              "'scale'.*float64"),
-    "non-finite": ("model_00001", _replace("embed.weight", "embed.weight",
-                                           torch.full((6, 4), float("nan"))), "'embed.weight'.*NaN"),
-    "condition key": ("condition_00001", _replace("condition", "cond", torch.zeros(1, 1, 5)),
-                      r"\['cond'\]"),
-    "condition width": ("condition_00001", _replace("condition", "condition", torch.zeros(1, 1, 4)),
-                        "5 features"),
-    "condition dtype": ("condition_00001", _replace("condition", "condition",
-                                                    torch.zeros(1, 1, 5, dtype=torch.int32)),
-                        "int32"),
-    "condition non-finite": ("condition_00001", _replace("condition", "condition",
-                                                         torch.full((1, 1, 5), float("-inf"))),
-                             "NaN or Inf"),
+    "dtype": (
+        "model_00001",
+        _replace("scale", "scale", torch.zeros((), dtype=torch.float64)),
+        "'scale'.*float64",
+    ),
+    "non-finite": (
+        "model_00001",
+        _replace("embed.weight", "embed.weight", torch.full((6, 4), float("nan"))),
+        "'embed.weight'.*NaN",
+    ),
+    "condition key": (
+        "condition_00001",
+        _replace("condition", "cond", torch.zeros(1, 1, 5)),
+        r"\['cond'\]",
+    ),
+    "condition width": (
+        "condition_00001",
+        _replace("condition", "condition", torch.zeros(1, 1, 4)),
+        "5 features",
+    ),
+    "condition dtype": (
+        "condition_00001",
+        _replace("condition", "condition", torch.zeros(1, 1, 5, dtype=torch.int32)),
+        "int32",
+    ),
+    "condition non-finite": (
+        "condition_00001",
+        _replace("condition", "condition", torch.full((1, 1, 5), float("-inf"))),
+        "NaN or Inf",
+    ),
 }
 
 

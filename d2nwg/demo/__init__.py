@@ -27,8 +27,16 @@ from dataclasses import dataclass
 
 import torch
 
-from d2nwg.demo.digits import (Digits, accuracy, feature_symmetry, load_digits, make_tasks,
-                               random_heads, support_set, train_heads)
+from d2nwg.demo.digits import (
+    Digits,
+    accuracy,
+    feature_symmetry,
+    load_digits,
+    make_tasks,
+    random_heads,
+    support_set,
+    train_heads,
+)
 from d2nwg.files import save_json
 from d2nwg.generator import D2NWG, D2NWGConfig
 from d2nwg.training import DistContext
@@ -40,26 +48,38 @@ SPLITS = ("seen", "unseen", "novel")
 
 @dataclass
 class DemoSettings:
-    seen: int = 100             # zoo tasks (of the 126 without the novel digit)
+    seen: int = 100  # zoo tasks (of the 126 without the novel digit)
     unseen: int = 20
     novel: int = 10
-    seeds: int = 3              # zoo heads per seen task
-    symmetries: int = 3         # rotated copies of each zoo head (besides the head itself)
-    shots: int = 10             # support examples per class (the condition)
-    head_steps: int = 100       # fine-tuning steps of a zoo head
-    candidates: int = 10        # generated heads per task
+    seeds: int = 3  # zoo heads per seen task
+    symmetries: int = 3  # rotated copies of each zoo head (besides the head itself)
+    shots: int = 10  # support examples per class (the condition)
+    head_steps: int = 100  # fine-tuning steps of a zoo head
+    candidates: int = 10  # generated heads per task
     finetune_steps: int = 60
     finetune_tasks: int = 10
     vae_steps: int = 500
     diffusion_steps: int = 1500
 
     @classmethod
-    def quick(cls) -> "DemoSettings":
-        return cls(seen=40, unseen=10, novel=5, seeds=2, symmetries=1, candidates=5,
-                   finetune_steps=40, finetune_tasks=5, vae_steps=150, diffusion_steps=250)
+    def quick(cls) -> DemoSettings:
+        return cls(
+            seen=40,
+            unseen=10,
+            novel=5,
+            seeds=2,
+            symmetries=1,
+            candidates=5,
+            finetune_steps=40,
+            finetune_tasks=5,
+            vae_steps=150,
+            diffusion_steps=250,
+        )
 
 
-def build_zoo(data: Digits, tasks: list[tuple[int, ...]], s: DemoSettings, seed: int) -> tuple[ModelZoo, torch.Tensor]:
+def build_zoo(
+    data: Digits, tasks: list[tuple[int, ...]], s: DemoSettings, seed: int
+) -> tuple[ModelZoo, torch.Tensor]:
     """One head per (task, seed), all trained at once; returns the zoo and their test accuracy."""
     g = torch.Generator().manual_seed(seed)
     zoo_tasks = [t for t in tasks for _ in range(s.seeds)]
@@ -77,11 +97,19 @@ def build_zoo(data: Digits, tasks: list[tuple[int, ...]], s: DemoSettings, seed:
 
 
 def _heads(sds: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.stack([sd["weight"] for sd in sds]).float(), torch.stack([sd["bias"] for sd in sds]).float()
+    return torch.stack([sd["weight"] for sd in sds]).float(), torch.stack(
+        [sd["bias"] for sd in sds]
+    ).float()
 
 
-def evaluate_split(gen: D2NWG, data: Digits, tasks: list[tuple[int, ...]], s: DemoSettings,
-                   zoo_heads: tuple[torch.Tensor, torch.Tensor] | None, seed: int) -> dict:
+def evaluate_split(
+    gen: D2NWG,
+    data: Digits,
+    tasks: list[tuple[int, ...]],
+    s: DemoSettings,
+    zoo_heads: tuple[torch.Tensor, torch.Tensor] | None,
+    seed: int,
+) -> dict:
     """Accuracy of every method on each task of one split, and the best generated heads."""
     g = torch.Generator().manual_seed(seed + 1)
     conds = torch.stack([support_set(data, t, s.shots, g) for t in tasks])
@@ -91,7 +119,7 @@ def evaluate_split(gen: D2NWG, data: Digits, tasks: list[tuple[int, ...]], s: De
     val = accuracy(w, b, data, rep, "val").view(len(tasks), K)
     test = accuracy(w, b, data, rep, "test").view(len(tasks), K)
     pick = val.argmax(1)
-    if zoo_heads is None:   # a head trained on the task the way zoo heads are
+    if zoo_heads is None:  # a head trained on the task the way zoo heads are
         zw, zb = random_heads(len(tasks), data.feature_dim, g)
         zoo_heads = train_heads(data, tasks, zw, zb, s.head_steps)[:2]
     rw, rb = random_heads(len(tasks), data.feature_dim, g)
@@ -101,34 +129,46 @@ def evaluate_split(gen: D2NWG, data: Digits, tasks: list[tuple[int, ...]], s: De
         "generated_mean": test.mean(1),
         "zoo": accuracy(*zoo_heads, data, tasks, "test"),
         "random": accuracy(rw, rb, data, tasks, "test"),
-        "best_heads": (w.view(len(tasks), K, *w.shape[1:])[rows, pick],
-                       b.view(len(tasks), K, -1)[rows, pick]),
+        "best_heads": (
+            w.view(len(tasks), K, *w.shape[1:])[rows, pick],
+            b.view(len(tasks), K, -1)[rows, pick],
+        ),
     }
 
 
-def finetune_comparison(data: Digits, tasks, best_heads, zoo_acc: torch.Tensor, s: DemoSettings,
-                        seed: int) -> dict:
+def finetune_comparison(
+    data: Digits, tasks, best_heads, zoo_acc: torch.Tensor, s: DemoSettings, seed: int
+) -> dict:
     """Fine-tuning curves (test accuracy per step) from generated and from random heads."""
     n = min(len(tasks), s.finetune_tasks)
     tasks, zoo_acc = tasks[:n], zoo_acc[:n]
     target = 0.95 * zoo_acc
     curves, steps = {}, {}
     rw, rb = random_heads(n, data.feature_dim, torch.Generator().manual_seed(seed + 2))
-    for name, (w, b) in (("generated", (best_heads[0][:n], best_heads[1][:n])), ("random", (rw, rb))):
+    for name, (w, b) in (
+        ("generated", (best_heads[0][:n], best_heads[1][:n])),
+        ("random", (rw, rb)),
+    ):
         _, _, curve = train_heads(data, tasks, w, b, s.finetune_steps, record=True)
-        acc = torch.stack(curve)                                             # [steps + 1, n]
+        acc = torch.stack(curve)  # [steps + 1, n]
         reached = acc >= target
         # first step at which each task reaches its target (steps + 1 when it never does)
-        first = torch.where(reached.any(0), reached.float().argmax(0),
-                            torch.full((n,), s.finetune_steps + 1))
+        first = torch.where(
+            reached.any(0), reached.float().argmax(0), torch.full((n,), s.finetune_steps + 1)
+        )
         curves[name] = acc.mean(1).tolist()
         steps[name] = float(first.float().mean())
-    return {"target": "0.95 x zoo accuracy", "tasks": n, "steps_to_target": steps,
-            "curves": curves}
+    return {"target": "0.95 x zoo accuracy", "tasks": n, "steps_to_target": steps, "curves": curves}
 
 
-def run(out: str, quick: bool = False, device: str = "auto", seed: int = 0,
-        settings: DemoSettings | None = None, progress: bool = True) -> dict | None:
+def run(
+    out: str,
+    quick: bool = False,
+    device: str = "auto",
+    seed: int = 0,
+    settings: DemoSettings | None = None,
+    progress: bool = True,
+) -> dict | None:
     """The whole demo; returns the results (None on ranks other than 0 under torchrun)."""
     s = settings or (DemoSettings.quick() if quick else DemoSettings())
     t0 = time.perf_counter()
@@ -140,9 +180,15 @@ def run(out: str, quick: bool = False, device: str = "auto", seed: int = 0,
 
     # A head row is one 64-value token; rotated rows span all 64 directions, so the VAE keeps
     # a 64-wide latent (no compression) instead of the default C / 4.
-    cfg = D2NWGConfig(condition="dataset", latent_dim=data.feature_dim, vae_steps=s.vae_steps,
-                      diffusion_steps=s.diffusion_steps, device=device, seed=seed,
-                      checkpoint_every=max(s.diffusion_steps, s.vae_steps))
+    cfg = D2NWGConfig(
+        condition="dataset",
+        latent_dim=data.feature_dim,
+        vae_steps=s.vae_steps,
+        diffusion_steps=s.diffusion_steps,
+        device=device,
+        seed=seed,
+        checkpoint_every=max(s.diffusion_steps, s.vae_steps),
+    )
     gen = D2NWG(cfg).fit(zoo, out=os.path.join(out, "train"), progress=progress)
     seconds["fit_vae"] = gen.history["vae_seconds"]
     seconds["fit_diffusion"] = gen.history["diffusion_seconds"]
@@ -153,18 +199,24 @@ def run(out: str, quick: bool = False, device: str = "auto", seed: int = 0,
 
     t1 = time.perf_counter()
     seen_heads = zoo_heads_of(zoo)
-    splits = {"seen": tasks.seen[:max(s.unseen, 10)], "unseen": tasks.unseen, "novel": tasks.novel}
+    splits = {"seen": tasks.seen[: max(s.unseen, 10)], "unseen": tasks.unseen, "novel": tasks.novel}
     per_split = {}
     for name, task_list in splits.items():
         heads = None
         if name == "seen":
-            heads = (seen_heads[0][:len(task_list)], seen_heads[1][:len(task_list)])
+            heads = (seen_heads[0][: len(task_list)], seen_heads[1][: len(task_list)])
         per_split[name] = evaluate_split(gen, data, task_list, s, heads, seed)
     seconds["evaluate"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    ft = finetune_comparison(data, splits["unseen"], per_split["unseen"]["best_heads"],
-                             per_split["unseen"]["zoo"], s, seed)
+    ft = finetune_comparison(
+        data,
+        splits["unseen"],
+        per_split["unseen"]["best_heads"],
+        per_split["unseen"]["zoo"],
+        s,
+        seed,
+    )
     seconds["finetune"] = time.perf_counter() - t2
     seconds["total"] = time.perf_counter() - t0
 
@@ -174,22 +226,29 @@ def run(out: str, quick: bool = False, device: str = "auto", seed: int = 0,
         "tasks": {k: [list(t) for t in v] for k, v in splits.items()},
         "accuracy": {k: {m: float(v[m].mean()) for m in METHODS} for k, v in per_split.items()},
         "per_task_accuracy": {k: {m: v[m].tolist() for m in METHODS} for k, v in per_split.items()},
-        "zoo": {"models": len(zoo), "trained_heads": int(zoo_acc.numel()),
-                "mean_test_accuracy": float(zoo_acc.mean())},
+        "zoo": {
+            "models": len(zoo),
+            "trained_heads": int(zoo_acc.numel()),
+            "mean_test_accuracy": float(zoo_acc.mean()),
+        },
         "finetune": ft,
         "generator": {"config": gen.config.to_dict(), "parameters": _count(gen)},
         "seconds": seconds,
     }
-    results["ratios_to_zoo"] = {k: {m: v[m] / v["zoo"] for m in ("generated_best", "generated_mean")}
-                                for k, v in results["accuracy"].items()}
+    results["ratios_to_zoo"] = {
+        k: {m: v[m] / v["zoo"] for m in ("generated_best", "generated_mean")}
+        for k, v in results["accuracy"].items()
+    }
     save_json(os.path.join(out, "results.json"), results)
     from d2nwg.demo.report import plots, table
 
     print(table(results))
     for path in plots(results, gen_log(out), out):
         print(f"wrote {path}")
-    print(f"wrote {os.path.join(out, 'results.json')} and the generator in "
-          f"{os.path.join(out, 'generator')}")
+    print(
+        f"wrote {os.path.join(out, 'results.json')} and the generator in "
+        f"{os.path.join(out, 'generator')}"
+    )
     return results
 
 
@@ -208,8 +267,10 @@ def gen_log(out: str) -> list[dict]:
 
 
 def _count(gen: D2NWG) -> dict[str, int]:
-    n = {"vae": sum(p.numel() for p in gen.vae.parameters()),
-         "denoiser": sum(p.numel() for p in gen.model.denoiser.parameters())}
+    n = {
+        "vae": sum(p.numel() for p in gen.vae.parameters()),
+        "denoiser": sum(p.numel() for p in gen.model.denoiser.parameters()),
+    }
     if gen.model.encoder is not None:
         n["encoder"] = sum(p.numel() for p in gen.model.encoder.parameters())
     return n

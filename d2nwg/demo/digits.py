@@ -22,8 +22,8 @@ WAYS = 5
 class Digits:
     """Backbone features of the digits, split per class into train / val / test."""
 
-    features: dict[str, torch.Tensor]   # split -> [n, F]
-    labels: dict[str, torch.Tensor]     # split -> [n] digit labels 0..9
+    features: dict[str, torch.Tensor]  # split -> [n, F]
+    labels: dict[str, torch.Tensor]  # split -> [n] digit labels 0..9
     backbone: nn.Module
 
     @property
@@ -31,8 +31,9 @@ class Digits:
         return self.features["train"].shape[1]
 
 
-def load_digits(seed: int = 0, hidden: int = 128, feature_dim: int = 64,
-                pretrain_steps: int = 300) -> Digits:
+def load_digits(
+    seed: int = 0, hidden: int = 128, feature_dim: int = 64, pretrain_steps: int = 300
+) -> Digits:
     """Split the 1797 digits 50/20/30 per class and pretrain an MLP backbone on the train split
     of all ten digits (a 10-way linear head on top, discarded afterwards)."""
     try:
@@ -49,12 +50,14 @@ def load_digits(seed: int = 0, hidden: int = 128, feature_dim: int = 64,
         idx = idx[torch.randperm(idx.numel(), generator=g)]
         n_train, n_val = int(0.5 * idx.numel()), int(0.2 * idx.numel())
         parts["train"].append(idx[:n_train])
-        parts["val"].append(idx[n_train:n_train + n_val])
-        parts["test"].append(idx[n_train + n_val:])
+        parts["val"].append(idx[n_train : n_train + n_val])
+        parts["test"].append(idx[n_train + n_val :])
     split = {k: torch.cat(v) for k, v in parts.items()}
 
     torch.manual_seed(seed)
-    backbone = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, feature_dim), nn.ReLU())
+    backbone = nn.Sequential(
+        nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, feature_dim), nn.ReLU()
+    )
     head = nn.Linear(feature_dim, 10)
     opt = torch.optim.Adam([*backbone.parameters(), *head.parameters()], lr=3e-3, weight_decay=1e-4)
     xt, yt = x[split["train"]], y[split["train"]]
@@ -74,13 +77,14 @@ def load_digits(seed: int = 0, hidden: int = 128, feature_dim: int = 64,
 # ----------------------------------------------------------------------------------------
 @dataclass
 class TaskSplits:
-    seen: list[tuple[int, ...]]     # in the zoo
-    unseen: list[tuple[int, ...]]   # held out of generator training, known digits only
-    novel: list[tuple[int, ...]]    # contain the novel digit, which no zoo task contains
+    seen: list[tuple[int, ...]]  # in the zoo
+    unseen: list[tuple[int, ...]]  # held out of generator training, known digits only
+    novel: list[tuple[int, ...]]  # contain the novel digit, which no zoo task contains
 
 
-def make_tasks(num_seen: int, num_unseen: int, num_novel: int, novel_digit: int = 9,
-               seed: int = 0) -> TaskSplits:
+def make_tasks(
+    num_seen: int, num_unseen: int, num_novel: int, novel_digit: int = 9, seed: int = 0
+) -> TaskSplits:
     """5-way tasks (class subsets, labels in ascending class order)."""
     g = torch.Generator().manual_seed(seed)
     known = [d for d in range(10) if d != novel_digit]
@@ -90,8 +94,10 @@ def make_tasks(num_seen: int, num_unseen: int, num_novel: int, novel_digit: int 
     if num_seen + num_unseen > len(pool):
         raise ValueError(f"only {len(pool)} tasks without digit {novel_digit}")
     novel_pool = [t for t in itertools.combinations(range(10), WAYS) if novel_digit in t]
-    novel = [novel_pool[i] for i in torch.randperm(len(novel_pool), generator=g)[:num_novel].tolist()]
-    return TaskSplits(pool[:num_seen], pool[num_seen:num_seen + num_unseen], novel)
+    novel = [
+        novel_pool[i] for i in torch.randperm(len(novel_pool), generator=g)[:num_novel].tolist()
+    ]
+    return TaskSplits(pool[:num_seen], pool[num_seen : num_seen + num_unseen], novel)
 
 
 def task_data(data: Digits, task: tuple[int, ...], split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +109,9 @@ def task_data(data: Digits, task: tuple[int, ...], split: str) -> tuple[torch.Te
     return data.features[split][keep], lut[y[keep]]
 
 
-def support_set(data: Digits, task: tuple[int, ...], shots: int, generator: torch.Generator) -> torch.Tensor:
+def support_set(
+    data: Digits, task: tuple[int, ...], shots: int, generator: torch.Generator
+) -> torch.Tensor:
     """The condition: ``shots`` training examples' features per class, ``[5, shots, F]``."""
     rows = []
     for digit in task:
@@ -123,17 +131,18 @@ def _stack_tasks(data: Digits, tasks: list[tuple[int, ...]], split: str):
     Y = torch.zeros(len(tasks), n, dtype=torch.long)
     W = torch.zeros(len(tasks), n)
     for i, (x, y) in enumerate(zip(xs, ys)):
-        X[i, :len(x)], Y[i, :len(y)], W[i, :len(y)] = x, y, 1.0
+        X[i, : len(x)], Y[i, : len(y)], W[i, : len(y)] = x, y, 1.0
     return X, Y, W
 
 
 def head_logits(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``[M, n, 5]`` logits of M heads (``weight [M, 5, F]``, ``bias [M, 5]``) on ``x [M, n, F]``."""
+    """Logits ``[M, n, 5]`` of heads ``weight [M, 5, F]``, ``bias [M, 5]`` on ``x [M, n, F]``."""
     return torch.einsum("mnf,mcf->mnc", x, weight) + bias[:, None]
 
 
-def accuracy(weight: torch.Tensor, bias: torch.Tensor, data: Digits, tasks: list[tuple[int, ...]],
-             split: str) -> torch.Tensor:
+def accuracy(
+    weight: torch.Tensor, bias: torch.Tensor, data: Digits, tasks: list[tuple[int, ...]], split: str
+) -> torch.Tensor:
     """Accuracy ``[M]`` of head m on task m's ``split``."""
     X, Y, W = _stack_tasks(data, tasks, split)
     with torch.no_grad():
@@ -141,17 +150,26 @@ def accuracy(weight: torch.Tensor, bias: torch.Tensor, data: Digits, tasks: list
     return (hit * W).sum(1) / W.sum(1)
 
 
-def random_heads(num: int, feature_dim: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def random_heads(
+    num: int, feature_dim: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """nn.Linear's default initialization (kaiming uniform, bound 1/sqrt(F))."""
-    bound = 1.0 / feature_dim ** 0.5
+    bound = 1.0 / feature_dim**0.5
     w = (torch.rand(num, WAYS, feature_dim, generator=generator) * 2 - 1) * bound
     b = (torch.rand(num, WAYS, generator=generator) * 2 - 1) * bound
     return w, b
 
 
-def train_heads(data: Digits, tasks: list[tuple[int, ...]], weight: torch.Tensor, bias: torch.Tensor,
-                steps: int, lr: float = 0.05, weight_decay: float = 1e-3,
-                record: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def train_heads(
+    data: Digits,
+    tasks: list[tuple[int, ...]],
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    steps: int,
+    lr: float = 0.05,
+    weight_decay: float = 1e-3,
+    record: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Fine-tune M heads on their tasks' train splits (full batch, Adam), all at once.
 
     Returns the trained weights and, with ``record``, the test accuracy ``[M]`` after every
@@ -173,8 +191,9 @@ def train_heads(data: Digits, tasks: list[tuple[int, ...]], weight: torch.Tensor
     return weight.detach(), bias.detach(), curve
 
 
-def feature_symmetry(weight: torch.Tensor, condition: torch.Tensor, generator: torch.Generator
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def feature_symmetry(
+    weight: torch.Tensor, condition: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The same task seen in a randomly rotated feature space: features ``x -> Q^T x`` and
     head ``W -> W Q`` for a random orthogonal Q, so ``W x`` (every logit) is unchanged.
 
@@ -184,5 +203,5 @@ def feature_symmetry(weight: torch.Tensor, condition: torch.Tensor, generator: t
     """
     F = weight.shape[-1]
     q, r = torch.linalg.qr(torch.randn(F, F, generator=generator))
-    q = q * torch.sign(torch.diagonal(r))          # Haar-distributed (Mezzadri 2007)
+    q = q * torch.sign(torch.diagonal(r))  # Haar-distributed (Mezzadri 2007)
     return weight @ q, condition @ q

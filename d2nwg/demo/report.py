@@ -9,17 +9,29 @@ METHODS = ("generated_best", "generated_mean", "zoo", "random")
 
 def table(results: dict) -> str:
     acc = results["accuracy"]
-    lines = [f"{'split':8s} " + " ".join(f"{m:>15s}" for m in METHODS) + f" {'best/zoo':>9s} {'mean/zoo':>9s}"]
+    lines = [
+        f"{'split':8s} "
+        + " ".join(f"{m:>15s}" for m in METHODS)
+        + f" {'best/zoo':>9s} {'mean/zoo':>9s}"
+    ]
     for split, row in acc.items():
         ratio = results["ratios_to_zoo"][split]
-        lines.append(f"{split:8s} " + " ".join(f"{row[m]:15.4f}" for m in METHODS)
-                     + f" {ratio['generated_best']:9.3f} {ratio['generated_mean']:9.3f}")
+        lines.append(
+            f"{split:8s} "
+            + " ".join(f"{row[m]:15.4f}" for m in METHODS)
+            + f" {ratio['generated_best']:9.3f} {ratio['generated_mean']:9.3f}"
+        )
     ft = results["finetune"]["steps_to_target"]
-    lines.append(f"fine-tuning steps to 95% of zoo accuracy (unseen tasks): generated "
-                 f"{ft['generated']:.1f}, random {ft['random']:.1f}")
+    lines.append(
+        f"fine-tuning steps to 95% of zoo accuracy (unseen tasks): generated "
+        f"{ft['generated']:.1f}, random {ft['random']:.1f}"
+    )
     sec = results["seconds"]
-    lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in sec.items())
-                 + f" (world size {results['world_size']})")
+    lines.append(
+        "seconds: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in sec.items())
+        + f" (world size {results['world_size']})"
+    )
     return "\n".join(lines)
 
 
@@ -52,7 +64,7 @@ def plots(results: dict, log: list[dict], out: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, curve in ft["curves"].items():
         ax.plot(range(len(curve)), curve, label=f"from {name} weights")
-    zoo = sum(results["per_task_accuracy"]["unseen"]["zoo"][:ft["tasks"]]) / ft["tasks"]
+    zoo = sum(results["per_task_accuracy"]["unseen"]["zoo"][: ft["tasks"]]) / ft["tasks"]
     ax.axhline(0.95 * zoo, color="gray", ls="--", label="95% of zoo accuracy")
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("test accuracy (unseen tasks)")
