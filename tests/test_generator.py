@@ -415,3 +415,59 @@ def test_cli_generate_condition_file_errors(fitted, tmp_path, capsys):
         == 2
     )
     assert "cond.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prediction_type", d2nwg.PREDICTION_TYPES)
+def test_diffusion_loss_targets_match_the_samplers_conversions(prediction_type):
+    """A model that outputs NoiseSchedule.target exactly has zero loss, and the samplers'
+    conversion of that output gives back x0 and the noise (one set of names for both)."""
+    from d2nwg.nn.denoiser import diffusion_loss
+    from d2nwg.ops.sampler_step_op import AO, AX, EO, EX
+    from d2nwg.sampling import prediction_coefficients
+
+    g = torch.Generator().manual_seed(0)
+    sched = d2nwg.NoiseSchedule.linear(1000)
+    x0 = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
+    noise = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 10, 500, 900, 999])
+    target = sched.target(x0, noise, t, prediction_type)
+
+    def oracle(x_t, t_, cond=None):
+        return target
+
+    assert (
+        float(diffusion_loss(oracle, x0, sched, t, noise, prediction_type=prediction_type)) == 0.0
+    )
+    wrong = [p for p in d2nwg.PREDICTION_TYPES if p != prediction_type][0]
+    assert float(diffusion_loss(oracle, x0, sched, t, noise, prediction_type=wrong)) > 0.1
+    x_t = sched.add_noise(x0, noise, t)
+    torch.testing.assert_close(
+        x_t, sched.alphas[t].view(-1, 1, 1) * x0 + sched.sigmas_t[t].view(-1, 1, 1) * noise
+    )
+    cols = prediction_coefficients(sched.alphas_cumprod[t], prediction_type)
+
+    def col(name):
+        return cols[name].view(-1, 1, 1)
+
+    torch.testing.assert_close(col(AX) * x_t + col(AO) * target, x0)
+    torch.testing.assert_close(col(EX) * x_t + col(EO) * target, noise)
+    # padding tokens (mask False) do not count: garbage there leaves the loss at 0
+    mask = torch.tensor([True, True, False])
+    garbage = target.clone()
+    garbage[:, 2] = 1e3
+
+    def padded_oracle(x_t, t_, cond=None, mask=None):
+        assert mask is not None  # the model sees the mask too
+        return garbage
+
+    assert (
+        float(
+            diffusion_loss(
+                padded_oracle, x0, sched, t, noise, prediction_type=prediction_type, mask=mask
+            )
+        )
+        == 0.0
+    )
+    assert (
+        float(diffusion_loss(oracle, x0, sched, t, noise, prediction_type=prediction_type)) == 0.0
+    )
