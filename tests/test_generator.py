@@ -471,3 +471,30 @@ def test_diffusion_loss_targets_match_the_samplers_conversions(prediction_type):
     assert (
         float(diffusion_loss(oracle, x0, sched, t, noise, prediction_type=prediction_type)) == 0.0
     )
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    """`d2nwg demo --quick` (what CI runs): results.json, plots and the generator."""
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "d2nwg", "demo", "--quick", "--no-progress", "--out", str(out)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 1
+    assert set(results["tasks"]) == set(results["accuracy"]) == {"seen", "unseen", "novel"}
+    for split, acc in results["accuracy"].items():
+        assert set(acc) == {"generated_best", "generated_mean", "zoo", "random"}
+        assert acc["zoo"] > 0.9 and acc["random"] < 0.5, (split, acc)
+        assert acc["generated_best"] >= acc["generated_mean"], (split, acc)
+    assert results["accuracy"]["seen"]["generated_best"] > results["accuracy"]["seen"]["random"]
+    steps = results["finetune"]["steps_to_target"]
+    assert set(steps) == {"generated", "random"}
+    assert (out / "generator" / "config.json").exists()
+    for name in ("accuracy.png", "finetune.png", "losses.png"):
+        assert (out / name).stat().st_size > 1000, name
+    D2NWG.load(out / "generator")

@@ -50,12 +50,12 @@ SPLITS = ("seen", "unseen", "novel")
 class DemoSettings:
     seen: int = 100  # zoo tasks (of the 126 without the novel digit)
     unseen: int = 20
-    novel: int = 10
+    novel: int = 20
     seeds: int = 3  # zoo heads per seen task
     symmetries: int = 3  # rotated copies of each zoo head (besides the head itself)
-    shots: int = 10  # support examples per class (the condition)
+    shots: int = 20  # support examples per class (the condition)
     head_steps: int = 100  # fine-tuning steps of a zoo head
-    candidates: int = 10  # generated heads per task
+    candidates: int = 20  # generated heads per task
     finetune_steps: int = 60
     finetune_tasks: int = 10
     vae_steps: int = 500
