@@ -165,24 +165,19 @@ def _untied(sd: dict) -> dict:
     return out
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _int_at_least(minimum: int):
+    """An argparse type: an int >= ``minimum`` (argparse turns the error into one line)."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return parse
 
 
 def _device(text: str) -> str:
@@ -236,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--quick", action="store_true", help="a smaller run (under a minute on CPU)")
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=_nonnegative_int, default=0)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -267,11 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--generator", required=True, help="a directory written by D2NWG.save")
     p.add_argument("--condition", help="a safetensors file with a tensor named 'condition'")
-    p.add_argument("--num", type=_positive_int, default=1)
-    p.add_argument("--seed", type=_nonnegative_int, default=0)
+    p.add_argument("--num", type=_int_at_least(1), default=1)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"])
-    p.add_argument("--steps", type=_positive_int)
+    p.add_argument("--steps", type=_int_at_least(1))
     p.add_argument("--guidance-scale", type=float)
     p.set_defaults(func=cmd_generate)
 

@@ -386,23 +386,16 @@ class D2NWG:
         first = zoo[0]
         self._check_condition_kind(first.condition)
         c = self.config
-        tok = WeightTokenizer.from_state_dict(
-            first.state_dict,
-            chunk_size=c.chunk_size or 64,
-            granularity=c.granularity,
-            include=c.include,
-            exclude=c.exclude,
-        )
-        self.config = c = c.resolve(
-            tok.num_params, 0 if first.condition is None else first.condition.shape[-1]
-        )
-        self.tokenizer = tok = WeightTokenizer.from_state_dict(
-            first.state_dict,
-            chunk_size=c.chunk_size,
-            granularity=c.granularity,
-            include=c.include,
-            exclude=c.exclude,
-        )
+
+        def tokenizer(chunk_size: int) -> WeightTokenizer:
+            return WeightTokenizer.from_state_dict(
+                first.state_dict, chunk_size=chunk_size, granularity=c.granularity,
+                include=c.include, exclude=c.exclude,
+            )  # fmt: skip
+
+        features = 0 if first.condition is None else first.condition.shape[-1]
+        self.config = c = c.resolve(tokenizer(c.chunk_size or 64).num_params, features)
+        self.tokenizer = tok = tokenizer(c.chunk_size)
         # Statistics over the whole zoo (a cheap streaming pass), identical on every rank.
         tok.fit(zoo.state_dicts())
         tokens = tok.tokenize(list(share.state_dicts()))  # [M, T, C]
@@ -415,13 +408,13 @@ class D2NWG:
         else:
             self._max_classes = 0
         self._build()
-        ckpt = Checkpoints(out) if out is not None else None
-        log = LossLog(out, ctx.is_main)
-        state = ckpt.latest() if (resume and ckpt) else None
+        run = _Run(device, ctx, Checkpoints(out) if out is not None else None,
+                   LossLog(out, ctx.is_main), progress)  # fmt: skip
+        state = run.ckpt.latest() if (resume and run.ckpt) else None
         if not resume and ctx.is_main:
-            log.clear()
-            if ckpt is not None:
-                ckpt.clear()
+            run.log.clear()
+            if run.ckpt is not None:
+                run.ckpt.clear()
         ctx.barrier()
         if state is not None and state["world_size"] != ctx.world_size:
             raise ConfigError(
@@ -431,7 +424,7 @@ class D2NWG:
         t0 = time.perf_counter()
         self.vae.to(device)
         if state is None or state["stage"] == "vae":
-            self._train_vae(tokens, device, ctx, ckpt, log, state, progress)
+            self._train_vae(tokens, run, state)
             state = None
         else:
             self.vae.load_state_dict(state["modules"]["vae"])
@@ -446,7 +439,7 @@ class D2NWG:
         self.latent_scale = float(1.0 / math.sqrt(sq[0] / sq[1]))
         latents = (mu * self.latent_scale).float()
         self.model.to(device)
-        self._train_diffusion(latents, raw, device, ctx, ckpt, log, state, progress)
+        self._train_diffusion(latents, raw, run, state)
         self.history["diffusion_seconds"] = time.perf_counter() - t1
         self.history["world_size"] = ctx.world_size
         ctx.barrier()
@@ -481,17 +474,13 @@ class D2NWG:
         steps: int,
         lr: float,
         loss_fn: Callable[[nn.Module, torch.Generator], torch.Tensor],
-        device: torch.device,
-        ctx: DistContext,
-        ckpt: Checkpoints | None,
-        log: LossLog,
+        run: _Run,
         state: dict | None,
-        progress: bool,
-        ema: EMA | None,
+        ema: EMA | None = None,
     ) -> None:
         """The training loop both stages share: AdamW, warm-up + cosine, clipping, EMA,
         checkpoints and the loss log. ``loss_fn(trained, generator)`` computes one batch."""
-        c = self.config
+        c, device, ctx, log = self.config, run.device, run.ctx, run.log
         gen = torch.Generator().manual_seed(
             c.seed * 1_000_003 + 7919 * ctx.rank + STAGES.index(stage)
         )
@@ -511,7 +500,7 @@ class D2NWG:
             start = state["step"]
             log.truncate_after(stage, start)
         warmup = int(c.warmup * steps)
-        bar = _progress(progress and ctx.is_main, steps, start, stage)
+        bar = _progress(run.progress and ctx.is_main, steps, start, stage)
         module.train()
         tick, tick_step = time.perf_counter(), start
         stage_t0 = tick
@@ -542,8 +531,8 @@ class D2NWG:
                 bar.set_postfix(loss=f"{value:.4f}", steps_per_s=f"{rate:.1f}")
                 tick, tick_step = now, done
             bar.update(1)
-            if ckpt is not None and (done % c.checkpoint_every == 0 or done == steps):
-                self._checkpoint(ckpt, ctx, stage, done, module, opt, gen, ema)
+            if run.ckpt is not None and (done % c.checkpoint_every == 0 or done == steps):
+                self._checkpoint(run, stage, done, module, opt, gen, ema)
         bar.close()
         module.eval()
         if steps > start:
@@ -553,8 +542,7 @@ class D2NWG:
 
     def _checkpoint(
         self,
-        ckpt: Checkpoints,
-        ctx: DistContext,
+        run: _Run,
         stage: str,
         step: int,
         module: nn.Module,
@@ -562,92 +550,56 @@ class D2NWG:
         gen: torch.Generator,
         ema: EMA | None,
     ) -> None:
-        rng = ctx.all_gather(gen.get_state())  # every rank's generator, for an exact resume
-        if ctx.is_main:
-            modules = {"trained": module.state_dict(), "vae": self.vae.state_dict()}
-            ckpt.save(
-                STAGES.index(stage),
-                stage,
-                step,
-                {
-                    "stage": stage,
-                    "step": step,
-                    "world_size": ctx.world_size,
-                    "modules": modules,
-                    "optimizer": opt.state_dict(),
-                    "rng": rng,
-                    "ema": None if ema is None else ema.state_dict(),
-                    "latent_scale": self.latent_scale,
-                },
-            )
-        ctx.barrier()
+        rng = run.ctx.all_gather(gen.get_state())  # every rank's generator, for an exact resume
+        if run.ctx.is_main:
+            run.ckpt.save(STAGES.index(stage), stage, step, {
+                "stage": stage, "step": step, "world_size": run.ctx.world_size,
+                "modules": {"trained": module.state_dict(), "vae": self.vae.state_dict()},
+                "optimizer": opt.state_dict(), "rng": rng,
+                "ema": None if ema is None else ema.state_dict(),
+            })  # fmt: skip
+        run.ctx.barrier()
 
-    def _train_vae(self, tokens, device, ctx, ckpt, log, state, progress) -> None:
-        c = self.config
-        T = tokens.shape[1]
+    def _train_vae(self, tokens: torch.Tensor, run: _Run, state: dict | None) -> None:
+        """Stage 1 on random real chunks of the zoo's tokens ``[M, T, C]``."""
+        c, T = self.config, tokens.shape[1]
         flat = tokens.reshape(-1, c.chunk_size)  # [M*T, C]
         real = torch.nonzero(self.tokenizer.mask.any(1).repeat(tokens.shape[0])).squeeze(1)
-        mask = self.tokenizer.mask.to(device)
+        mask = self.tokenizer.mask.to(run.device)
 
         def loss_fn(trained: nn.Module, gen: torch.Generator) -> torch.Tensor:
             idx = real[torch.randint(real.numel(), (c.vae_batch,), generator=gen)]
-            x = flat[idx].to(device)
-            m = mask[(idx % T).to(device)]
-            return trained(x, m, gen)
+            return trained(flat[idx].to(run.device), mask[(idx % T).to(run.device)], gen)
 
-        self._run_stage(
-            "vae",
-            _VAELoss(self.vae),
-            c.vae_steps,
-            c.vae_lr,
-            loss_fn,
-            device,
-            ctx,
-            ckpt,
-            log,
-            state,
-            progress,
-            None,
-        )
+        self._run_stage("vae", _VAELoss(self.vae), c.vae_steps, c.vae_lr, loss_fn, run, state)
 
-    def _train_diffusion(self, latents, raw, device, ctx, ckpt, log, state, progress) -> None:
-        c = self.config
+    def _train_diffusion(
+        self, latents: torch.Tensor, raw: RawConditions | None, run: _Run, state: dict | None
+    ) -> None:
+        """Stage 2 on the scaled latents ``[M, T, d]`` and their raw conditions."""
+        c, device = self.config, run.device
         schedule = c.noise_schedule().to(device)
         M = latents.shape[0]
         latents = latents.to(device)
         raw = raw.to(device) if raw is not None else None
-        self.ema = ema = EMA(self.model, c.ema_decay)
+        ema = EMA(self.model, c.ema_decay)
 
         def loss_fn(trained: nn.Module, gen: torch.Generator) -> torch.Tensor:
-            idx = torch.randint(
-                M, (min(c.batch_size, M) if M < c.batch_size else c.batch_size,), generator=gen
-            )
+            idx = torch.randint(M, (min(c.batch_size, M),), generator=gen)
             t = torch.randint(c.timesteps, (idx.numel(),), generator=gen)
-            noise = torch.randn(latents[idx].shape, generator=gen)
+            noise = torch.randn(idx.numel(), *latents.shape[1:], generator=gen)
+            idx = idx.to(device)
             return trained(
-                latents[idx.to(device)],
+                latents[idx],
                 t.to(device),
                 noise.to(device),
-                None if raw is None else raw[idx.to(device)],
+                None if raw is None else raw[idx],
                 schedule,
                 c.cond_drop,
                 gen,
             )
 
-        self._run_stage(
-            "diffusion",
-            self.model,
-            c.diffusion_steps,
-            c.lr,
-            loss_fn,
-            device,
-            ctx,
-            ckpt,
-            log,
-            state,
-            progress,
-            ema,
-        )
+        self._run_stage("diffusion", self.model, c.diffusion_steps, c.lr, loss_fn, run, state, ema)
         ema.copy_to(self.model)  # the generator samples with the averaged weights
 
     # ---- generation -----------------------------------------------------------------------
@@ -820,6 +772,17 @@ class D2NWG:
         gen.vae.to(device).eval()
         gen.model.to(device).eval()
         return gen
+
+
+@dataclass
+class _Run:
+    """Where and how one fit runs: device, process group, checkpoints, log, progress bars."""
+
+    device: torch.device
+    ctx: DistContext
+    ckpt: Checkpoints | None
+    log: LossLog
+    progress: bool
 
 
 def _max_slots(gen: D2NWG) -> int:
