@@ -25,6 +25,7 @@ def save_safetensors(
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
         os.close(fd)
+        _default_mode(tmp)
     except OSError as exc:
         raise FileWriteError(f"{path}: cannot write here ({exc})") from exc
     try:
@@ -53,6 +54,7 @@ def save_json(path: str | os.PathLike, obj: object) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    _default_mode(tmp)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -123,3 +125,10 @@ def parse_json_metadata(
     if key not in metadata:
         raise FileFormatError(f"{path}: no {what} (metadata key {key!r}) in the file")
     return loads_json(metadata[key], f"{path}: metadata {key!r}")
+
+
+def _default_mode(path: str) -> None:
+    """mkstemp creates 0600 files; give the final file the mode open() would (0666 & ~umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
