@@ -135,11 +135,12 @@ def run(
                 )
             )
         cond = zoo[0].condition
-        for k in (4,) if tiny else (16, 256):
-            ms = median_ms(
-                lambda: gen.generate(cond, num_samples=k), device, repeat=3 if tiny else 5
-            )
-            base = median_ms(lambda: plain_generate(gen, cond, k), device, repeat=3 if tiny else 5)
+        gpu = device.startswith("cuda")
+        counts = (4,) if tiny else (16, 256) if gpu or "heads" in name else (4,)
+        repeat = 5 if gpu else 3
+        for k in counts:
+            ms = median_ms(lambda: gen.generate(cond, num_samples=k), device, repeat=repeat)
+            base = median_ms(lambda: plain_generate(gen, cond, k), device, repeat=repeat)
             fused = gen.generate(cond, num_samples=1, seed=0)[0]
             plain = plain_generate(gen, cond, 1, seed=0)[0]
             err = max(float((fused[n] - plain[n]).abs().max()) for n in fused)
