@@ -8,6 +8,7 @@ or fails with every backend's reason listed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,29 @@ def triton_reason(tensors: Iterable[torch.Tensor]) -> str | None:
     if "cpu" in devices and "cuda" in devices:
         return "tensors are on both CPU and CUDA"
     return None
+
+
+def compiled_reason(device_type: str, *ops: str) -> Callable[..., str | None]:
+    """The ``why_not`` of a compiled (csrc/) backend: it runs on ``device_type`` tensors (the
+    first input) when d2nwg._C can run there and registered every op in ``ops``."""
+
+    def why_not(x: torch.Tensor, *_) -> str | None:
+        from d2nwg import _ext
+
+        if x.device.type != device_type:
+            return f"needs {device_type.upper()} tensors, got {x.device.type}"
+        reason = _ext.cuda_reason(x.device.index) if device_type == "cuda" else _ext.cpp_reason()
+        missing = [op for op in ops if not hasattr(torch.ops.d2nwg, op)]
+        if reason is None and missing:
+            return f"d2nwg._C was built without {', '.join(missing)} (rebuild it)"
+        return reason
+
+    return why_not
+
+
+def launch_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device, not on its arguments': make it t's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def requested_backend(backend: str | None) -> tuple[str | None, bool]:

@@ -22,12 +22,13 @@ head dimension is used (see ``_fwd_config`` / ``_bwd_config``).
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from d2nwg.backends import launch_device
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
@@ -427,11 +428,6 @@ def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _on_device(t: torch.Tensor):
-    """Triton launches on the current CUDA device, not on its arguments': make it t's."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _mask_arg(mask: torch.Tensor | None, fallback: torch.Tensor):
     if mask is None:
         return fallback, 0, False
@@ -462,7 +458,7 @@ def attention_fwd(
         return o, lse
     m, stride_mb, has_mask = _mask_arg(mask, q)
     cfg = _fwd_config(D, q.dtype)
-    with _on_device(q):
+    with launch_device(q):
         for sl in _batch_slices(B, H):
             Bs = sl.stop - sl.start
             qs, ks, vs, os_ = q[sl], k[sl], v[sl], o[sl]
@@ -527,7 +523,7 @@ def attention_bwd(
     precision = _precision(q.dtype)
     delta = torch.empty(B, H, LQ, dtype=torch.float32, device=q.device)
     pre_block = 32 if _interpreted() else 64
-    with _on_device(q):
+    with launch_device(q):
         for sl in _batch_slices(B, H):
             BH = (sl.stop - sl.start) * H
             qs, ks, vs, os_, dos = q[sl], k[sl], v[sl], o[sl], do[sl]

@@ -24,13 +24,14 @@ the item sizes are runtime values.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from d2nwg.backends import launch_device
 
 BLOCK_GPU = 4096  # elements per program on a GPU (8 warps: 16 elements per thread)
 BLOCK_CPU = 256  # under the interpreter: small enough that tests cross block edges
@@ -159,11 +160,6 @@ def _detokenize_kernel(
 # ----------------------------------------------------------------------------------------
 # Launchers.
 # ----------------------------------------------------------------------------------------
-def _on_device(t: torch.Tensor):
-    """Triton launches on the current CUDA device, not on its arguments': make it t's."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _block_size(device: torch.device) -> int:
     return BLOCK_CPU if device.type == "cpu" else BLOCK_GPU
 
@@ -305,7 +301,7 @@ def tokenize_triton(
         )
         src_addr = torch.tensor(addresses, dtype=torch.int64, device=out_rows.device)
         grid = (tab["item_of_block"].numel(),)
-        with _on_device(out_rows):
+        with launch_device(out_rows):
             _tokenize_kernel[grid](
                 out_rows,
                 src_addr,
@@ -344,7 +340,7 @@ def detokenize_triton(
         )
         dst_addr = torch.tensor(addresses, dtype=torch.int64, device=tokens_rows.device)
         grid = (tab["item_of_block"].numel(),)
-        with _on_device(tokens_rows):
+        with launch_device(tokens_rows):
             _detokenize_kernel[grid](
                 tokens_rows,
                 dst_addr,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import d2nwg
-from d2nwg.backends import Backend, select
+from d2nwg import _ext
+from d2nwg.backends import Backend, compiled_reason, select
 from d2nwg.cli import main
 
 
@@ -101,6 +102,18 @@ def test_triton_interpreter_only_when_forced():
     )
     assert select("op", backends, torch.zeros(2)).name == "torch"
     assert select("op", backends, torch.zeros(2), backend="triton").name == "triton"
+
+
+def test_compiled_backends_need_their_device_and_their_ops():
+    x = torch.zeros(2)
+    assert compiled_reason("cuda", "sampler_step_")(x) == "needs CUDA tensors, got cpu"
+    if _ext.cpp_reason() is not None:  # no extension: that is the reason
+        assert compiled_reason("cpu", "no_such_op_")(x) == _ext.cpp_reason()
+        return
+    for op in ("sampler_step_", "tokenize_", "detokenize_"):
+        assert compiled_reason("cpu", op)(x, "other", "inputs") is None
+    reason = compiled_reason("cpu", "tokenize_", "no_such_op_")(x)
+    assert reason == "d2nwg._C was built without no_such_op_ (rebuild it)"
 
 
 def test_gpu_suite_runs_tiny_on_cpu(tmp_path):

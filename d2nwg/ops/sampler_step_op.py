@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from d2nwg import _ext
-from d2nwg.backends import Backend, select, triton_reason
+from d2nwg.backends import Backend, compiled_reason, select, triton_reason
 from d2nwg.errors import DeviceError, DTypeError, ShapeError, shape_of
 
 # Columns of a coefficient table row: the one definition for Python and Triton (the kernel
@@ -117,18 +117,6 @@ def _triton(x, model_out, table, step, noise, prev_x0, guided) -> None:
     torch.ops.d2nwg.sampler_step_triton_.default(x, model_out, table, step, noise, prev_x0, guided)
 
 
-def _on(device_type: str):
-    def check(x: torch.Tensor, *_) -> str | None:
-        if x.device.type != device_type:
-            return f"needs {device_type.upper()} tensors, got {x.device.type}"
-        reason = _ext.cuda_reason(x.device.index) if device_type == "cuda" else _ext.cpp_reason()
-        if reason is None and not hasattr(torch.ops.d2nwg, "sampler_step_"):
-            return "d2nwg._C was built without sampler_step_ (rebuild it)"
-        return reason
-
-    return check
-
-
 def _triton_why_not(x, *_) -> str | None:
     return triton_reason([x])
 
@@ -138,9 +126,9 @@ def _ref_reason(*_) -> None:
 
 
 SAMPLER_STEP_BACKENDS = (
-    Backend("cuda", _compiled, _on("cuda")),
+    Backend("cuda", _compiled, compiled_reason("cuda", "sampler_step_")),
     Backend("triton", _triton, _triton_why_not),
-    Backend("cpp", _compiled, _on("cpu")),
+    Backend("cpp", _compiled, compiled_reason("cpu", "sampler_step_")),
     Backend("torch", sampler_step_ref, _ref_reason),
 )
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from d2nwg import _ext
-from d2nwg.backends import Backend, select, triton_reason
+from d2nwg.backends import Backend, compiled_reason, select, triton_reason
 from d2nwg.errors import ConfigError, DeviceError, DTypeError, ShapeError
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -258,15 +258,6 @@ def _detokenize_triton(tokens, dests, plan: ChunkPlan) -> None:
     torch.ops.d2nwg.detokenize_triton_.default(tokens, list(dests), *_plan_args(plan))
 
 
-def _on(device_type: str):
-    def check(x: torch.Tensor, tensors, plan) -> str | None:
-        if x.device.type != device_type:
-            return f"needs {device_type.upper()} tensors, got {x.device.type}"
-        return _ext.cuda_reason(x.device.index) if device_type == "cuda" else _ext.cpp_reason()
-
-    return check
-
-
 def _ref_reason(*_) -> None:
     return None
 
@@ -276,15 +267,15 @@ def _triton_why_not(x, tensors, plan) -> str | None:
 
 
 TOKENIZE_BACKENDS = (
-    Backend("cuda", _tokenize_compiled, _on("cuda")),
+    Backend("cuda", _tokenize_compiled, compiled_reason("cuda", "tokenize_")),
     Backend("triton", _tokenize_triton, _triton_why_not),
-    Backend("cpp", _tokenize_compiled, _on("cpu")),
+    Backend("cpp", _tokenize_compiled, compiled_reason("cpu", "tokenize_")),
     Backend("torch", tokenize_ref, _ref_reason),
 )
 DETOKENIZE_BACKENDS = (
-    Backend("cuda", _detokenize_compiled, _on("cuda")),
+    Backend("cuda", _detokenize_compiled, compiled_reason("cuda", "detokenize_")),
     Backend("triton", _detokenize_triton, _triton_why_not),
-    Backend("cpp", _detokenize_compiled, _on("cpu")),
+    Backend("cpp", _detokenize_compiled, compiled_reason("cpu", "detokenize_")),
     Backend("torch", detokenize_ref, _ref_reason),
 )
 
