@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 
 import pytest
 import torch
 
 from d2nwg.sampling import default_timesteps, sample
 from d2nwg.schedule import NoiseSchedule
+from d2nwg.timing import median_ms
 
 B, N, STEPS = 8, 64, 50
 SCHED = NoiseSchedule.linear(1000)
@@ -131,33 +131,21 @@ def _cases():
     ]
 
 
-def _median_ms(fn, reps: int = 30, warmup: int = 3) -> float:
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
+@torch.no_grad()
 def run_table(reps: int = 30) -> list[dict]:
     rows = []
     cases = _cases()
     for _, fused, base in cases:  # warm every path (thread pools, caches) first
-        _median_ms(fused, 5)
-        _median_ms(base, 5)
+        median_ms(fused, "cpu", repeat=5, warmup=3)
+        median_ms(base, "cpu", repeat=5, warmup=3)
     for name, fused, base in cases:
-        with torch.no_grad():
-            y, y_base = fused(), base()
-            err = ((y - y_base).abs().max() / y_base.abs().max()).item()
+        y, y_base = fused(), base()
+        err = ((y - y_base).abs().max() / y_base.abs().max()).item()
         # interleave the two so that drift in machine load hits both alike
         f_ms, b_ms = [], []
         for _ in range(3):
-            f_ms.append(_median_ms(fused, reps // 3 + 1))
-            b_ms.append(_median_ms(base, reps // 3 + 1))
+            f_ms.append(median_ms(fused, "cpu", repeat=reps // 3 + 1, warmup=3))
+            b_ms.append(median_ms(base, "cpu", repeat=reps // 3 + 1, warmup=3))
         f, b = statistics.median(f_ms), statistics.median(b_ms)
         rows.append(
             {"case": name, "d2nwg_ms": f, "baseline_ms": b, "ratio": b / f, "max_rel_diff": err}
