@@ -114,38 +114,22 @@ class D2NWGConfig(JSONConfig):
                 raise ConfigError(
                     f"D2NWGConfig.{name}={getattr(self, name)!r}; choose from {allowed}"
                 )
+        # Types (and NaN) are checked by JSONConfig from the annotations; here: ranges.
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.type in ("int", "float") and (
-                isinstance(v, bool)
-                or not isinstance(v, (int, float))
-                or (f.type == "int" and not isinstance(v, int))
-            ):
-                raise ConfigError(f"D2NWGConfig.{f.name} must be {f.type}, got {v!r}")
-            if f.type in ("int", "float") and not (math.isfinite(v) and v >= 0):
-                raise ConfigError(f"D2NWGConfig.{f.name} must be finite and >= 0, got {v!r}")
-            if (
-                f.type == "list | None"
-                and v is not None
-                and not (isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v))
-            ):
-                raise ConfigError(
-                    f"D2NWGConfig.{f.name} must be a list of glob patterns, got {v!r}"
-                )
-        for name in (
-            "vae_blocks",
-            "num_heads",
-            "batch_size",
-            "vae_batch",
-            "timesteps",
-            "checkpoint_every",
-            "log_every",
-            "sample_steps",
-        ):
-            if getattr(self, name) < 1 and name != "vae_blocks":
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+                raise ConfigError(f"D2NWGConfig.{f.name} must be >= 0, got {v!r}")
+        for name in ("include", "exclude"):
+            patterns = getattr(self, name)
+            if patterns is not None and not all(isinstance(p, str) for p in patterns):
+                raise ConfigError(f"D2NWGConfig.{name} must be glob patterns, got {patterns!r}")
+        positive = ("num_heads", "batch_size", "vae_batch", "timesteps", "checkpoint_every",
+                    "log_every", "sample_steps")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
                 raise ConfigError(f"D2NWGConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup", "cond_drop"):
-            if not getattr(self, name) <= 1:
+            if getattr(self, name) > 1:
                 raise ConfigError(
                     f"D2NWGConfig.{name} must lie in [0, 1], got {getattr(self, name)}"
                 )
@@ -287,6 +271,7 @@ class D2NWG:
         self.model: ConditionalDenoiser | None = None
         self.latent_scale = 1.0
         self.cond_rank = 0  # 3 for dataset conditions, 2 for text, 0 for none
+        self.max_classes = 0  # condition slots the denoiser embeds (dataset conditions)
         self.history: dict[str, float] = {}
 
     # ---- set-up ---------------------------------------------------------------------------
@@ -404,9 +389,9 @@ class D2NWG:
             raw = RawConditions.stack(
                 [item.condition for item in share], self.cond_rank, c.cond_features
             )
-            self._max_classes = _global_max(ctx, raw.x.shape[1]) if self.cond_rank == 3 else 0
+            self.max_classes = _global_max(ctx, raw.x.shape[1]) if self.cond_rank == 3 else 0
         else:
-            self._max_classes = 0
+            self.max_classes = 0
         self._build()
         run = _Run(device, ctx, Checkpoints(out) if out is not None else None,
                    LossLog(out, ctx.is_main), progress)  # fmt: skip
@@ -737,7 +722,7 @@ class D2NWG:
                 "config": self.config.to_dict(),
                 "latent_scale": self.latent_scale,
                 "cond_rank": self.cond_rank,
-                "max_classes": self._max_classes,
+                "max_classes": self.max_classes,
             },
         )
 
@@ -758,7 +743,7 @@ class D2NWG:
             gen = cls(D2NWGConfig.from_dict(meta["config"]))
             gen.latent_scale = float(meta["latent_scale"])
             gen.cond_rank = int(meta["cond_rank"])
-            gen._max_classes = int(meta["max_classes"])
+            gen.max_classes = int(meta["max_classes"])
         except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise FileFormatError(f"{path}: {exc}") from exc
         if not (math.isfinite(gen.latent_scale) and gen.latent_scale > 0):
@@ -788,7 +773,7 @@ class _Run:
 def _max_slots(gen: D2NWG) -> int:
     """Condition slots the denoiser embeds: the zoo's largest class count (the null
     condition's token sits in slot 0, see drop_condition)."""
-    return max(1, gen._max_classes)
+    return max(1, gen.max_classes)
 
 
 def _global_max(ctx: DistContext, value: int) -> int:
