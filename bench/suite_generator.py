@@ -154,8 +154,8 @@ def run(
                     baseline="plain PyTorch pipeline",
                     baseline_ms=base,
                     ratio=base / ms,
-                    target=f"{k * 1e3 / ms:.0f} candidates/s, "
-                    f"{k * gen.tokenizer.num_params * 1e3 / ms / 1e6:.1f}M weights/s",
+                    target=f"{k * 1e3 / ms:.3g} candidates/s, "
+                    f"{k * gen.tokenizer.num_params * 1e3 / ms:.3g} weights/s",
                 )
             )
     return rows
