@@ -20,7 +20,6 @@ Writes ``results.json``, the generator (``generator/``), plots and prints a tabl
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from d2nwg.demo.digits import (
 )
 from d2nwg.files import save_json
 from d2nwg.generator import D2NWG, D2NWGConfig
-from d2nwg.training import DistContext
+from d2nwg.training import DistContext, LossLog
 from d2nwg.zoo import ModelZoo
 
 METHODS = ("generated_best", "generated_mean", "zoo", "random")
@@ -243,7 +242,7 @@ def run(
     from d2nwg.demo.report import plots, table
 
     print(table(results))
-    for path in plots(results, gen_log(out), out):
+    for path in plots(results, LossLog(os.path.join(out, "train"), enabled=False).read(), out):
         print(f"wrote {path}")
     print(
         f"wrote {os.path.join(out, 'results.json')} and the generator in "
@@ -256,14 +255,6 @@ def zoo_heads_of(zoo: ModelZoo) -> tuple[torch.Tensor, torch.Tensor]:
     """The seed-0 (unrotated) zoo head of every seen task, in task order."""
     items = [it for it in zoo if it.meta["seed"] == 0 and "rotation" not in it.meta]
     return _heads([it.state_dict for it in items])
-
-
-def gen_log(out: str) -> list[dict]:
-    path = os.path.join(out, "train", "log.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _count(gen: D2NWG) -> dict[str, int]:
