@@ -54,6 +54,17 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _batch_head(H, LQ):
+    """This program's batch b, head h and first LSE / DELTA entry row0 (grid axis 1 runs over
+    batch * head), in int64: b * stride_b and pid * LQ pass 2^31 on large batches even when
+    each stride fits in int32 (Triton would multiply in int32 and wrap)."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    return b, h, pid_bh.to(tl.int64) * LQ
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q,
     K,
@@ -87,12 +98,7 @@ def _attn_fwd_kernel(
     FULL_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    # int64 offsets: b * stride_b (and pid_bh * LQ) pass 2^31 on large batches even when each
-    # stride fits in int32 (Triton then multiplies in int32 and wraps).
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    row0 = pid_bh.to(tl.int64) * LQ  # first LSE / DELTA entry of this (batch, head)
+    b, h, row0 = _batch_head(H, LQ)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -155,12 +161,7 @@ def _attn_bwd_preprocess(
     BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    # int64 offsets: b * stride_b (and pid_bh * LQ) pass 2^31 on large batches even when each
-    # stride fits in int32 (Triton then multiplies in int32 and wraps).
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    row0 = pid_bh.to(tl.int64) * LQ  # first LSE / DELTA entry of this (batch, head)
+    b, h, row0 = _batch_head(H, LQ)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < LQ
@@ -221,12 +222,7 @@ def _attn_bwd_dkdv_kernel(
     FULL_M: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    # int64 offsets: b * stride_b (and pid_bh * LQ) pass 2^31 on large batches even when each
-    # stride fits in int32 (Triton then multiplies in int32 and wraps).
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    row0 = pid_bh.to(tl.int64) * LQ  # first LSE / DELTA entry of this (batch, head)
+    b, h, row0 = _batch_head(H, LQ)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -324,12 +320,7 @@ def _attn_bwd_dq_kernel(
     FULL_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    # int64 offsets: b * stride_b (and pid_bh * LQ) pass 2^31 on large batches even when each
-    # stride fits in int32 (Triton then multiplies in int32 and wraps).
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    row0 = pid_bh.to(tl.int64) * LQ  # first LSE / DELTA entry of this (batch, head)
+    b, h, row0 = _batch_head(H, LQ)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
