@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from d2nwg.backends import launch_device
+
 BLOCK = 1024  # elements per program on a GPU (BLOCK_B rows x BLOCK_N columns)
 NUM_WARPS = 4
 # Under TRITON_INTERPRET=1 (CPU) every program and every op costs Python time whatever its
@@ -129,25 +131,26 @@ def sampler_step_triton(
     n_col_blocks = triton.cdiv(N, block_n)
     stride_tb = table.shape[2] if table.dim() == 3 else 0
     grid = (triton.cdiv(B, block_b) * n_col_blocks,)
-    _sampler_step_kernel[grid](
-        x,
-        model_out,
-        table,
-        step,
-        noise if noise is not None else x,
-        prev_x0 if prev_x0 is not None else x,
-        B,
-        N,
-        n_col_blocks,
-        table.shape[0],
-        table.stride(0),
-        stride_tb,
-        GUIDED=bool(guided),
-        HAS_NOISE=noise is not None,
-        HAS_PREV=prev_x0 is not None,
-        ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
-        BLOCK_B=block_b,
-        BLOCK_N=block_n,
-        num_warps=NUM_WARPS,
-        **{f"COL_{name}": j for j, name in enumerate(COLUMNS)},
-    )
+    with launch_device(x):  # Triton launches on the current device, not the tensors'
+        _sampler_step_kernel[grid](
+            x,
+            model_out,
+            table,
+            step,
+            noise if noise is not None else x,
+            prev_x0 if prev_x0 is not None else x,
+            B,
+            N,
+            n_col_blocks,
+            table.shape[0],
+            table.stride(0),
+            stride_tb,
+            GUIDED=bool(guided),
+            HAS_NOISE=noise is not None,
+            HAS_PREV=prev_x0 is not None,
+            ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
+            BLOCK_B=block_b,
+            BLOCK_N=block_n,
+            num_warps=NUM_WARPS,
+            **{f"COL_{name}": j for j, name in enumerate(COLUMNS)},
+        )
