@@ -156,7 +156,7 @@ class D2NWGConfig(JSONConfig):
         c.cond_features = c.cond_features or cond_features
         c.vae_steps = c.vae_steps or 1000
         c.diffusion_steps = c.diffusion_steps or 2000
-        c.ema_decay = c.ema_decay or min(0.999, 1 - 10 / c.diffusion_steps)
+        c.ema_decay = c.ema_decay or min(0.999, max(0.0, 1 - 10 / c.diffusion_steps))
         return c
 
     def noise_schedule(self) -> NoiseSchedule:

@@ -185,6 +185,8 @@ def test_config_validation():
     big = D2NWGConfig().resolve(num_params=3_000_000, cond_features=0)
     assert big.chunk_size == 4096 and big.depth == 6
     assert D2NWGConfig.from_dict(cfg.to_dict()) == cfg
+    short = D2NWGConfig(diffusion_steps=5).resolve(num_params=325, cond_features=64)
+    assert short.ema_decay == 0.0  # 1 - 10 / 5 < 0: no averaging, not a negative decay
 
 
 # ----------------------------------------------------------------------------------------
