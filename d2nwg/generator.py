@@ -52,6 +52,7 @@ from d2nwg.zoo import ModelZoo
 FORMAT = "d2nwg.D2NWG"
 FORMAT_VERSION = 1
 CONDITIONS = ("dataset", "text", "none")
+CONDITION_SHAPES = {3: "[classes, shots, F]", 2: "[L, E]"}  # raw condition of one task, by rank
 STAGES = ("vae", "diffusion")
 
 
@@ -170,6 +171,22 @@ class D2NWGConfig(JSONConfig):
         )
 
 
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` (CUDA when visible, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; a
+    ConfigError saying why anything else cannot be used."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not a device (cpu, cuda, cuda:N, auto)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r}: d2nwg runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: no CUDA device is visible")
+    return device
+
+
 # ----------------------------------------------------------------------------------------
 # Raw conditions: one task's tensor, or a batch, padded with a mask.
 # ----------------------------------------------------------------------------------------
@@ -197,9 +214,8 @@ class RawConditions:
                 or c.shape[-1] != features
                 or not c.is_floating_point()
             ):
-                want = "[classes, shots, F]" if rank == 3 else "[L, E]"
                 raise ShapeError(
-                    f"condition {i} must be a floating tensor {want} with "
+                    f"condition {i} must be a floating tensor {CONDITION_SHAPES[rank]} with "
                     f"F = {features}, got {shape_of(c)}"
                 )
         lead = [max(c.shape[d] for c in conditions) for d in range(rank - 1)]
@@ -215,11 +231,10 @@ class RawConditions:
 class ConditionalDenoiser(nn.Module):
     """The denoiser and its condition encoder: what stage 2 trains end to end."""
 
-    def __init__(self, denoiser: LatentDenoiser, encoder: nn.Module | None, kind: str) -> None:
+    def __init__(self, denoiser: LatentDenoiser, encoder: nn.Module | None) -> None:
         super().__init__()
         self.denoiser = denoiser
         self.encoder = encoder
-        self.kind = kind
 
     def encode(self, raw: RawConditions | None) -> Condition | None:
         if self.encoder is None or raw is None:
@@ -272,26 +287,12 @@ class D2NWG:
         self.latent_scale = 1.0
         self.cond_rank = 0  # 3 for dataset conditions, 2 for text, 0 for none
         self.max_classes = 0  # condition slots the denoiser embeds (dataset conditions)
-        self.history: dict[str, float] = {}
+        self.history: dict[str, Any] = {}  # seconds per stage, steps_per_s, world_size
 
     # ---- set-up ---------------------------------------------------------------------------
     @property
     def fitted(self) -> bool:
         return self.model is not None
-
-    def _device(self) -> torch.device:
-        d = self.config.device
-        if d == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(d)
-        except RuntimeError as exc:
-            raise ConfigError(f"D2NWGConfig.device={d!r} is not a device") from exc
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"D2NWGConfig.device={d!r} but no CUDA device is visible")
-        if device.type not in ("cpu", "cuda"):
-            raise ConfigError(f"D2NWGConfig.device={d!r}: d2nwg trains on 'cpu' or 'cuda'")
-        return device
 
     def _build(self) -> None:
         """The networks of a resolved config (deterministic given ``config.seed``)."""
@@ -314,7 +315,8 @@ class D2NWG:
                 depth=c.depth,
                 num_heads=c.num_heads,
                 cond_dim=c.cond_dim if conditional else 0,
-                max_cond_slots=_max_slots(self) if c.condition == "dataset" else 0,
+                # the zoo's largest class count (the null token sits in slot 0 too)
+                max_cond_slots=max(1, self.max_classes) if c.condition == "dataset" else 0,
                 num_layer_kinds=len(tok.kind_names),
                 prediction_type=c.prediction_type,
                 timestep_freq_dim=min(256, c.hidden_dim),
@@ -339,7 +341,7 @@ class D2NWG:
             encoder = TextConditioner(
                 TextConditionerConfig(in_dim=c.cond_features, dim=c.cond_dim), seed=c.seed + 2
             )
-        self.model = ConditionalDenoiser(den, encoder, c.condition)
+        self.model = ConditionalDenoiser(den, encoder)
 
     # ---- training -------------------------------------------------------------------------
     def fit(
@@ -360,7 +362,7 @@ class D2NWG:
             raise ConfigError(f"fit() needs a non-empty ModelZoo, got {type(zoo).__name__}")
         if resume and out is None:
             raise ConfigError("resume=True needs the out directory of the run to resume")
-        device = self._device()
+        device = resolve_device(self.config.device)
         ctx = DistContext.from_env(device)
         share = zoo.shard(ctx.rank, ctx.world_size) if ctx.active else zoo
         if len(share) == 0:
@@ -441,9 +443,9 @@ class D2NWG:
             return
         self.cond_rank = 3 if kind == "dataset" else 2
         if condition is None or condition.dim() != self.cond_rank:
-            want = "[classes, shots, F]" if kind == "dataset" else "[L, E]"
             raise ConfigError(
-                f"D2NWGConfig.condition={kind!r} needs zoo conditions {want}, "
+                f"D2NWGConfig.condition={kind!r} needs zoo conditions "
+                f"{CONDITION_SHAPES[self.cond_rank]}, "
                 f"got {shape_of(condition) if condition is not None else None}"
             )
 
@@ -606,7 +608,7 @@ class D2NWG:
         elif isinstance(condition, torch.Tensor) and condition.dim() == self.cond_rank + 1:
             condition = list(condition)
         if not isinstance(condition, (list, tuple)) or not condition:
-            want = "[classes, shots, F]" if c.condition == "dataset" else "[L, E]"
+            want = CONDITION_SHAPES[self.cond_rank]
             raise ShapeError(
                 f"condition must be a tensor {want}, a batch of them, or a list; "
                 f"got {shape_of(condition)}"
@@ -621,7 +623,7 @@ class D2NWG:
         return RawConditions.stack(condition, self.cond_rank, c.cond_features), len(condition)
 
     @torch.no_grad()
-    def generate_latents(
+    def generate_tokens(
         self,
         condition=None,
         num_samples: int = 1,
@@ -634,7 +636,8 @@ class D2NWG:
         device: str | torch.device | None = None,
         cuda_graph: bool = False,
     ) -> torch.Tensor:
-        """Decoded chunk tokens ``[tasks * num_samples, T, C]`` (task-major order)."""
+        """Generated chunk tokens ``[tasks * num_samples, T, C]`` (task-major order): sampled
+        latents decoded by the VAE, ready for the tokenizer's detokenize."""
         self._require_fitted()
         c = self.config
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -692,7 +695,7 @@ class D2NWG:
         ``num_samples`` is), ``sampler``, ``steps``, ``guidance_scale``, ``eta``, ``device``,
         ``cuda_graph``; defaults from the config.
         """
-        tokens = self.generate_latents(condition, num_samples, **sampling)
+        tokens = self.generate_tokens(condition, num_samples, **sampling)
         return self.tokenizer.detokenize(tokens.float().cpu())
 
     def generate_into(
@@ -700,7 +703,7 @@ class D2NWG:
     ):
         """Generate one set of weights and write it in place into ``model`` (a module or a
         state dict with the zoo's names); returns ``model``."""
-        tokens = self.generate_latents(condition, 1, **sampling)
+        tokens = self.generate_tokens(condition, 1, **sampling)
         return self.tokenizer.detokenize_into(model, tokens[0].float())
 
     # ---- files ----------------------------------------------------------------------------
@@ -768,12 +771,6 @@ class _Run:
     ckpt: Checkpoints | None
     log: LossLog
     progress: bool
-
-
-def _max_slots(gen: D2NWG) -> int:
-    """Condition slots the denoiser embeds: the zoo's largest class count (the null
-    condition's token sits in slot 0, see drop_condition)."""
-    return max(1, gen.max_classes)
 
 
 def _global_max(ctx: DistContext, value: int) -> int:

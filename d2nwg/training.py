@@ -199,13 +199,7 @@ class LossLog:
             return
         with open(self.path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        order = {}
-        keep = []
-        for r in rows:
-            order.setdefault(r["stage"], len(order))
-            if r["stage"] == stage and r["step"] > step:
-                continue
-            keep.append(r)
+        keep = [r for r in rows if not (r["stage"] == stage and r["step"] > step)]
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in keep)
 
