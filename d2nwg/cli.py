@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -123,6 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from d2nwg.files import read_safetensors, save_safetensors
     from d2nwg.generator import D2NWG
+    from d2nwg.zoo import untie
 
     gen = D2NWG.load(args.generator)
     condition = None
@@ -144,25 +146,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     }
     sds = gen.generate(condition, num_samples=args.num, seed=args.seed, **sampling)
     for i, sd in enumerate(sds):
-        unique = {k: v.contiguous() for k, v in sd.items()}
-        path = os.path.join(args.out, f"sample_{i:05d}.safetensors")
-        save_safetensors(
-            _untied(unique),
-            path,
-            {"format": "d2nwg.sample/1", "seed": str(args.seed), "index": str(i)},
-        )
+        stored, aliases = untie(sd)  # tied names are stored once (safetensors requires it)
+        meta = {"format": "d2nwg.sample/1", "seed": str(args.seed), "index": str(i)}
+        if aliases:
+            meta["aliases"] = json.dumps(aliases)
+        save_safetensors(stored, os.path.join(args.out, f"sample_{i:05d}.safetensors"), meta)
     print(f"wrote {len(sds)} samples to {args.out}")
     return 0
-
-
-def _untied(sd: dict) -> dict:
-    """safetensors refuses tensors that share storage: store tied names as copies."""
-    seen: set[int] = set()
-    out = {}
-    for k, v in sd.items():
-        out[k] = v.clone() if v.data_ptr() in seen else v
-        seen.add(v.data_ptr())
-    return out
 
 
 def _int_at_least(minimum: int):
@@ -181,18 +171,13 @@ def _int_at_least(minimum: int):
 
 
 def _device(text: str) -> str:
-    if text == "auto":
-        return text
+    """An argparse type: a device the generator can use (checked by resolve_device)."""
+    from d2nwg.generator import resolve_device
+
     try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a device (cpu, cuda, cuda:N, auto)"
-        ) from None
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"{text!r}: d2nwg runs on cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is visible")
+        resolve_device(text)
+    except d2nwg.ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 

@@ -84,7 +84,7 @@ def _layer_kind(name: str, shape: tuple[int, ...]) -> str:
     return f"{len(shape)}d.{name.rsplit('.', 1)[-1]}"
 
 
-def _storage_key(t: torch.Tensor) -> tuple:
+def storage_key(t: torch.Tensor) -> tuple:
     """Identity of the memory a tensor views. The storage is named by its StorageImpl, not its
     address: every meta tensor (and every empty storage) has address 0, so addresses would
     tie unrelated tensors of the same shape."""
@@ -104,7 +104,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if a.device.type == "meta" or b.device.type == "meta":
         return False
-    if _storage_key(a) == _storage_key(b):
+    if storage_key(a) == storage_key(b):
         return True
     bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
     return torch.equal(a.view(bits), b.to(a.device).view(bits))
@@ -344,7 +344,7 @@ class WeightTokenizer:
                     )
                 ignored.append(name)
                 continue
-            key = _storage_key(t)
+            key = storage_key(t)
             if key in tied and t.numel() > 0:
                 first = layers[tied[key]]
                 layers[tied[key]] = LayerSpec(
@@ -667,7 +667,7 @@ class WeightTokenizer:
         with torch.no_grad():
             ops.detokenize(tokens.to(dests[0].device)[None], dests, self.plan, backend=backend)
             for copy, i in copies:  # untied copies in the target get the same values
-                if _storage_key(copy) != _storage_key(dests[i]):
+                if storage_key(copy) != storage_key(dests[i]):
                     copy.copy_(dests[i])
         return target
 

@@ -35,6 +35,7 @@ from d2nwg.errors import (
     ShapeError,
 )
 from d2nwg.files import read_json, read_safetensors, save_json, save_safetensors
+from d2nwg.tokenizer import storage_key
 
 FORMAT = "d2nwg.ModelZoo"
 FORMAT_VERSION = 1
@@ -164,25 +165,13 @@ def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype).copy_(t.detach())
 
 
-def _storage_key(t: torch.Tensor) -> tuple:
-    """Equal for names that are the very same tensor view (tied weights), e.g. lm_head/embed."""
-    return (
-        t.device,
-        t.untyped_storage().data_ptr(),
-        t.storage_offset(),
-        tuple(t.shape),
-        t.stride(),
-        t.dtype,
-    )
-
-
-def _untie(sd: StateDict) -> tuple[StateDict, dict[str, str]]:
+def untie(sd: StateDict) -> tuple[StateDict, dict[str, str]]:
     """(tensors to store, {alias: stored name}): safetensors refuses tensors sharing storage."""
     stored: StateDict = {}
     aliases: dict[str, str] = {}
     first: dict[tuple, str] = {}
     for name, t in sd.items():
-        key = _storage_key(t)
+        key = storage_key(t)
         if t.numel() > 0 and key in first:
             aliases[name] = first[key]
         else:
@@ -321,7 +310,7 @@ class ModelZoo:
         sd: StateDict = {}
         for name in order:
             t = state_dict[name]
-            key = _storage_key(t)
+            key = storage_key(t)
             if key not in copies or t.numel() == 0:
                 copies[key] = _cpu_copy(t)
             sd[name] = copies[key]
@@ -445,7 +434,7 @@ class ModelZoo:
         try:
             records, on_disk = [], []
             for i, item in enumerate(self):
-                stored, aliases = _untie(item.state_dict)
+                stored, aliases = untie(item.state_dict)
                 weights = f"model_{i:05d}.safetensors"
                 save_safetensors(stored, os.path.join(staging, weights), {"format": FORMAT})
                 cond = None

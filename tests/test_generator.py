@@ -500,3 +500,21 @@ def test_quick_demo_end_to_end(tmp_path):
     for name in ("accuracy.png", "finetune.png", "losses.png"):
         assert (out / name).stat().st_size > 1000, name
     D2NWG.load(out / "generator")
+
+
+def test_cli_generate_stores_tied_weights_once(tmp_path):
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(0)
+    zoo = d2nwg.ModelZoo()
+    for _ in range(4):
+        w = torch.randn(4, 16, generator=g)
+        zoo.add({"embed.weight": w, "head.weight": w, "bias": torch.randn(4, generator=g)})
+    cfg = D2NWGConfig(condition="none", **{**TINY, "vae_steps": 5, "diffusion_steps": 5})
+    D2NWG(cfg).fit(zoo, progress=False).save(tmp_path / "gen")
+    assert (
+        main(["generate", "--generator", str(tmp_path / "gen"), "--out", str(tmp_path / "s")]) == 0
+    )
+    with safe_open(str(tmp_path / "s" / "sample_00000.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["bias", "embed.weight"]
+        assert json.loads(f.metadata()["aliases"]) == {"head.weight": "embed.weight"}
