@@ -59,21 +59,9 @@ def sample(
         cuda_graph: on CUDA, capture the whole loop (model calls included) once per shape and
             replay it; falls back to the eager loop, with one warning, when capture fails.
     """
-    plan, x, cond_in = prepare(
-        model,
-        x_T,
-        schedule,
-        sampler,
-        steps,
-        timesteps,
-        eta,
-        cond,
-        uncond,
-        guidance_scale,
-        generator,
-        prediction_type,
-        backend,
-    )
+    args = dict(locals())  # sample's arguments by name: prepare takes all but cuda_graph
+    del args["cuda_graph"]
+    plan, x, cond_in = prepare(**args)
     if cuda_graph and x.device.type == "cuda":
         out = run_with_graph(plan, x, cond_in)
     else:
