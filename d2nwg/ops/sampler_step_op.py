@@ -149,14 +149,8 @@ def _check(x, model_out, table, step, noise, prev_x0, guided, *, launch: bool = 
     """Validate the inputs of one step. ``launch``: the checks of a kernel launch (the Triton
     op is reachable directly): every tensor contiguous, no host read of ``step`` (kernels
     clamp it)."""
-    for name, t in (
-        ("x", x),
-        ("model_out", model_out),
-        ("table", table),
-        ("step", step),
-        ("noise", noise),
-        ("prev_x0", prev_x0),
-    ):
+    tensors = dict(x=x, model_out=model_out, table=table, step=step, noise=noise, prev_x0=prev_x0)
+    for name, t in tensors.items():
         if t is None and name in ("noise", "prev_x0"):
             continue
         if not isinstance(t, torch.Tensor):
@@ -201,22 +195,11 @@ def _check(x, model_out, table, step, noise, prev_x0, guided, *, launch: bool = 
             raise ShapeError(f"{name} has shape {tuple(t.shape)}, expected {(B, N)}")
         if t.dtype != x.dtype:
             raise DTypeError(f"{name} has dtype {t.dtype}, x has {x.dtype}")
-    for name, t in (
-        ("model_out", model_out),
-        ("table", table),
-        ("step", step),
-        ("noise", noise),
-        ("prev_x0", prev_x0),
-    ):
+    for name, t in tensors.items():
         if t is not None and t.device != x.device:
             raise DeviceError(f"{name} is on {t.device}, x on {x.device}")
-    if launch:
-        for name, t in (
-            ("model_out", model_out),
-            ("table", table),
-            ("noise", noise),
-            ("prev_x0", prev_x0),
-        ):
+    if launch:  # (x is contiguous by now, and a one-element step always is)
+        for name, t in tensors.items():
             if t is not None and not t.is_contiguous():
                 raise ShapeError(f"{name} must be contiguous")
         return

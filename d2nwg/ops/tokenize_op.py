@@ -218,36 +218,30 @@ def _plan_from(numel, offset, span, shift, scale, num_tokens, chunk_size) -> Chu
     )
 
 
-@torch.library.custom_op(
-    "d2nwg::tokenize_triton_",
-    mutates_args=("out",),
-    schema=f"(Tensor(a!) out, Tensor[] sources, {_PLAN_ARGS}) -> ()",
-)
-def _tokenize_triton_op(out, sources, *plan) -> None:
-    from d2nwg.kernels.tokenize import tokenize_triton
+def _register_triton_op(name: str, tensor_args: str, mutates: str) -> None:
+    """torch.ops.d2nwg.<name>_triton_: ``<name>_triton`` of kernels/tokenize.py on the op's
+    two tensor arguments and the plan's fields, with a fake that returns nothing."""
 
-    tokenize_triton(out, sources, _plan_from(*plan))
+    def run(rows, tensors, *plan) -> None:
+        from d2nwg.kernels import tokenize as kernels
 
+        getattr(kernels, f"{name}_triton")(rows, tensors, _plan_from(*plan))
 
-@torch.library.custom_op(
-    "d2nwg::detokenize_triton_",
-    mutates_args=("dests",),
-    schema=f"(Tensor tokens, Tensor(a!)[] dests, {_PLAN_ARGS}) -> ()",
-)
-def _detokenize_triton_op(tokens, dests, *plan) -> None:
-    from d2nwg.kernels.tokenize import detokenize_triton
-
-    detokenize_triton(tokens, dests, _plan_from(*plan))
+    op = torch.library.custom_op(
+        f"d2nwg::{name}_triton_",
+        run,
+        mutates_args=(mutates,),
+        schema=f"({tensor_args}, {_PLAN_ARGS}) -> ()",
+    )
+    op.register_fake(_fake_triton)
 
 
-@_tokenize_triton_op.register_fake
-def _tokenize_triton_fake(out, sources, *plan) -> None:
+def _fake_triton(rows, tensors, *plan) -> None:
     return None
 
 
-@_detokenize_triton_op.register_fake
-def _detokenize_triton_fake(tokens, dests, *plan) -> None:
-    return None
+_register_triton_op("tokenize", "Tensor(a!) out, Tensor[] sources", mutates="out")
+_register_triton_op("detokenize", "Tensor tokens, Tensor(a!)[] dests", mutates="dests")
 
 
 def _tokenize_triton(out, sources, plan: ChunkPlan) -> None:
