@@ -25,7 +25,7 @@ from torch import nn
 
 from d2nwg.errors import ConfigError, DeviceError, DTypeError, ShapeError, shape_of
 from d2nwg.nn.io import JSONConfig, seeded
-from d2nwg.nn.layers import ISAB, MAB, MLP, PMA
+from d2nwg.nn.layers import ISAB, MAB, MLP, PMA, ConfiguredModule
 
 
 # ----------------------------------------------------------------------------------------
@@ -263,7 +263,7 @@ class DatasetEncoderConfig(JSONConfig):
             )
 
 
-class DatasetEncoder(nn.Module):
+class DatasetEncoder(ConfiguredModule):
     """Set transformer over ``x [B, classes, shots, F]`` -> Condition(tokens [B, classes, E]).
 
     ``shot_mask [B, classes, shots]`` marks real examples, ``class_mask [B, classes]`` real
@@ -273,21 +273,18 @@ class DatasetEncoder(nn.Module):
 
     config_class = DatasetEncoderConfig
 
-    def __init__(self, config: DatasetEncoderConfig | None = None, seed: int | None = None):
-        super().__init__()
-        self.config = c = config or DatasetEncoderConfig()
-        with seeded(seed):
-            self.in_proj = nn.Linear(c.in_features, c.dim)
-            self.shot_blocks = nn.ModuleList(
-                ISAB(c.dim, c.num_heads, c.num_inducing, c.mlp_ratio) for _ in range(c.shot_layers)
-            )
-            self.class_pool = PMA(c.dim, c.num_heads, 1, c.mlp_ratio)
-            self.class_blocks = nn.ModuleList(
-                MAB(c.dim, c.num_heads, c.mlp_ratio) for _ in range(c.class_layers)
-            )
-            self.norm = nn.LayerNorm(c.dim)
-            self.pool = PMA(c.dim, c.num_heads, 1, c.mlp_ratio)
-            self.pool_proj = nn.Linear(c.dim, c.dim)
+    def build(self, c: DatasetEncoderConfig) -> None:
+        self.in_proj = nn.Linear(c.in_features, c.dim)
+        self.shot_blocks = nn.ModuleList(
+            ISAB(c.dim, c.num_heads, c.num_inducing, c.mlp_ratio) for _ in range(c.shot_layers)
+        )
+        self.class_pool = PMA(c.dim, c.num_heads, 1, c.mlp_ratio)
+        self.class_blocks = nn.ModuleList(
+            MAB(c.dim, c.num_heads, c.mlp_ratio) for _ in range(c.class_layers)
+        )
+        self.norm = nn.LayerNorm(c.dim)
+        self.pool = PMA(c.dim, c.num_heads, 1, c.mlp_ratio)
+        self.pool_proj = nn.Linear(c.dim, c.dim)
 
     def forward(
         self,
@@ -349,18 +346,15 @@ class TextConditionerConfig(JSONConfig):
             )
 
 
-class TextConditioner(nn.Module):
+class TextConditioner(ConfiguredModule):
     """Precomputed text embeddings ``[B, L, in_dim]`` (+ mask ``[B, L]``) -> Condition."""
 
     config_class = TextConditionerConfig
 
-    def __init__(self, config: TextConditionerConfig | None = None, seed: int | None = None):
-        super().__init__()
-        self.config = c = config or TextConditionerConfig()
-        with seeded(seed):
-            self.norm = nn.LayerNorm(c.in_dim)
-            self.proj = MLP(c.in_dim, c.dim, c.dim)
-            self.pool_proj = MLP(c.dim, c.dim)
+    def build(self, c: TextConditionerConfig) -> None:
+        self.norm = nn.LayerNorm(c.in_dim)
+        self.proj = MLP(c.in_dim, c.dim, c.dim)
+        self.pool_proj = MLP(c.dim, c.dim)
 
     def forward(self, emb: torch.Tensor, mask: torch.Tensor | None = None) -> Condition:
         c = self.config

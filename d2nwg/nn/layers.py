@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2nwg.errors import ConfigError, ShapeError, shape_of
+from d2nwg.nn.io import seeded
 from d2nwg.ops.latent_attention_op import latent_attention
 
 
@@ -24,6 +25,22 @@ def sinusoidal(x: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
+
+
+class ConfiguredModule(nn.Module):
+    """A network made from a config: ``self.config`` is ``config`` (``config_class()`` when None)
+    and :meth:`build` creates the layers, under ``seeded(seed)``."""
+
+    config_class: type
+
+    def __init__(self, config=None, seed: int | None = None):
+        super().__init__()
+        self.config = config or self.config_class()
+        with seeded(seed):
+            self.build(self.config)
+
+    def build(self, c) -> None:
+        raise NotImplementedError
 
 
 class MLP(nn.Module):

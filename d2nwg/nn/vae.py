@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2nwg.errors import ConfigError, DeviceError, DTypeError, ShapeError, shape_of
-from d2nwg.nn.io import JSONConfig, seeded
+from d2nwg.nn.io import JSONConfig
+from d2nwg.nn.layers import ConfiguredModule
 
 MIN_CHUNK, MAX_CHUNK = 64, 16384
 
@@ -104,17 +105,14 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     ).to(device=x.device, dtype=x.dtype)
 
 
-class ChunkVAE(nn.Module):
+class ChunkVAE(ConfiguredModule):
     """Variational auto-encoder of weight chunks ``[..., C]`` into latent tokens ``[..., d]``."""
 
     config_class = ChunkVAEConfig
 
-    def __init__(self, config: ChunkVAEConfig | None = None, seed: int | None = None):
-        super().__init__()
-        self.config = c = config or ChunkVAEConfig()
-        with seeded(seed):
-            self.encoder = _mlp(c.chunk_size, c.hidden_dim, 2 * c.latent_dim, c.num_blocks)
-            self.decoder = _mlp(c.latent_dim, c.hidden_dim, c.chunk_size, c.num_blocks)
+    def build(self, c: ChunkVAEConfig) -> None:
+        self.encoder = _mlp(c.chunk_size, c.hidden_dim, 2 * c.latent_dim, c.num_blocks)
+        self.decoder = _mlp(c.latent_dim, c.hidden_dim, c.chunk_size, c.num_blocks)
 
     @property
     def latent_dim(self) -> int:
