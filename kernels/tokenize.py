@@ -73,6 +73,34 @@ def _to_dtype(y, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _item_block(item_of_block_ptr, first_block_ptr, BLOCK: tl.constexpr):
+    """This program's item and the offset of its block in the item's elements."""
+    pid = tl.program_id(0)
+    item = tl.load(item_of_block_ptr + pid)
+    start = (pid - tl.load(first_block_ptr + item)).to(tl.int64) * BLOCK
+    return item, start
+
+
+@triton.jit
+def _item_pointers(
+    addr, rows_ptr, offset, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr
+):
+    """The item's tensor (its base address ``addr`` as a ``*DTYPE``), the item in the token
+    rows (``rows_ptr + offset``) and the block's element offsets, with the ALIGNED hints (the
+    launcher checked: every base address 16-byte aligned, every offset 16 bytes' worth)."""
+    if ALIGNED:
+        addr = tl.multiple_of(addr, 16)
+        offset = tl.multiple_of(offset, 128 // rows_ptr.dtype.element_ty.primitive_bitwidth)
+    tensor = addr.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        tensor = tl.multiple_of(tensor, 16)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    return tensor, rows_ptr + offset, offs
+
+
+@triton.jit
 def _tokenize_kernel(
     out_ptr,  # *OUT [N * T*C] tokens
     src_addr_ptr,  # *int64 [items] base addresses of the sources
@@ -87,25 +115,14 @@ def _tokenize_kernel(
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    item = tl.load(item_of_block_ptr + pid)
-    start = (pid - tl.load(first_block_ptr + item)).to(tl.int64) * BLOCK
+    item, start = _item_block(item_of_block_ptr, first_block_ptr, BLOCK)
     numel = tl.load(numel_ptr + item)
     span = tl.load(span_ptr + item)
     shift = tl.load(shift_ptr + item)
     rscale = tl.load(rscale_ptr + item)
-    src_addr = tl.load(src_addr_ptr + item)
-    dst = tl.load(dst_ptr + item)
-    if ALIGNED:  # the launcher checked: every base address is 16-byte aligned
-        src_addr = tl.multiple_of(src_addr, 16)
-        dst = tl.multiple_of(dst, 128 // out_ptr.dtype.element_ty.primitive_bitwidth)
-    src = src_addr.to(tl.pointer_type(SRC))
-    if ALIGNED:
-        src = tl.multiple_of(src, 16)
-    offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    out = out_ptr + dst
+    src, out, offs = _item_pointers(
+        tl.load(src_addr_ptr + item), out_ptr, tl.load(dst_ptr + item), start, SRC, ALIGNED, BLOCK
+    )
     if start + BLOCK <= numel:  # whole block of weights: no masks, vector accesses
         x = _to_f64(tl.load(src + offs), SRC)
         tl.store(out + offs, _to_dtype((x - shift) * rscale, out_ptr.dtype.element_ty))
@@ -130,24 +147,13 @@ def _detokenize_kernel(
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    item = tl.load(item_of_block_ptr + pid)
-    start = (pid - tl.load(first_block_ptr + item)).to(tl.int64) * BLOCK
+    item, start = _item_block(item_of_block_ptr, first_block_ptr, BLOCK)
     numel = tl.load(numel_ptr + item)
     scale = tl.load(scale_ptr + item)
     shift = tl.load(shift_ptr + item)
-    dst_addr = tl.load(dst_addr_ptr + item)
-    src = tl.load(src_ptr + item)
-    if ALIGNED:
-        dst_addr = tl.multiple_of(dst_addr, 16)
-        src = tl.multiple_of(src, 128 // tok_ptr.dtype.element_ty.primitive_bitwidth)
-    dst = dst_addr.to(tl.pointer_type(DST))
-    if ALIGNED:
-        dst = tl.multiple_of(dst, 16)
-    offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    tok = tok_ptr + src
+    dst, tok, offs = _item_pointers(
+        tl.load(dst_addr_ptr + item), tok_ptr, tl.load(src_ptr + item), start, DST, ALIGNED, BLOCK
+    )
     if start + BLOCK <= numel:
         y = _to_f64(tl.load(tok + offs), tok_ptr.dtype.element_ty)
         tl.store(dst + offs, _to_dtype(y * scale + shift, DST))
@@ -288,36 +294,8 @@ def tokenize_triton(
     Sources are model-major (``sources[n * S + s]`` is segment s of model n) and may mix
     dtypes; one launch per source dtype.
     """
-    _check_launch(out_rows, sources, plan, "tokenize_triton")
-    if out_rows.numel() == 0:
-        return
-    block = block or _block_size(out_rows.device)
-    dtypes = tuple(t.dtype for t in sources)
-    layout = _layout(plan, out_rows.shape[0], dtypes, block, True, out_rows.device)
-    for dtype, items, tab in layout:
-        addresses = [sources[i].data_ptr() for i in items]
-        aligned = _aligned(
-            addresses, out_rows.data_ptr(), tab["offset_list"], out_rows.element_size()
-        )
-        src_addr = torch.tensor(addresses, dtype=torch.int64, device=out_rows.device)
-        grid = (tab["item_of_block"].numel(),)
-        with launch_device(out_rows):
-            _tokenize_kernel[grid](
-                out_rows,
-                src_addr,
-                tab["item_of_block"],
-                tab["first_block"],
-                tab["offset"],
-                tab["numel"],
-                tab["span"],
-                tab["shift"],
-                tab["scale"],
-                SRC=_TL_DTYPE[dtype],
-                ALIGNED=aligned,
-                BLOCK=block,
-                num_warps=NUM_WARPS,
-                enable_fp_fusion=False,
-            )
+    tables = ("numel", "span", "shift", "scale")
+    _launch(_tokenize_kernel, "tokenize_triton", out_rows, sources, plan, block, tables, "SRC")
 
 
 def detokenize_triton(
@@ -327,30 +305,35 @@ def detokenize_triton(
 
     Destinations are model-major and may mix dtypes; one launch per destination dtype.
     """
-    _check_launch(tokens_rows, dests, plan, "detokenize_triton")
-    if tokens_rows.numel() == 0 or not dests:
+    tables = ("numel", "scale", "shift")
+    _launch(_detokenize_kernel, "detokenize_triton", tokens_rows, dests, plan, block, tables, "DST")
+
+
+def _launch(kernel, what: str, rows, tensors, plan, block, tables, dtype_arg: str) -> None:
+    """Check, then launch ``kernel`` once per dtype of ``tensors`` (the sources of tokenize,
+    the destinations of detokenize: the kernel's constexpr ``dtype_arg``). ``tables``: the
+    per-item tables the kernel takes after the offsets; with a "span" table (tokenize) the
+    items cover their spans (values, then zeros), else their element counts."""
+    _check_launch(rows, tensors, plan, what)
+    if rows.numel() == 0:  # (no tensors: N * S == 0 tensors, checked, so N == 0)
         return
-    block = block or _block_size(tokens_rows.device)
-    dtypes = tuple(t.dtype for t in dests)
-    layout = _layout(plan, tokens_rows.shape[0], dtypes, block, False, tokens_rows.device)
+    block = block or _block_size(rows.device)
+    dtypes = tuple(t.dtype for t in tensors)
+    layout = _layout(plan, rows.shape[0], dtypes, block, "span" in tables, rows.device)
     for dtype, items, tab in layout:
-        addresses = [dests[i].data_ptr() for i in items]
-        aligned = _aligned(
-            addresses, tokens_rows.data_ptr(), tab["offset_list"], tokens_rows.element_size()
-        )
-        dst_addr = torch.tensor(addresses, dtype=torch.int64, device=tokens_rows.device)
+        addresses = [tensors[i].data_ptr() for i in items]
+        aligned = _aligned(addresses, rows.data_ptr(), tab["offset_list"], rows.element_size())
+        addr = torch.tensor(addresses, dtype=torch.int64, device=rows.device)
         grid = (tab["item_of_block"].numel(),)
-        with launch_device(tokens_rows):
-            _detokenize_kernel[grid](
-                tokens_rows,
-                dst_addr,
+        with launch_device(rows):
+            kernel[grid](
+                rows,
+                addr,
                 tab["item_of_block"],
                 tab["first_block"],
                 tab["offset"],
-                tab["numel"],
-                tab["scale"],
-                tab["shift"],
-                DST=_TL_DTYPE[dtype],
+                *(tab[name] for name in tables),
+                **{dtype_arg: _TL_DTYPE[dtype]},
                 ALIGNED=aligned,
                 BLOCK=block,
                 num_warps=NUM_WARPS,
