@@ -65,6 +65,33 @@ def _batch_head(H, LQ):
 
 
 @triton.jit
+def _rows(X, b, h, stride_b, stride_h, stride_l, rows, offs_d):
+    """Pointers to rows ``rows`` (all of the head dim) of head h of batch b of ``X``."""
+    return X + b * stride_b + h * stride_h + rows[:, None] * stride_l + offs_d[None, :]
+
+
+@triton.jit
+def _keys_ok(MASK, b, stride_maskb, cols, LK, HAS_MASK: tl.constexpr):
+    """Which key columns ``cols`` exist and are attended (the key-padding mask of batch b)."""
+    ok = cols < LK
+    if HAS_MASK:
+        keep = tl.load(MASK + b * stride_maskb + cols, mask=ok, other=0)
+        ok = ok & (keep != 0)
+    return ok
+
+
+@triton.jit
+def _load(ptrs, ok, ALL: tl.constexpr):
+    """A [rows, HEAD_DIM] block: zeros where ``ok`` is False (never read), or no bounds checks
+    when ALL rows are known to be there."""
+    if ALL:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=ok[:, None], other=0.0)
+    return x
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q,
     K,
@@ -104,8 +131,7 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < LQ
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q = _load(_rows(Q, b, h, stride_qb, stride_qh, stride_qm, offs_m, offs_d), row_ok, False)
     k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :]
     v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :]
 
@@ -114,19 +140,11 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start_n in range(0, LK, BLOCK_N):
         cols = start_n + offs_n
-        if FULL_N:  # no mask and LK % BLOCK_N == 0: no bounds checks
-            k = tl.load(k_base + cols[:, None] * stride_kn)
-            v = tl.load(v_base + cols[:, None] * stride_vn)
-            s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-        else:
-            col_ok = cols < LK
-            if HAS_MASK:
-                keep = tl.load(MASK + b * stride_maskb + cols, mask=col_ok, other=0)
-                col_ok = col_ok & (keep != 0)
-            # Masked keys are never read: NaN/Inf in padding cannot leak into the output.
-            k = tl.load(k_base + cols[:, None] * stride_kn, mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vn, mask=col_ok[:, None], other=0.0)
-            s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        col_ok = _keys_ok(MASK, b, stride_maskb, cols, LK, HAS_MASK)
+        k = _load(k_base + cols[:, None] * stride_kn, col_ok, FULL_N)
+        v = _load(v_base + cols[:, None] * stride_vn, col_ok, FULL_N)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        if not FULL_N:
             s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all keys so far masked
@@ -139,8 +157,11 @@ def _attn_fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(
+        _rows(O, b, h, stride_ob, stride_oh, stride_om, offs_m, offs_d),
+        out.to(O.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
     tl.store(LSE + row0 + offs_m, lse, mask=row_ok)
 
 
@@ -165,17 +186,9 @@ def _attn_bwd_preprocess(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < LQ
-    o = tl.load(
-        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-        mask=row_ok[:, None],
-        other=0.0,
-    ).to(tl.float32)
-    do = tl.load(
-        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-        mask=row_ok[:, None],
-        other=0.0,
-    ).to(tl.float32)
-    tl.store(DELTA + row0 + offs_m, tl.sum(o * do, 1), mask=row_ok)
+    o = _load(_rows(O, b, h, stride_ob, stride_oh, stride_om, offs_m, offs_d), row_ok, False)
+    do = _load(_rows(DO, b, h, stride_dob, stride_doh, stride_dom, offs_m, offs_d), row_ok, False)
+    tl.store(DELTA + row0 + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=row_ok)
 
 
 @triton.jit
@@ -227,36 +240,25 @@ def _attn_bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_range = offs_n < LK
-    col_ok = in_range
-    if HAS_MASK:
-        keep = tl.load(MASK + b * stride_maskb + offs_n, mask=in_range, other=0)
-        col_ok = col_ok & (keep != 0)
+    col_ok = _keys_ok(MASK, b, stride_maskb, offs_n, LK, HAS_MASK)
 
-    k = tl.load(
-        K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-        mask=col_ok[:, None],
-        other=0.0,
-    )
-    v = tl.load(
-        V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-        mask=col_ok[:, None],
-        other=0.0,
-    )
+    k = _load(_rows(K, b, h, stride_kb, stride_kh, stride_kn, offs_n, offs_d), col_ok, False)
+    v = _load(_rows(V, b, h, stride_vb, stride_vh, stride_vn, offs_n, offs_d), col_ok, False)
     q_base = Q + b * stride_qb + h * stride_qh + offs_d[None, :]
     do_base = DO + b * stride_dob + h * stride_doh + offs_d[None, :]
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for start_m in range(0, LQ, BLOCK_M):
         rows = start_m + offs_m
-        if FULL_M:  # LQ % BLOCK_M == 0: no bounds checks
-            q = tl.load(q_base + rows[:, None] * stride_qm)
-            do = tl.load(do_base + rows[:, None] * stride_dom)
+        # FULL_M (LQ % BLOCK_M == 0): no bounds checks; else out-of-range rows get q = dO = 0
+        # and lse = +inf, so p = 0 there.
+        row_ok = rows < LQ
+        q = _load(q_base + rows[:, None] * stride_qm, row_ok, FULL_M)
+        do = _load(do_base + rows[:, None] * stride_dom, row_ok, FULL_M)
+        if FULL_M:
             lse = tl.load(LSE + row0 + rows)
             delta = tl.load(DELTA + row0 + rows)
-        else:  # out-of-range rows: q = dO = 0 and lse = +inf, so p = 0 there
-            row_ok = rows < LQ
-            q = tl.load(q_base + rows[:, None] * stride_qm, mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_dom, mask=row_ok[:, None], other=0.0)
+        else:
             lse = tl.load(LSE + row0 + rows, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + row0 + rows, mask=row_ok, other=0.0)
         s_t = _dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale  # [N, M]
@@ -269,12 +271,12 @@ def _attn_bwd_dkdv_kernel(
         dk += _dot(ds_t.to(q.dtype), q, PRECISION, UPCAST)
     dk = dk * sm_scale
     tl.store(
-        DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+        _rows(DK, b, h, stride_dkb, stride_dkh, stride_dkn, offs_n, offs_d),
         dk.to(DK.dtype.element_ty),
         mask=in_range[:, None],
     )
     tl.store(
-        DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+        _rows(DV, b, h, stride_dvb, stride_dvh, stride_dvn, offs_n, offs_d),
         dv.to(DV.dtype.element_ty),
         mask=in_range[:, None],
     )
@@ -326,16 +328,8 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < LQ
 
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-        mask=row_ok[:, None],
-        other=0.0,
-    )
-    do = tl.load(
-        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-        mask=row_ok[:, None],
-        other=0.0,
-    )
+    q = _load(_rows(Q, b, h, stride_qb, stride_qh, stride_qm, offs_m, offs_d), row_ok, False)
+    do = _load(_rows(DO, b, h, stride_dob, stride_doh, stride_dom, offs_m, offs_d), row_ok, False)
     lse = tl.load(LSE + row0 + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + row0 + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :]
@@ -343,27 +337,19 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start_n in range(0, LK, BLOCK_N):
         cols = start_n + offs_n
-        if FULL_N:
-            k = tl.load(k_base + cols[:, None] * stride_kn)
-            v = tl.load(v_base + cols[:, None] * stride_vn)
-            s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-            p = tl.exp2(s - lse[:, None])  # out-of-range rows: lse = +inf, p = 0
-        else:
-            col_ok = cols < LK
-            if HAS_MASK:
-                keep = tl.load(MASK + b * stride_maskb + cols, mask=col_ok, other=0)
-                col_ok = col_ok & (keep != 0)
-            k = tl.load(k_base + cols[:, None] * stride_kn, mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vn, mask=col_ok[:, None], other=0.0)
-            s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-            p = tl.exp2(s - lse[:, None])
+        col_ok = _keys_ok(MASK, b, stride_maskb, cols, LK, HAS_MASK)
+        k = _load(k_base + cols[:, None] * stride_kn, col_ok, FULL_N)
+        v = _load(v_base + cols[:, None] * stride_vn, col_ok, FULL_N)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        p = tl.exp2(s - lse[:, None])  # out-of-range rows: lse = +inf, p = 0
+        if not FULL_N:
             p = tl.where(col_ok[None, :], p, 0.0)
         dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
     dq = dq * sm_scale
     tl.store(
-        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+        _rows(DQ, b, h, stride_dqb, stride_dqh, stride_dqm, offs_m, offs_d),
         dq.to(DQ.dtype.element_ty),
         mask=row_ok[:, None],
     )
@@ -415,6 +401,11 @@ def _batch_slices(B: int, H: int, limit: int | None = None):
     return [slice(b0, min(B, b0 + per)) for b0 in range(0, B, per)]
 
 
+def _strides(*tensors: torch.Tensor) -> list[int]:
+    """The (batch, head, row) strides of each [B, H, L, D] tensor, in the kernels' order."""
+    return [t.stride(i) for t in tensors for i in range(3)]
+
+
 def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -460,18 +451,7 @@ def attention_fwd(
                 os_,
                 lse[sl],
                 m[sl] if has_mask else qs,
-                qs.stride(0),
-                qs.stride(1),
-                qs.stride(2),
-                ks.stride(0),
-                ks.stride(1),
-                ks.stride(2),
-                vs.stride(0),
-                vs.stride(1),
-                vs.stride(2),
-                os_.stride(0),
-                os_.stride(1),
-                os_.stride(2),
+                *_strides(qs, ks, vs, os_),
                 stride_mb,
                 H,
                 LQ,
@@ -511,7 +491,10 @@ def attention_bwd(
         return dq.zero_(), dk.zero_(), dv.zero_()
     m, stride_mb, has_mask = _mask_arg(mask, q)
     cfg = _bwd_config(D, q.dtype)
-    precision = _precision(q.dtype)
+    common = (stride_mb, H, LQ, LK, sm_scale * LOG2E, sm_scale)
+    options = dict(  # the constexprs (and launch options) of both gradient kernels
+        HEAD_DIM=D, HAS_MASK=has_mask, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), **cfg
+    )
     delta = torch.empty(B, H, LQ, dtype=torch.float32, device=q.device)
     pre_block = 32 if _interpreted() else 64
     with launch_device(q):
@@ -524,18 +507,12 @@ def attention_bwd(
                 os_,
                 dos,
                 deltas,
-                os_.stride(0),
-                os_.stride(1),
-                os_.stride(2),
-                dos.stride(0),
-                dos.stride(1),
-                dos.stride(2),
+                *_strides(os_, dos),
                 H,
                 LQ,
                 HEAD_DIM=D,
                 BLOCK_M=pre_block,
             )
-            common = (stride_mb, H, LQ, LK, sm_scale * LOG2E, sm_scale)
             _attn_bwd_dkdv_kernel[(triton.cdiv(LK, cfg["BLOCK_N"]), BH)](
                 qs,
                 ks,
@@ -546,31 +523,10 @@ def attention_bwd(
                 lses,
                 deltas,
                 ms,
-                qs.stride(0),
-                qs.stride(1),
-                qs.stride(2),
-                ks.stride(0),
-                ks.stride(1),
-                ks.stride(2),
-                vs.stride(0),
-                vs.stride(1),
-                vs.stride(2),
-                dos.stride(0),
-                dos.stride(1),
-                dos.stride(2),
-                dks.stride(0),
-                dks.stride(1),
-                dks.stride(2),
-                dvs.stride(0),
-                dvs.stride(1),
-                dvs.stride(2),
+                *_strides(qs, ks, vs, dos, dks, dvs),
                 *common,
-                HEAD_DIM=D,
-                HAS_MASK=has_mask,
-                PRECISION=precision,
-                UPCAST=_upcast(q.dtype),
                 FULL_M=(LQ % cfg["BLOCK_M"] == 0),
-                **cfg,
+                **options,
             )
             _attn_bwd_dq_kernel[(triton.cdiv(LQ, cfg["BLOCK_M"]), BH)](
                 qs,
@@ -581,27 +537,9 @@ def attention_bwd(
                 lses,
                 deltas,
                 ms,
-                qs.stride(0),
-                qs.stride(1),
-                qs.stride(2),
-                ks.stride(0),
-                ks.stride(1),
-                ks.stride(2),
-                vs.stride(0),
-                vs.stride(1),
-                vs.stride(2),
-                dos.stride(0),
-                dos.stride(1),
-                dos.stride(2),
-                dqs.stride(0),
-                dqs.stride(1),
-                dqs.stride(2),
+                *_strides(qs, ks, vs, dos, dqs),
                 *common,
-                HEAD_DIM=D,
-                HAS_MASK=has_mask,
-                PRECISION=precision,
-                UPCAST=_upcast(q.dtype),
                 FULL_N=(not has_mask and LK % cfg["BLOCK_N"] == 0),
-                **cfg,
+                **options,
             )
     return dq, dk, dv
