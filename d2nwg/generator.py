@@ -18,7 +18,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from d2nwg.errors import ConfigError, FileFormatError, ShapeError, shape_of
-from d2nwg.files import read_json, save_json
+from d2nwg.files import read_json, save_json, save_safetensors
 from d2nwg.nn import (
     ChunkVAE,
     ChunkVAEConfig,
@@ -47,6 +47,7 @@ from d2nwg.sampling import SAMPLERS, sample
 from d2nwg.schedule import PREDICTION_TYPES, NoiseSchedule
 from d2nwg.tokenizer import WeightTokenizer
 from d2nwg.training import EMA, Checkpoints, DistContext, LossLog, lr_factor
+from d2nwg.windows import WindowLayout
 from d2nwg.zoo import ModelZoo
 
 FORMAT = "d2nwg.D2NWG"
@@ -54,6 +55,7 @@ FORMAT_VERSION = 1
 CONDITIONS = ("dataset", "text", "none")
 CONDITION_SHAPES = {3: "[classes, shots, F]", 2: "[L, E]"}  # raw condition of one task, by rank
 STAGES = ("vae", "diffusion")
+BATCH_ELEMENTS = 2**24  # default windows per sampler run: about this many decoded values
 
 
 @dataclass
@@ -65,8 +67,10 @@ class D2NWGConfig(JSONConfig):
     # tokenizer
     chunk_size: int = 0  # C (0: ~64 tokens per model, within [64, 4096])
     granularity: str = "layer"
-    include: list | None = None  # glob patterns of the tensors to generate
-    exclude: list | None = None
+    include: list | None = None  # glob patterns of the tensors to generate (the rest of a
+    exclude: list | None = None  # target model is left untouched)
+    window: int = 0  # W: tokens per denoiser sample (0: the whole model is one window)
+    delta: bool = False  # learn residuals from a base model: weights = base + generated
     # stage 1: ChunkVAE
     latent_dim: int = 0  # d (0: C / 4 within [4, 64])
     vae_hidden_dim: int = 0  # 0: ChunkVAEConfig's rule
@@ -150,6 +154,8 @@ class D2NWGConfig(JSONConfig):
                 4096, max(64, 1 << max(0, math.ceil(math.log2(max(1, num_params) / 64))))
             )
         tokens = math.ceil(num_params / c.chunk_size)
+        if c.window:  # the denoiser is sized by what it sees at once
+            tokens = min(tokens, c.window)
         c.latent_dim = c.latent_dim or min(64, max(4, c.chunk_size // 4))
         c.hidden_dim = c.hidden_dim or (128 if tokens <= 64 else 256)
         c.depth = c.depth or (4 if tokens <= 64 else 6)
@@ -250,8 +256,10 @@ class ConditionalDenoiser(nn.Module):
         schedule: NoiseSchedule,
         cond_drop: float,
         generator: torch.Generator,
+        **layout: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The training loss of one batch (everything that needs a gradient, for DDP)."""
+        """The training loss of one batch (everything that needs a gradient, for DDP);
+        ``layout``: the windows' ``positions``, ``layer_kinds`` and ``mask``."""
         cond = self.encode(raw)
         if cond is not None:
             cond = drop_condition(cond, cond_drop, generator, self.denoiser.null)
@@ -263,6 +271,7 @@ class ConditionalDenoiser(nn.Module):
             noise,
             cond,
             prediction_type=self.denoiser.config.prediction_type,
+            **layout,
         )
 
 
@@ -282,12 +291,14 @@ class D2NWG:
     def __init__(self, config: D2NWGConfig | None = None) -> None:
         self.config = config or D2NWGConfig()
         self.tokenizer: WeightTokenizer | None = None
+        self.windows: WindowLayout | None = None
         self.vae: ChunkVAE | None = None
         self.model: ConditionalDenoiser | None = None
         self.latent_scale = 1.0
         self.cond_rank = 0  # 3 for dataset conditions, 2 for text, 0 for none
         self.max_classes = 0  # condition slots the denoiser embeds (dataset conditions)
         self.history: dict[str, Any] = {}  # seconds per stage, steps_per_s, world_size
+        self._bound: dict[tuple, _WindowedDenoiser] = {}  # see _windowed
 
     # ---- set-up ---------------------------------------------------------------------------
     @property
@@ -323,7 +334,6 @@ class D2NWG:
             ),
             seed=c.seed + 1,
         )
-        den.set_layout(tok.positions, tok.kinds)
         encoder: nn.Module | None = None
         if c.condition == "dataset":
             encoder = DatasetEncoder(
@@ -350,6 +360,7 @@ class D2NWG:
         out: str | os.PathLike | None = None,
         resume: bool = False,
         progress: bool = True,
+        base: Mapping[str, torch.Tensor] | None = None,
     ) -> D2NWG:
         """Train the generator on ``zoo``: stage 1 the ChunkVAE, stage 2 the latent diffusion.
 
@@ -357,6 +368,8 @@ class D2NWG:
         and nothing else; ``resume=True`` continues from the newest checkpoint there and ends
         with the same weights as an uninterrupted run. Under ``torchrun`` each process trains
         on its share of the zoo with DistributedDataParallel; rank 0 writes the files.
+        With ``config.delta`` the generator learns the residuals ``model - base`` (``base``: a
+        state dict of the zoo's architecture, required then).
         """
         if not isinstance(zoo, ModelZoo) or len(zoo) == 0:
             raise ConfigError(f"fit() needs a non-empty ModelZoo, got {type(zoo).__name__}")
@@ -383,9 +396,11 @@ class D2NWG:
         features = 0 if first.condition is None else first.condition.shape[-1]
         self.config = c = c.resolve(tokenizer(c.chunk_size or 64).num_params, features)
         self.tokenizer = tok = tokenizer(c.chunk_size)
+        self.windows = WindowLayout.from_tokenizer(tok, c.window)
+        residual = self._residual_fn(base)
         # Statistics over the whole zoo (a cheap streaming pass), identical on every rank.
-        tok.fit(zoo.state_dicts())
-        tokens = tok.tokenize(list(share.state_dicts()))  # [M, T, C]
+        tok.fit(map(residual, zoo.state_dicts()))
+        tokens = tok.tokenize([residual(sd) for sd in share.state_dicts()])  # [M, T, C]
         raw = None
         if c.condition != "none":
             raw = RawConditions.stack(
@@ -431,6 +446,26 @@ class D2NWG:
         self.history["world_size"] = ctx.world_size
         ctx.barrier()
         return self
+
+    def _residual_fn(self, base: Mapping[str, torch.Tensor] | None):
+        """What the generator learns of a zoo model: the model, or ``model - base``."""
+        if not self.config.delta:
+            self._no_base(base)
+            return lambda sd: sd
+        base = self._check_base(base)
+
+        def residual(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: (v - base[k].to(v)) if k in base else v for k, v in sd.items()}
+
+        return residual
+
+    def _check_base(self, base) -> dict[str, torch.Tensor]:
+        """The base model's tensors that the layout covers, checked by name, shape and dtype."""
+        if base is None:
+            raise ConfigError("this generator has delta=True: pass base= (the base state dict)")
+        if isinstance(base, nn.Module):
+            base = base.state_dict()
+        return {k: v.detach().cpu() for k, v in self.tokenizer.destinations(base).items()}
 
     def _check_condition_kind(self, condition: torch.Tensor | None) -> None:
         kind = self.config.condition
@@ -564,26 +599,38 @@ class D2NWG:
         self, latents: torch.Tensor, raw: RawConditions | None, run: _Run, state: dict | None
     ) -> None:
         """Stage 2 on the scaled latents ``[M, T, d]`` and their raw conditions."""
-        c, device = self.config, run.device
+        c, device, win = self.config, run.device, self.windows
         schedule = c.noise_schedule().to(device)
-        M = latents.shape[0]
-        latents = latents.to(device)
+        M, d = latents.shape[0], latents.shape[2]
+        # A zero latent after the last token: where the windows' padding slots point.
+        latents = torch.cat([latents, latents.new_zeros(M, 1, d)], 1).to(device)
         raw = raw.to(device) if raw is not None else None
+        layout = {
+            "positions": win.positions.to(device),
+            "layer_kinds": win.kinds.to(device),
+            "mask": win.mask.to(device) if win.padded else None,
+        }
+        index = win.index.to(device)
         ema = EMA(self.model, c.ema_decay)
 
         def loss_fn(trained: nn.Module, gen: torch.Generator) -> torch.Tensor:
             idx = torch.randint(M, (min(c.batch_size, M),), generator=gen)
+            # One window of each model drawn (one window: no draw, same stream as ever).
+            w = torch.zeros_like(idx)
+            if win.num_windows > 1:
+                w = torch.randint(win.num_windows, (idx.numel(),), generator=gen)
             t = torch.randint(c.timesteps, (idx.numel(),), generator=gen)
-            noise = torch.randn(idx.numel(), *latents.shape[1:], generator=gen)
-            idx = idx.to(device)
+            noise = torch.randn(idx.numel(), win.size, d, generator=gen)
+            idx, w = idx.to(device), w.to(device)
             return trained(
-                latents[idx],
+                latents[idx[:, None], index[w]],
                 t.to(device),
                 noise.to(device),
                 None if raw is None else raw[idx],
                 schedule,
                 c.cond_drop,
                 gen,
+                **{k: None if v is None else v[w] for k, v in layout.items()},
             )
 
         self._run_stage("diffusion", self.model, c.diffusion_steps, c.lr, loss_fn, run, state, ema)
@@ -622,89 +669,248 @@ class D2NWG:
                 raise ShapeError(f"condition {i} holds NaN or Inf")
         return RawConditions.stack(condition, self.cond_rank, c.cond_features), len(condition)
 
-    @torch.no_grad()
-    def generate_tokens(
-        self,
-        condition=None,
-        num_samples: int = 1,
-        *,
-        seed: int = 0,
-        sampler: str | None = None,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        eta: float = 0.0,
-        device: str | torch.device | None = None,
-        cuda_graph: bool = False,
-    ) -> torch.Tensor:
-        """Generated chunk tokens ``[tasks * num_samples, T, C]`` (task-major order): sampled
-        latents decoded by the VAE, ready for the tokenizer's detokenize."""
+    def _start(self, condition, sampling: dict[str, Any], max_tasks: int = 0) -> _SampleRun:
+        """Check the sampling options, encode the condition, put the networks on the device."""
         self._require_fitted()
-        c = self.config
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ConfigError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        opts = SamplingOptions.parse(sampling)
         device = (
-            torch.device(device) if device is not None else next(self.model.parameters()).device
+            torch.device(opts.device)
+            if opts.device is not None
+            else next(self.model.parameters()).device
         )
         self.model.to(device).eval()
         self.vae.to(device).eval()
         raw, tasks = self._raw(condition)
-        B = tasks * num_samples
-        den = self.model.denoiser
-        T, d = self.tokenizer.num_tokens, c.latent_dim
-        # Sample i of a task comes from generator (seed, i) alone: the same whatever
-        # num_samples or the other tasks are.
-        gens = [
-            torch.Generator().manual_seed(_sample_seed(seed, i))
-            for _ in range(tasks)
-            for i in range(num_samples)
-        ]
-        x_T = torch.stack([torch.randn(T, d, generator=g) for g in gens]).to(device)
+        if max_tasks and tasks > max_tasks:
+            raise ShapeError(f"pass the condition of one task here, got {tasks} tasks")
+        c, den = self.config, self.model.denoiser
+        scale = c.guidance_scale if opts.guidance_scale is None else opts.guidance_scale
         cond = uncond = None
-        scale = c.guidance_scale if guidance_scale is None else guidance_scale
         if raw is None:
             scale = 1.0  # nothing to guide towards
         else:
-            cond = self.model.encode(raw.to(device)).repeat_interleave(num_samples)
+            with torch.no_grad():
+                cond = self.model.encode(raw.to(device))
             if scale != 1.0:
                 uncond = den.null_condition(1, device)
-        z = sample(
-            den,
-            x_T,
-            c.noise_schedule().to(device),
-            sampler=sampler or c.sampler,
-            steps=steps or c.sample_steps,
-            eta=eta,
+        W, C = self.windows.size, c.chunk_size
+        return _SampleRun(
+            opts=opts,
+            device=device,
+            tasks=tasks,
             cond=cond,
             uncond=uncond,
             guidance_scale=scale,
+            schedule=c.noise_schedule().to(device),
+            batch=opts.batch_windows or max(1, BATCH_ELEMENTS // (W * C)),
+        )
+
+    @torch.no_grad()
+    def _sample_windows(self, run: _SampleRun, jobs: torch.Tensor) -> torch.Tensor:
+        """Decoded tokens ``[n, W, C]`` of ``jobs [n, 3]`` = (task, sample, window) rows: one
+        sampler run over the batch. The noise of (sample i, window w) comes from its own
+        generator, so a window is the same whatever else shares its batch or process."""
+        c, win, opts = self.config, self.windows, run.opts
+        tasks, samples, windows = jobs.unbind(1)
+        gens = [
+            torch.Generator().manual_seed(_noise_seed(opts.seed, i, w))
+            for i, w in zip(samples.tolist(), windows.tolist())
+        ]
+        x_T = torch.stack([torch.randn(win.size, c.latent_dim, generator=g) for g in gens])
+        model = self._windowed(run.device, len(gens))
+        model.load(win, windows)
+        z = sample(
+            model,
+            x_T.to(run.device),
+            run.schedule,
+            sampler=opts.sampler or c.sampler,
+            steps=opts.steps or c.sample_steps,
+            eta=opts.eta,
+            cond=None if run.cond is None else run.cond.index_select(tasks.to(run.device)),
+            uncond=run.uncond,
+            guidance_scale=run.guidance_scale,
             generator=gens,
             prediction_type=c.prediction_type,
-            cuda_graph=cuda_graph,
+            cuda_graph=opts.cuda_graph,
         )
-        return self.vae.decode(z / self.latent_scale, max_batch=65536).reshape(B, T, c.chunk_size)
+        return self.vae.decode(z / self.latent_scale, max_batch=65536).reshape(
+            len(gens), win.size, c.chunk_size
+        )
+
+    def _windowed(self, device: torch.device, rows: int) -> _WindowedDenoiser:
+        """One bound denoiser per (device, batch): CUDA graphs of it replay across batches."""
+        key = (device, rows)
+        if key not in self._bound:
+            self._bound[key] = _WindowedDenoiser(self.model.denoiser, self.windows, rows, device)
+        return self._bound[key]
+
+    def _write_windows(
+        self, run: _SampleRun, dests: Mapping[str, torch.Tensor], first: int, stop: int
+    ) -> None:
+        """Sample windows ``first .. stop - 1`` of sample 0 of task 0 and write them (added,
+        for a delta generator) into ``dests``: one batch of streaming generation."""
+        w = torch.arange(first, stop)
+        jobs = torch.stack([torch.zeros_like(w), torch.zeros_like(w), w], 1)
+        tokens = self._sample_windows(run, jobs)[self.windows.mask[first:stop].to(run.device)]
+        start = self.windows.spans[first][0]
+        self.tokenizer.write_range(dests, tokens.float(), start, accumulate=self.config.delta)
+
+    @torch.no_grad()
+    def generate_tokens(
+        self, condition=None, num_samples: int = 1, **sampling: Any
+    ) -> torch.Tensor:
+        """Generated chunk tokens ``[tasks * num_samples, T, C]`` (task-major order): sampled
+        latents decoded by the VAE, ready for the tokenizer's detokenize (residuals from the
+        base, for a delta generator). ``sampling``: see :class:`SamplingOptions`."""
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ConfigError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        run = self._start(condition, sampling)
+        win, T = self.windows, self.tokenizer.num_tokens
+        B = run.tasks * num_samples
+        grid = torch.cartesian_prod(
+            torch.arange(run.tasks), torch.arange(num_samples), torch.arange(win.num_windows)
+        ).reshape(-1, 3)  # task-major, then sample, then window
+        out = torch.empty(B, T, self.config.chunk_size, device=run.device)
+        for j in range(0, grid.shape[0], run.batch):
+            jobs = grid[j : j + run.batch]
+            tokens = self._sample_windows(run, jobs)
+            rows = (jobs[:, 0] * num_samples + jobs[:, 1])[:, None].expand(-1, win.size)
+            real = win.mask[jobs[:, 2]]
+            out[rows[real].to(run.device), win.index[jobs[:, 2]][real].to(run.device)] = tokens[
+                real.to(run.device)
+            ]
+        return out
 
     def generate(
-        self, condition=None, num_samples: int = 1, **sampling: Any
+        self,
+        condition=None,
+        num_samples: int = 1,
+        base: Mapping[str, torch.Tensor] | nn.Module | None = None,
+        **sampling: Any,
     ) -> list[dict[str, torch.Tensor]]:
         """``num_samples`` state dicts per task (task-major), with the zoo's names, shapes and
         dtypes, on CPU.
 
         ``condition``: one task's raw condition (``[classes, shots, F]`` examples or an
         ``[L, E]`` text embedding), a batch or list of them, or None for an unconditional
-        generator. ``sampling``: ``seed`` (sample i of a seed is the same whatever
-        ``num_samples`` is), ``sampler``, ``steps``, ``guidance_scale``, ``eta``, ``device``,
-        ``cuda_graph``; defaults from the config.
+        generator. ``base``: the base model of a delta generator (weights = base + generated).
+        ``sampling``: see :class:`SamplingOptions` (sample i of a seed is the same whatever
+        ``num_samples`` is).
         """
+        base = self._check_base(base) if self.config.delta else self._no_base(base)
         tokens = self.generate_tokens(condition, num_samples, **sampling)
-        return self.tokenizer.detokenize(tokens.float().cpu())
+        sds = self.tokenizer.detokenize(tokens.float().cpu())
+        if base is not None:
+            for sd in sds:
+                for spec in self.tokenizer.layers:
+                    sd[spec.name].add_(base[spec.name].to(sd[spec.name]))
+        return sds
 
     def generate_into(
-        self, model: nn.Module | dict[str, torch.Tensor], condition=None, **sampling: Any
+        self,
+        model: nn.Module | dict[str, torch.Tensor],
+        condition=None,
+        *,
+        distributed: bool = False,
+        **sampling: Any,
     ):
-        """Generate one set of weights and write it in place into ``model`` (a module or a
-        state dict with the zoo's names); returns ``model``."""
-        tokens = self.generate_tokens(condition, 1, **sampling)
-        return self.tokenizer.detokenize_into(model, tokens[0].float())
+        """Generate one set of weights (sample 0 of ``seed``, as :meth:`generate` gives it)
+        and stream it into ``model`` (a module or a state dict with the zoo's names) in place:
+        a batch of ``batch_windows`` windows is sampled, decoded, de-normalized and written
+        straight into the parameters, then the next, so the extra memory is one batch's,
+        whatever the model's size. Tensors outside the generator's layout (``include`` /
+        ``exclude``) are left untouched; a delta generator adds to what ``model`` holds (its
+        base weights). ``distributed=True`` (under ``torchrun``): each rank writes its share
+        of the batches (the same values one process writes there). Returns ``model``.
+        """
+        run = self._start(condition, sampling, max_tasks=1)
+        dests = self.tokenizer.destinations(model)
+        ctx = DistContext.from_env(run.device) if distributed else DistContext()
+        for k, (first, stop) in enumerate(
+            self.windows.batches(0, self.windows.num_windows, run.batch)
+        ):
+            if k % ctx.world_size == ctx.rank:
+                self._write_windows(run, dests, first, stop)
+        self.tokenizer.copy_aliases(dests)
+        return model
+
+    def generate_to_directory(
+        self,
+        directory: str | os.PathLike,
+        condition=None,
+        *,
+        shard_size: int = 2**31,
+        base: Mapping[str, torch.Tensor] | nn.Module | None = None,
+        distributed: bool | None = None,
+        **sampling: Any,
+    ) -> dict[str, Any]:
+        """Generate one set of weights (sample 0 of ``seed``) into safetensors shards of at
+        most ``shard_size`` bytes (a larger tensor gets a shard of its own) with an index,
+        the layout Hugging Face uses for large checkpoints: ``model-00001-of-0000N.safetensors``
+        and ``model.safetensors.index.json`` (``weight_map``: name -> file; tied names are
+        stored once, their aliases listed in the index's metadata). Streams: memory holds one
+        shard and one batch of windows, so a model larger than memory can be generated.
+
+        Under ``torchrun`` (or ``distributed=True``) each rank generates and writes its share
+        of the shards, bit for bit what one process writes; rank 0 writes the index last.
+        Each file is written to a temporary name and renamed. Returns the index.
+        """
+        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+            raise ConfigError(f"shard_size must be a number of bytes >= 1, got {shard_size!r}")
+        base = self._check_base(base) if self.config.delta else self._no_base(base)
+        run = self._start(condition, sampling, max_tasks=1)
+        tok, win = self.tokenizer, self.windows
+        if distributed is None:
+            distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        ctx = DistContext.from_env(run.device) if distributed else DistContext()
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        shards = _shard_layers(tok.layers, shard_size)
+        names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+        for k, layers in enumerate(shards):
+            if k % ctx.world_size != ctx.rank:
+                continue
+            specs = [tok.layers[s] for s in layers]
+            tensors = {
+                spec.name: base[spec.name].to(run.device, spec.torch_dtype, copy=True)
+                if base is not None
+                else torch.empty(spec.shape, dtype=spec.torch_dtype, device=run.device)
+                for spec in specs
+            }
+            start, stop = tok.token_range(layers)
+            if stop > start:
+                first, end = win.covering(start, stop)
+                for a, b in win.batches(first, end, run.batch):
+                    self._write_windows(run, tensors, a, b)
+            save_safetensors(
+                {n: t.cpu() for n, t in tensors.items()},
+                os.path.join(directory, names[k]),
+                metadata={"format": "pt"},
+            )
+        index = {
+            "metadata": {
+                "total_size": sum(s.numel * s.torch_dtype.itemsize for s in tok.layers),
+                "generator": FORMAT,
+                "delta": self.config.delta,
+                "aliases": {a: s.name for s in tok.layers for a in s.aliases},
+            },
+            "weight_map": {
+                tok.layers[s].name: names[k] for k, layers in enumerate(shards) for s in layers
+            },
+        }
+        ctx.barrier()
+        if ctx.is_main:
+            save_json(os.path.join(directory, "model.safetensors.index.json"), index)
+        ctx.barrier()
+        return index
+
+    @staticmethod
+    def _no_base(base) -> None:
+        if base is not None:
+            raise ConfigError(
+                "base= is for D2NWGConfig(delta=True); this generator has delta=False"
+            )
+        return None
 
     # ---- files ----------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
@@ -752,6 +958,7 @@ class D2NWG:
         if not (math.isfinite(gen.latent_scale) and gen.latent_scale > 0):
             raise FileFormatError(f"{path}: latent_scale {gen.latent_scale} is not positive")
         gen.tokenizer = WeightTokenizer.load(os.path.join(directory, "tokenizer.safetensors"))
+        gen.windows = WindowLayout.from_tokenizer(gen.tokenizer, gen.config.window)
         gen._build()
         load_module(gen.vae, os.path.join(directory, "vae.safetensors"))
         load_module(gen.model.denoiser, os.path.join(directory, "denoiser.safetensors"))
@@ -777,8 +984,102 @@ def _global_max(ctx: DistContext, value: int) -> int:
     return int(max(int(v) for v in ctx.all_gather(torch.tensor([value]))))
 
 
-def _sample_seed(seed: int, index: int) -> int:
-    return (int(seed) * 1_000_003 + index) % (2**63)
+def _noise_seed(seed: int, sample: int, window: int) -> int:
+    """The generator seed of one window of one sample (window 0: as before windows)."""
+    return (int(seed) * 1_000_003 + sample + window * 0x9E3779B97F4A7C15) % (2**63)
+
+
+def _shard_layers(layers, shard_size: int) -> list[list[int]]:
+    """Consecutive layer indices in shards of at most ``shard_size`` bytes (a larger layer
+    alone in its shard)."""
+    shards: list[list[int]] = []
+    size = 0
+    for s, spec in enumerate(layers):
+        nbytes = spec.numel * spec.torch_dtype.itemsize
+        if not shards or size + nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += nbytes
+    return shards
+
+
+@dataclass
+class SamplingOptions:
+    """How :meth:`D2NWG.generate` and friends sample; None takes the config's default.
+
+    ``seed``: sample i of a seed is the same whatever ``num_samples`` is; ``sampler``,
+    ``steps``, ``guidance_scale`` (classifier-free guidance), ``eta`` (DDIM); ``device``;
+    ``cuda_graph`` (capture the sampler loop once, replay it for every batch);
+    ``batch_windows``: windows per sampler run (None: about ``BATCH_ELEMENTS`` decoded values).
+    """
+
+    seed: int = 0
+    sampler: str | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    eta: float = 0.0
+    device: str | torch.device | None = None
+    cuda_graph: bool = False
+    batch_windows: int | None = None
+
+    @classmethod
+    def parse(cls, sampling: dict[str, Any]) -> SamplingOptions:
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(sampling) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown sampling option(s) {unknown}; choose from {names}")
+        opts = cls(**sampling)
+        for name in ("seed", "batch_windows"):
+            v = getattr(opts, name)
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, int) or v < (name != "seed")
+            ):
+                raise ConfigError(f"{name} must be an int >= {int(name != 'seed')}, got {v!r}")
+        return opts
+
+
+@dataclass
+class _SampleRun:
+    """One generation call: options checked, condition encoded, schedule on the device."""
+
+    opts: SamplingOptions
+    device: torch.device
+    tasks: int
+    cond: Condition | None  # one row per task
+    uncond: Condition | None  # the null condition, under guidance
+    guidance_scale: float
+    schedule: NoiseSchedule
+    batch: int  # windows per sampler run
+
+
+class _WindowedDenoiser:
+    """The denoiser called as :func:`d2nwg.sample` calls a model, ``model(x, t, cond)``, on a
+    batch of ``rows`` windows whose layout (positions, kinds, padding mask) sits in static
+    buffers: :meth:`load` refills them for the next batch, so a CUDA graph captured on this
+    object replays for every batch. Under guidance the batch comes twice (cond rows, then
+    uncond rows), and so does the layout."""
+
+    def __init__(self, den: LatentDenoiser, win: WindowLayout, rows: int, device: torch.device):
+        self.den = den
+        self.layout = {
+            "positions": torch.zeros(2, rows, win.size, 2, dtype=torch.long, device=device),
+            "layer_kinds": torch.zeros(2, rows, win.size, dtype=torch.long, device=device),
+            "mask": torch.ones(2, rows, win.size, dtype=torch.bool, device=device)
+            if win.padded
+            else None,
+        }
+
+    def load(self, win: WindowLayout, windows: torch.Tensor) -> None:
+        for buf, src in zip(self.layout.values(), (win.positions, win.kinds, win.mask)):
+            if buf is not None:
+                buf.copy_(src[windows].expand_as(buf))
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        layout = {
+            k: None if v is None else v.flatten(0, 1)[: x.shape[0]] for k, v in self.layout.items()
+        }
+        return self.den(x, t, cond, **layout)
 
 
 class _VAELoss(nn.Module):

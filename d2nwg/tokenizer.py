@@ -131,6 +131,18 @@ def _check_no_shared_memory(named: Sequence[tuple[str, torch.Tensor]]) -> None:
             )
 
 
+def _part(t: torch.Tensor, name: str, start: int, count: int) -> torch.Tensor:
+    """Elements ``start .. start + count`` of ``t`` in memory order, as a view."""
+    if (start, count) == (0, t.numel()):
+        return t
+    if not t.is_contiguous():
+        raise ShapeError(
+            f"target[{name!r}] is not contiguous, so it cannot be written a part at a time "
+            f"(make it contiguous, or use windows that hold it whole)"
+        )
+    return t.view(-1)[start : start + count]
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -419,6 +431,22 @@ class WeightTokenizer:
         )
 
     @property
+    def token_runs(self) -> list[tuple[int, int]]:
+        """``[start, stop)`` token ranges that no token shares with another run: one per
+        non-empty layer for ``granularity="layer"``, the whole sequence for ``"model"``
+        (whose tokens mix layers). Windows (:class:`d2nwg.windows.WindowLayout`) cut these."""
+        if self.granularity == "model":
+            return [(0, self.num_tokens)]
+        C = self.chunk_size
+        return [(o // C, (o + s) // C) for o, s in zip(self._offsets, self._spans) if s]
+
+    def token_range(self, layers: Iterable[int]) -> tuple[int, int]:
+        """The ``[start, stop)`` tokens that hold the elements of the given layer indices."""
+        C = self.chunk_size
+        ends = [(self._offsets[s], self._offsets[s] + self._numel[s]) for s in layers]
+        return min(a for a, _ in ends) // C, -(-max(b for _, b in ends) // C)
+
+    @property
     def layer_names(self) -> list[str]:
         return [spec.name for spec in self.layers]
 
@@ -639,6 +667,18 @@ class WeightTokenizer:
         (cast to each destination's dtype). Returns ``target``.
         """
         self._check_tokens(tokens, 2)
+        dests = self.destinations(target)
+        self.write_range(dests, tokens, 0, backend=backend)
+        self.copy_aliases(dests)
+        return target
+
+    def destinations(
+        self, target: torch.nn.Module | Mapping[str, torch.Tensor], partial: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The tensors of ``target`` (a module or a state dict) that the layout writes, by
+        name (tied copies included), each checked before any is written, so that a bad one
+        never leaves the target half-overwritten. ``partial=True`` allows a subset of the
+        layout (one shard of a model)."""
         if isinstance(target, torch.nn.Module):
             named = dict(target.named_parameters(remove_duplicate=False))
             named.update(target.named_buffers(remove_duplicate=False))
@@ -650,26 +690,79 @@ class WeightTokenizer:
                 f"got {type(target).__name__}"
             )
         missing = [s.name for s in self.layers if s.name not in named]
-        if missing:
+        if missing and not partial:
             raise KeyMismatchError(f"target lacks keys of the layout: {missing[:8]}")
-        # Every destination (tied copies included) is checked before any is written, so a bad
-        # one never leaves the target half-overwritten.
-        dests, copies = [], []
+        dests = {}
         for spec in self.layers:
-            dests.append(self._check_destination(named, spec.name, spec))
-            for alias in spec.aliases:
-                if alias in named:
-                    copies.append((self._check_destination(named, alias, spec), len(dests) - 1))
-        devices = {d.device for d in dests} | {c.device for c, _ in copies}
+            for name in (spec.name, *spec.aliases):
+                if name in named:
+                    dests[name] = self._check_destination(named, name, spec)
+        devices = {d.device for d in dests.values()}
         if len(devices) > 1:
             raise DeviceError(f"target tensors are on several devices: {sorted(map(str, devices))}")
-        _check_no_shared_memory([(spec.name, d) for spec, d in zip(self.layers, dests)])
+        _check_no_shared_memory([(s.name, dests[s.name]) for s in self.layers if s.name in dests])
+        return dests
+
+    def write_range(
+        self,
+        dests: Mapping[str, torch.Tensor],
+        tokens: torch.Tensor,
+        start: int,
+        accumulate: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        """De-normalize tokens ``[n, C]``, the tokens ``start .. start + n`` of one model, into
+        the parts of ``dests`` (from :meth:`destinations`) that they hold; layers missing
+        from ``dests`` are skipped. ``accumulate=True`` adds to the destinations instead
+        (``weights = base + generated``). Streaming generation writes a model this way, one
+        batch of windows at a time; a layer split across ranges must be contiguous."""
+        C = self.chunk_size
+        ok = isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and tokens.shape[1] == C
+        n = tokens.shape[0] if ok else 0
+        if not ok or not 0 <= start <= start + n <= self.num_tokens:
+            raise ShapeError(
+                f"tokens {shape_of(tokens)} from token {start} do not lie in the layout's "
+                f"[{self.num_tokens}, {C}]"
+            )
+        if not dests:
+            return
+        device = next(iter(dests.values())).device
+        row0, row1 = start * C, (start + n) * C
+        shift, scale = normalization(self.mean, self.std)
+        # Segments of a ChunkPlan over the range's row: one per layer part it holds, each
+        # spanning up to the next; a leading empty segment if the row starts in padding.
+        numel, offset, shifts, scales, parts = [], [], [], [], []
+        for s, spec in enumerate(self.layers):
+            lo = max(self._offsets[s], row0)
+            hi = min(self._offsets[s] + self._numel[s], row1)
+            if spec.name not in dests or lo >= hi:
+                continue
+            if not offset and lo > row0:
+                numel.append(0), offset.append(0), shifts.append(0.0), scales.append(1.0)
+                parts.append(torch.empty(0, device=device))
+            numel.append(hi - lo), offset.append(lo - row0)
+            shifts.append(float(shift[s])), scales.append(float(scale[s]))
+            parts.append(_part(dests[spec.name], spec.name, lo - self._offsets[s], hi - lo))
+        if not parts:
+            return
+        span = [b - a for a, b in zip(offset, offset[1:] + [row1 - row0])]
+        plan = ChunkPlan(tuple(numel), tuple(offset), tuple(span), tuple(shifts), tuple(scales),
+                         n, C)  # fmt: skip
+        out = [torch.empty_like(p) for p in parts] if accumulate else parts
         with torch.no_grad():
-            ops.detokenize(tokens.to(dests[0].device)[None], dests, self.plan, backend=backend)
-            for copy, i in copies:  # untied copies in the target get the same values
-                if storage_key(copy) != storage_key(dests[i]):
-                    copy.copy_(dests[i])
-        return target
+            ops.detokenize(tokens.to(device)[None], out, plan, backend=backend)
+            if accumulate:
+                for p, value in zip(parts, out):
+                    p.add_(value)
+
+    def copy_aliases(self, dests: Mapping[str, torch.Tensor]) -> None:
+        """Untied copies in a target get the values of the tensor they are tied to."""
+        with torch.no_grad():
+            for spec in self.layers:
+                for alias in spec.aliases:
+                    if alias in dests and spec.name in dests:
+                        if storage_key(dests[alias]) != storage_key(dests[spec.name]):
+                            dests[alias].copy_(dests[spec.name])
 
     @staticmethod
     def _check_destination(named: Mapping, name: str, spec: LayerSpec) -> torch.Tensor:

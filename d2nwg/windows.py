@@ -1,0 +1,108 @@
+"""Windows: a large model's token sequence, cut into pieces the denoiser sees one at a time.
+
+A window holds W consecutive tokens of the tokenizer's sequence. A layer of at least W tokens
+is cut into ``ceil(n / W)`` windows of its own (the last one short); smaller layers are packed
+whole, in order, into shared windows while they fit. So a window never spans two layers
+unless those layers are smaller than a window, every token lies in exactly one window, and
+the windows of consecutive indices cover consecutive tokens (a batch of windows is one
+token range, which streaming generation writes in one call). Short windows are padded at
+the end; ``mask`` says which slots are real.
+
+Each window carries its tokens' layout (layer index, chunk offset and layer kind, from
+:class:`d2nwg.WeightTokenizer`), so the denoiser knows where in the model it sits. A
+sequence of at most W tokens is one window without padding: the model-level generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from d2nwg.errors import ConfigError
+
+
+def cut_windows(runs: list[tuple[int, int]], window: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` token ranges of the windows over ``runs`` (disjoint, ascending
+    ``[start, stop)`` ranges that must not be mixed unless each is shorter than ``window``)."""
+    out: list[tuple[int, int]] = []
+    packed: list[int] | None = None  # the open window of small runs: [start, stop]
+    for a, b in runs:
+        if b - a >= window:
+            if packed:
+                out.append(tuple(packed))
+                packed = None
+            out.extend((s, min(s + window, b)) for s in range(a, b, window))
+        elif packed and b - packed[0] <= window and a == packed[1]:
+            packed[1] = b
+        else:
+            if packed:
+                out.append(tuple(packed))
+            packed = [a, b]
+    if packed:
+        out.append(tuple(packed))
+    return out
+
+
+@dataclass(frozen=True)
+class WindowLayout:
+    """The windows of one tokenizer layout.
+
+    Attributes:
+        size: W, token slots per window.
+        spans: ``[start, stop)`` tokens of each window.
+        index: ``[NW, W]`` long, the token in each slot (``num_tokens`` for padding).
+        mask: ``[NW, W]`` bool, True for real slots.
+        positions: ``[NW, W, 2]`` long, (layer index, chunk index) of each slot (0 for padding).
+        kinds: ``[NW, W]`` long, layer kind of each slot (0 for padding).
+    """
+
+    size: int
+    spans: tuple[tuple[int, int], ...]
+    num_tokens: int
+    index: torch.Tensor = field(repr=False)
+    mask: torch.Tensor = field(repr=False)
+    positions: torch.Tensor = field(repr=False)
+    kinds: torch.Tensor = field(repr=False)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, window: int = 0) -> WindowLayout:
+        """Windows of ``window`` tokens (0, or at least the sequence: one window of it all)."""
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ConfigError(f"window must be an int >= 0, got {window!r}")
+        T = tokenizer.num_tokens
+        W = T if window == 0 or window >= T else window
+        spans = tuple(cut_windows(tokenizer.token_runs, W))
+        starts = torch.tensor([a for a, _ in spans], dtype=torch.long)
+        lengths = torch.tensor([b - a for a, b in spans], dtype=torch.long)
+        slot = torch.arange(W, dtype=torch.long)
+        mask = slot[None, :] < lengths[:, None]
+        index = torch.where(
+            mask, starts[:, None] + slot[None, :], torch.full_like(mask, T, dtype=torch.long)
+        )
+        pos = torch.cat([tokenizer.positions, tokenizer.positions.new_zeros(1, 2)])
+        kinds = torch.cat([tokenizer.kinds, tokenizer.kinds.new_zeros(1)])
+        return cls(W, spans, T, index, mask, pos[index], kinds[index])
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.spans)
+
+    @property
+    def padded(self) -> bool:
+        """Whether any window has padding slots (the denoiser then needs the mask)."""
+        return not bool(self.mask.all())
+
+    def token_range(self, first: int, stop: int) -> tuple[int, int]:
+        """``[start, stop)`` tokens of windows ``first .. stop - 1``."""
+        return self.spans[first][0], self.spans[stop - 1][1]
+
+    def covering(self, start: int, stop: int) -> tuple[int, int]:
+        """Windows ``[first, stop)`` that hold any token of ``[start, stop)``."""
+        first = next(w for w, (_, b) in enumerate(self.spans) if b > start)
+        last = max(w for w, (a, _) in enumerate(self.spans) if a < stop)
+        return first, last + 1
+
+    def batches(self, first: int, stop: int, batch: int) -> list[tuple[int, int]]:
+        """Windows ``[first, stop)`` in consecutive batches of at most ``batch``."""
+        return [(w, min(w + batch, stop)) for w in range(first, stop, batch)]
