@@ -187,8 +187,9 @@ def _attn_bwd_preprocess(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < LQ
     o = _load(_rows(O, b, h, stride_ob, stride_oh, stride_om, offs_m, offs_d), row_ok, False)
+    o = o.to(tl.float32)
     do = _load(_rows(DO, b, h, stride_dob, stride_doh, stride_dom, offs_m, offs_d), row_ok, False)
-    tl.store(DELTA + row0 + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=row_ok)
+    tl.store(DELTA + row0 + offs_m, tl.sum(o * do.to(tl.float32), 1), mask=row_ok)
 
 
 @triton.jit

@@ -73,34 +73,6 @@ def _to_dtype(y, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _item_block(item_of_block_ptr, first_block_ptr, BLOCK: tl.constexpr):
-    """This program's item and the offset of its block in the item's elements."""
-    pid = tl.program_id(0)
-    item = tl.load(item_of_block_ptr + pid)
-    start = (pid - tl.load(first_block_ptr + item)).to(tl.int64) * BLOCK
-    return item, start
-
-
-@triton.jit
-def _item_pointers(
-    addr, rows_ptr, offset, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr
-):
-    """The item's tensor (its base address ``addr`` as a ``*DTYPE``), the item in the token
-    rows (``rows_ptr + offset``) and the block's element offsets, with the ALIGNED hints (the
-    launcher checked: every base address 16-byte aligned, every offset 16 bytes' worth)."""
-    if ALIGNED:
-        addr = tl.multiple_of(addr, 16)
-        offset = tl.multiple_of(offset, 128 // rows_ptr.dtype.element_ty.primitive_bitwidth)
-    tensor = addr.to(tl.pointer_type(DTYPE))
-    if ALIGNED:
-        tensor = tl.multiple_of(tensor, 16)
-    offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    return tensor, rows_ptr + offset, offs
-
-
-@triton.jit
 def _tokenize_kernel(
     out_ptr,  # *OUT [N * T*C] tokens
     src_addr_ptr,  # *int64 [items] base addresses of the sources
@@ -115,14 +87,25 @@ def _tokenize_kernel(
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    item, start = _item_block(item_of_block_ptr, first_block_ptr, BLOCK)
+    pid = tl.program_id(0)
+    item = tl.load(item_of_block_ptr + pid)
+    start = (pid - tl.load(first_block_ptr + item)).to(tl.int64) * BLOCK
     numel = tl.load(numel_ptr + item)
     span = tl.load(span_ptr + item)
     shift = tl.load(shift_ptr + item)
     rscale = tl.load(rscale_ptr + item)
-    src, out, offs = _item_pointers(
-        tl.load(src_addr_ptr + item), out_ptr, tl.load(dst_ptr + item), start, SRC, ALIGNED, BLOCK
-    )
+    src_addr = tl.load(src_addr_ptr + item)
+    dst = tl.load(dst_ptr + item)
+    if ALIGNED:  # the launcher checked: every base address is 16-byte aligned
+        src_addr = tl.multiple_of(src_addr, 16)
+        dst = tl.multiple_of(dst, 128 // out_ptr.dtype.element_ty.primitive_bitwidth)
+    src = src_addr.to(tl.pointer_type(SRC))
+    if ALIGNED:
+        src = tl.multiple_of(src, 16)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    out = out_ptr + dst
     if start + BLOCK <= numel:  # whole block of weights: no masks, vector accesses
         x = _to_f64(tl.load(src + offs), SRC)
         tl.store(out + offs, _to_dtype((x - shift) * rscale, out_ptr.dtype.element_ty))
@@ -147,13 +130,24 @@ def _detokenize_kernel(
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    item, start = _item_block(item_of_block_ptr, first_block_ptr, BLOCK)
+    pid = tl.program_id(0)
+    item = tl.load(item_of_block_ptr + pid)
+    start = (pid - tl.load(first_block_ptr + item)).to(tl.int64) * BLOCK
     numel = tl.load(numel_ptr + item)
     scale = tl.load(scale_ptr + item)
     shift = tl.load(shift_ptr + item)
-    dst, tok, offs = _item_pointers(
-        tl.load(dst_addr_ptr + item), tok_ptr, tl.load(src_ptr + item), start, DST, ALIGNED, BLOCK
-    )
+    dst_addr = tl.load(dst_addr_ptr + item)
+    src = tl.load(src_ptr + item)
+    if ALIGNED:
+        dst_addr = tl.multiple_of(dst_addr, 16)
+        src = tl.multiple_of(src, 128 // tok_ptr.dtype.element_ty.primitive_bitwidth)
+    dst = dst_addr.to(tl.pointer_type(DST))
+    if ALIGNED:
+        dst = tl.multiple_of(dst, 16)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    tok = tok_ptr + src
     if start + BLOCK <= numel:
         y = _to_f64(tl.load(tok + offs), tok_ptr.dtype.element_ty)
         tl.store(dst + offs, _to_dtype(y * scale + shift, DST))
