@@ -130,25 +130,24 @@ D2NWG_INLINE bool float_exact(double shift, double factor) {
   return factor > 0.0 && std::frexp(factor, &e) == 0.5 && e - 1 >= -126 && e - 1 <= 127;
 }
 
+// The float path of a segment that float_exact accepts: y = x * factor in float32.
+template <typename S, typename D>
+D2NWG_INLINE void scale_float(const S* __restrict x, D* __restrict y, int64_t n, double factor) {
+  const float f = static_cast<float>(factor);
+  for (int64_t i = 0; i < n; ++i) storef(y + i, loadf(x[i]) * f);
+}
+
 template <typename S, typename D>
 D2NWG_INLINE void tokenize_body(const S* __restrict x, D* __restrict y, int64_t n, double shift,
                                 double rscale) {
-  if (float_exact<S, D, false>(shift, rscale)) {
-    const float r = static_cast<float>(rscale);
-    for (int64_t i = 0; i < n; ++i) storef(y + i, loadf(x[i]) * r);
-    return;
-  }
+  if (float_exact<S, D, false>(shift, rscale)) return scale_float(x, y, n, rscale);
   for (int64_t i = 0; i < n; ++i) store(y + i, (load(x[i]) - shift) * rscale);
 }
 
 template <typename S, typename D>
 D2NWG_INLINE void detokenize_body(const S* __restrict y, D* __restrict x, int64_t n, double scale,
                                   double unshift) {
-  if (float_exact<S, D, true>(unshift, scale)) {
-    const float f = static_cast<float>(scale);
-    for (int64_t i = 0; i < n; ++i) storef(x + i, loadf(y[i]) * f);
-    return;
-  }
+  if (float_exact<S, D, true>(unshift, scale)) return scale_float(y, x, n, scale);
   for (int64_t i = 0; i < n; ++i) store(x + i, load(y[i]) * scale + unshift);
 }
 

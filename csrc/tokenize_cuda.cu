@@ -81,6 +81,17 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T>& pk) {
   for (int i = 0; i < Pack<T>::kWords; ++i) q[i] = pk.w[i];
 }
 
+// kVec elements x[0, kVec) -> y[0, kVec) through f (double -> double), as vector accesses.
+template <typename S, typename D, typename F>
+__device__ __forceinline__ void convert_vec(const S* __restrict__ x, D* __restrict__ y, F f) {
+  Pack<S> in;
+  Pack<D> out;
+  load_pack(x, in);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) from_f64(f(to_f64(in.v[k])), out.v[k]);
+  store_pack(y, out);
+}
+
 // ---- tokenize: item = one (model, segment); writes its whole span (values, then zeros) ----
 struct TokItem {
   const void* src;
@@ -98,18 +109,13 @@ template <typename S, typename D>
 __device__ __forceinline__ void tokenize_tile(const S* __restrict__ x, D* __restrict__ y,
                                               int64_t start, const TokItem& w) {
   const double shift = w.shift, rscale = w.rscale;
+  const auto f = [=](double v) { return __dmul_rn(__dsub_rn(v, shift), rscale); };
 #pragma unroll 2
   for (int step = 0; step < kSteps; ++step) {
     const int64_t e = start + (static_cast<int64_t>(step) * kThreads + threadIdx.x) * kVec;
     if (e >= w.span) break;
     if (w.aligned && e + kVec <= w.numel) {  // full vector of weights
-      Pack<S> in;
-      Pack<D> out;
-      load_pack(x + e, in);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k)
-        from_f64(__dmul_rn(__dsub_rn(to_f64(in.v[k]), shift), rscale), out.v[k]);
-      store_pack(y + e, out);
+      convert_vec(x + e, y + e, f);
     } else if (w.aligned && e >= w.numel && e + kVec <= w.span) {  // full vector of padding
       Pack<D> out;
 #pragma unroll
@@ -118,7 +124,7 @@ __device__ __forceinline__ void tokenize_tile(const S* __restrict__ x, D* __rest
     } else {  // ragged edge or unaligned tensors
       for (int k = 0; k < kVec && e + k < w.span; ++k) {
         D o;
-        from_f64(e + k < w.numel ? __dmul_rn(__dsub_rn(to_f64(x[e + k]), shift), rscale) : 0.0, o);
+        from_f64(e + k < w.numel ? f(to_f64(x[e + k])) : 0.0, o);
         y[e + k] = o;
       }
     }
@@ -156,22 +162,17 @@ template <typename S, typename D>
 __device__ __forceinline__ void detokenize_tile(const S* __restrict__ y, D* __restrict__ x,
                                                 int64_t start, const DetokItem& w) {
   const double scale = w.scale, unshift = w.unshift;
+  const auto f = [=](double v) { return __dadd_rn(__dmul_rn(v, scale), unshift); };
 #pragma unroll 2
   for (int step = 0; step < kSteps; ++step) {
     const int64_t e = start + (static_cast<int64_t>(step) * kThreads + threadIdx.x) * kVec;
     if (e >= w.numel) break;
     if (w.aligned && e + kVec <= w.numel) {
-      Pack<S> in;
-      Pack<D> out;
-      load_pack(y + e, in);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k)
-        from_f64(__dadd_rn(__dmul_rn(to_f64(in.v[k]), scale), unshift), out.v[k]);
-      store_pack(x + e, out);
+      convert_vec(y + e, x + e, f);
     } else {
       for (int k = 0; k < kVec && e + k < w.numel; ++k) {
         D o;
-        from_f64(__dadd_rn(__dmul_rn(to_f64(y[e + k]), scale), unshift), o);
+        from_f64(f(to_f64(y[e + k])), o);
         x[e + k] = o;
       }
     }
