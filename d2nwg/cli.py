@@ -90,7 +90,10 @@ def _generator_info() -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from d2nwg.demo import run
+    if args.lora:
+        from d2nwg.demo.lora import run
+    else:
+        from d2nwg.demo import run
 
     run(
         args.out,
@@ -208,13 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="train a generator of digit-task heads and evaluate it",
+        help="train a generator of digit-task heads (or, --lora, of LoRA adapters) and evaluate it",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  d2nwg demo --quick --out demo_out\n"
+        "  d2nwg demo --lora --quick --out lora_out\n"
         "  torchrun --standalone --nproc_per_node=2 -m d2nwg demo --quick",
     )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--quick", action="store_true", help="a smaller run (under a minute on CPU)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smaller run (digits: under a minute on CPU, --lora: about two)",
+    )
+    p.add_argument(
+        "--lora",
+        action="store_true",
+        help="the LoRA demo: generate adapters of a tiny LLaMA for unseen synthetic languages",
+    )
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
