@@ -64,7 +64,13 @@ def plain_generate(
         ts = default_timesteps(c.timesteps, c.sample_steps)
         prev_x0, h_prev = None, None
         for i, t in enumerate(ts):
-            out = den(torch.cat([x, x]), torch.full((2 * num_samples,), t, device=device), both)
+            out = den(
+                torch.cat([x, x]),
+                torch.full((2 * num_samples,), t, device=device),
+                both,
+                positions=tok.positions.to(device),
+                layer_kinds=tok.kinds.to(device),
+            )
             o_c, o_u = out.chunk(2)
             o = o_u + c.guidance_scale * (o_c - o_u)
             a_t = abar[t]

@@ -55,7 +55,10 @@ FORMAT_VERSION = 1
 CONDITIONS = ("dataset", "text", "none")
 CONDITION_SHAPES = {3: "[classes, shots, F]", 2: "[L, E]"}  # raw condition of one task, by rank
 STAGES = ("vae", "diffusion")
-BATCH_ELEMENTS = 2**24  # default windows per sampler run: about this many decoded values
+# Default windows per sampler run: about this many decoded values (32 MiB of float32 on a
+# CPU, where streaming's extra memory should stay small next to the model; 1 GiB on a GPU,
+# where larger batches keep it busy).
+BATCH_ELEMENTS = {"cpu": 2**23, "cuda": 2**28}
 
 
 @dataclass
@@ -385,18 +388,9 @@ class D2NWG:
             )
         first = zoo[0]
         self._check_condition_kind(first.condition)
-        c = self.config
-
-        def tokenizer(chunk_size: int) -> WeightTokenizer:
-            return WeightTokenizer.from_state_dict(
-                first.state_dict, chunk_size=chunk_size, granularity=c.granularity,
-                include=c.include, exclude=c.exclude,
-            )  # fmt: skip
-
         features = 0 if first.condition is None else first.condition.shape[-1]
-        self.config = c = c.resolve(tokenizer(c.chunk_size or 64).num_params, features)
-        self.tokenizer = tok = tokenizer(c.chunk_size)
-        self.windows = WindowLayout.from_tokenizer(tok, c.window)
+        self._set_layout(first.state_dict, features)
+        c, tok = self.config, self.tokenizer
         residual = self._residual_fn(base)
         # Statistics over the whole zoo (a cheap streaming pass), identical on every rank.
         tok.fit(map(residual, zoo.state_dicts()))
@@ -446,6 +440,45 @@ class D2NWG:
         self.history["world_size"] = ctx.world_size
         ctx.barrier()
         return self
+
+    def _set_layout(self, template: Mapping[str, torch.Tensor], features: int) -> None:
+        """Resolve the config for ``template``'s architecture; its tokenizer and windows."""
+        c = self.config
+
+        def tokenizer(chunk_size: int) -> WeightTokenizer:
+            return WeightTokenizer.from_state_dict(
+                template, chunk_size=chunk_size, granularity=c.granularity,
+                include=c.include, exclude=c.exclude,
+            )  # fmt: skip
+
+        self.config = c.resolve(tokenizer(c.chunk_size or 64).num_params, features)
+        self.tokenizer = tokenizer(self.config.chunk_size)
+        self.windows = WindowLayout.from_tokenizer(self.tokenizer, self.config.window)
+        self._bound.clear()
+
+    @classmethod
+    def untrained(
+        cls,
+        template: Mapping[str, torch.Tensor],
+        config: D2NWGConfig | None = None,
+        cond_features: int = 0,
+        max_classes: int = 1,
+    ) -> D2NWG:
+        """A generator for ``template``'s architecture (meta tensors will do) with freshly
+        initialized networks and identity normalization: what :meth:`fit` would train. For
+        benchmarks and tests of generation's speed and memory, whose cost does not depend on
+        the weights; its samples are not meaningful weights."""
+        gen = cls(config)
+        if gen.config.condition != "none" and cond_features < 1:
+            raise ConfigError(f"a {gen.config.condition!r} generator needs cond_features >= 1")
+        gen.cond_rank = {"dataset": 3, "text": 2, "none": 0}[gen.config.condition]
+        gen.max_classes = max_classes if gen.cond_rank == 3 else 0
+        gen._set_layout(template, cond_features)
+        gen._build()
+        device = resolve_device(gen.config.device)
+        gen.vae.to(device).eval()
+        gen.model.to(device).eval()
+        return gen
 
     def _residual_fn(self, base: Mapping[str, torch.Tensor] | None):
         """What the generator learns of a zoo model: the model, or ``model - base``."""
@@ -702,14 +735,15 @@ class D2NWG:
             uncond=uncond,
             guidance_scale=scale,
             schedule=c.noise_schedule().to(device),
-            batch=opts.batch_windows or max(1, BATCH_ELEMENTS // (W * C)),
+            batch=opts.batch_windows or max(1, BATCH_ELEMENTS[device.type] // (W * C)),
         )
 
     @torch.no_grad()
     def _sample_windows(self, run: _SampleRun, jobs: torch.Tensor) -> torch.Tensor:
-        """Decoded tokens ``[n, W, C]`` of ``jobs [n, 3]`` = (task, sample, window) rows: one
-        sampler run over the batch. The noise of (sample i, window w) comes from its own
-        generator, so a window is the same whatever else shares its batch or process."""
+        """Decoded tokens ``[r, C]`` of the real slots of ``jobs [n, 3]`` = (task, sample,
+        window) rows, job by job: one sampler run over the batch, then the VAE decodes the
+        real latents only. The noise of (sample i, window w) comes from its own generator, so
+        a window is the same whatever else shares its batch or process."""
         c, win, opts = self.config, self.windows, run.opts
         tasks, samples, windows = jobs.unbind(1)
         gens = [
@@ -733,9 +767,9 @@ class D2NWG:
             prediction_type=c.prediction_type,
             cuda_graph=opts.cuda_graph,
         )
-        return self.vae.decode(z / self.latent_scale, max_batch=65536).reshape(
-            len(gens), win.size, c.chunk_size
-        )
+        real = win.mask[windows]
+        z = z.flatten(0, 1) if bool(real.all()) else z[real.to(run.device)]
+        return self.vae.decode(z / self.latent_scale, max_batch=65536)
 
     def _windowed(self, device: torch.device, rows: int) -> _WindowedDenoiser:
         """One bound denoiser per (device, batch): CUDA graphs of it replay across batches."""
@@ -751,9 +785,9 @@ class D2NWG:
         for a delta generator) into ``dests``: one batch of streaming generation."""
         w = torch.arange(first, stop)
         jobs = torch.stack([torch.zeros_like(w), torch.zeros_like(w), w], 1)
-        tokens = self._sample_windows(run, jobs)[self.windows.mask[first:stop].to(run.device)]
+        tokens = self._sample_windows(run, jobs)  # the windows' tokens, in token order
         start = self.windows.spans[first][0]
-        self.tokenizer.write_range(dests, tokens.float(), start, accumulate=self.config.delta)
+        self.tokenizer.write_range(dests, tokens, start, accumulate=self.config.delta)
 
     @torch.no_grad()
     def generate_tokens(
@@ -773,12 +807,10 @@ class D2NWG:
         out = torch.empty(B, T, self.config.chunk_size, device=run.device)
         for j in range(0, grid.shape[0], run.batch):
             jobs = grid[j : j + run.batch]
-            tokens = self._sample_windows(run, jobs)
             rows = (jobs[:, 0] * num_samples + jobs[:, 1])[:, None].expand(-1, win.size)
             real = win.mask[jobs[:, 2]]
-            out[rows[real].to(run.device), win.index[jobs[:, 2]][real].to(run.device)] = tokens[
-                real.to(run.device)
-            ]
+            index = win.index[jobs[:, 2]][real]
+            out[rows[real].to(run.device), index.to(run.device)] = self._sample_windows(run, jobs)
         return out
 
     def generate(
@@ -1011,7 +1043,8 @@ class SamplingOptions:
     ``seed``: sample i of a seed is the same whatever ``num_samples`` is; ``sampler``,
     ``steps``, ``guidance_scale`` (classifier-free guidance), ``eta`` (DDIM); ``device``;
     ``cuda_graph`` (capture the sampler loop once, replay it for every batch);
-    ``batch_windows``: windows per sampler run (None: about ``BATCH_ELEMENTS`` decoded values).
+    ``batch_windows``: windows per sampler run (None: about ``BATCH_ELEMENTS`` decoded values
+    on the device).
     """
 
     seed: int = 0
@@ -1079,7 +1112,10 @@ class _WindowedDenoiser:
         layout = {
             k: None if v is None else v.flatten(0, 1)[: x.shape[0]] for k, v in self.layout.items()
         }
-        return self.den(x, t, cond, **layout)
+        # bf16 on CUDA, as in training (the sampler's state stays in x's dtype); no autocast
+        # weight cache, which CUDA-graph capture does not allow.
+        with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda, cache_enabled=False):
+            return self.den(x, t, cond, **layout).to(x.dtype)
 
 
 class _VAELoss(nn.Module):

@@ -73,7 +73,8 @@ def fitted(tmp_path_factory):
 def test_cut_windows_by_hand():
     assert cut_windows([(0, 15), (15, 17), (17, 19), (19, 27), (27, 28)], 6) == list(SPANS)
     # small layers are packed while they fit whole; a layer of exactly W is a window alone
-    assert cut_windows([(0, 2), (2, 5), (5, 7), (7, 10), (10, 14)], 5) == [(0, 5), (5, 10), (10, 14)]
+    runs = [(0, 2), (2, 5), (5, 7), (7, 10), (10, 14)]
+    assert cut_windows(runs, 5) == [(0, 5), (5, 10), (10, 14)]
     assert cut_windows([(0, 1), (1, 6), (6, 7)], 5) == [(0, 1), (1, 6), (6, 7)]
 
 
