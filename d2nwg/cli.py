@@ -62,7 +62,7 @@ def _generator_info() -> str:
 
     import torch.distributed as dist
 
-    from d2nwg.generator import CONDITIONS
+    from d2nwg.generator import BATCH_ELEMENTS, CONDITIONS
 
     def version(pkg: str) -> str:
         try:
@@ -82,7 +82,11 @@ def _generator_info() -> str:
         [
             f"generator: d2nwg.D2NWG, conditions {', '.join(CONDITIONS)}; samplers "
             f"{', '.join(d2nwg.SAMPLERS)}; prediction types {', '.join(d2nwg.PREDICTION_TYPES)}",
-            "distributed training (torchrun): "
+            "large models: D2NWGConfig(window=W) windows, streaming generate_into "
+            "(batch_windows), generate_to_directory shards + index, include/exclude, "
+            f"delta=True; default batch ~{BATCH_ELEMENTS['cpu']:.3g} decoded values on cpu, "
+            f"{BATCH_ELEMENTS['cuda']:.3g} on cuda",
+            "distributed training and sharded generation (torchrun): "
             + (", ".join(backends) or "torch.distributed unavailable"),
             f"demo: scikit-learn {version('scikit-learn')}, matplotlib {version('matplotlib')}",
         ]
@@ -147,7 +151,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
         if v is not None
     }
-    sds = gen.generate(condition, num_samples=args.num, seed=args.seed, **sampling)
+    base = None
+    if args.base:
+        base = read_safetensors(args.base)[1]
+    if args.batch_windows:
+        sampling["batch_windows"] = args.batch_windows
+    if args.shards:
+        if args.num != 1:
+            raise d2nwg.ConfigError("--shards writes one model (sample 0 of --seed): use --num 1")
+        index = gen.generate_to_directory(
+            args.out,
+            condition,
+            shard_size=args.shard_size * 2**20,
+            base=base,
+            seed=args.seed,
+            **sampling,
+        )
+        files = len(set(index["weight_map"].values()))
+        print(f"wrote {files} shards and model.safetensors.index.json to {args.out}")
+        return 0
+    sampling.pop("batch_windows", None)
+    sds = gen.generate(condition, num_samples=args.num, base=base, seed=args.seed, **sampling)
     for i, sd in enumerate(sds):
         stored, aliases = untie(sd)  # tied names are stored once (safetensors requires it)
         meta = {"format": "d2nwg.sample/1", "seed": str(args.seed), "index": str(i)}
@@ -255,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  d2nwg generate --generator run/generator "
         "--condition task.safetensors --num 8 --seed 0 --out samples\n"
+        "  d2nwg generate --generator run/generator --shards --shard-size 2048 --out model\n"
         "  (the condition file holds one tensor named 'condition'; "
         "omit it for an unconditional generator)",
     )
@@ -266,6 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"])
     p.add_argument("--steps", type=_int_at_least(1))
     p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--base", help="the base model (safetensors) of a delta generator")
+    p.add_argument(
+        "--shards",
+        action="store_true",
+        help="stream one model into safetensors shards with an index (Hugging Face layout)",
+    )
+    p.add_argument(
+        "--shard-size", type=_int_at_least(1), default=2048, help="MiB per shard (default 2048)"
+    )
+    p.add_argument("--batch-windows", type=_int_at_least(1), help="windows per sampler run")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="CPU microbenchmarks, or --suite for bench/gpu_suite.py")

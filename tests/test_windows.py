@@ -329,3 +329,22 @@ def test_two_process_sharded_generation_is_bit_identical(fitted, tmp_path):
         written = [~p[k].isnan() for p in parts]
         assert torch.equal(written[0] ^ written[1], torch.ones_like(v, dtype=torch.bool)), k
         assert torch.equal(torch.where(written[0], parts[0][k], parts[1][k]), v), k
+
+
+def test_cli_generate_shards(fitted, tmp_path, capsys):
+    from d2nwg.cli import main
+
+    gen, _, directory = fitted
+    out = tmp_path / "model"
+    args = ["generate", "--generator", directory, "--seed", "4", "--out", str(out)]
+    assert main([*args, "--shards", "--batch-windows", "2"]) == 0
+    assert sorted(os.listdir(out)) == [
+        "model-00001-of-00001.safetensors",
+        "model.safetensors.index.json",
+    ]
+    written = load_file(str(out / "model-00001-of-00001.safetensors"))
+    streamed = gen.generate_into(fresh(), seed=4)
+    for k in SHAPES:
+        torch.testing.assert_close(written[k], streamed[k], rtol=1e-4, atol=1e-5)
+    assert main([*args, "--shards", "--num", "2"]) == 2
+    assert "use --num 1" in capsys.readouterr().err
