@@ -302,6 +302,7 @@ def generator_config(s: LoraSettings, device: str, seed: int) -> D2NWGConfig:
         condition="dataset",
         chunk_size=s.lm.lora_rank * s.lm.dim,
         vae_steps=s.vae_steps,
+        vae_batch=128,  # the zoo has only a few thousand chunks
         diffusion_steps=s.diffusion_steps,
         hidden_dim=s.gen_hidden,
         depth=s.gen_depth,
