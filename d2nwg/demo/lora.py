@@ -79,6 +79,10 @@ class LoraSettings:
     diffusion_steps: int = 1500
     gen_hidden: int = 0  # denoiser width / depth (0: D2NWGConfig's rule)
     gen_depth: int = 0
+    # CPU threads for the run (restored afterwards). On this project's shared 2-core machine,
+    # 40 pretraining steps took 8.5 s with 1 thread and 179 s with 2 (OpenMP threads spinning
+    # against other processes); these models are too small to gain from more.
+    threads: int = 1
     lm: LMConfig = field(default_factory=LMConfig)
 
     def __post_init__(self) -> None:
@@ -322,6 +326,17 @@ def run(
 ) -> dict | None:
     """The whole LoRA demo; returns the results (None on ranks other than 0 under torchrun)."""
     s = settings or (LoraSettings.quick() if quick else LoraSettings())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(s.threads or threads)
+    try:
+        return _run(out, quick, device, seed, s, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(
+    out: str, quick: bool, device: str, seed: int, s: LoraSettings, progress: bool
+) -> dict | None:
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     lang = MarkovLanguages.make(s.lm.vocab, s.seq_len, s.scale, seed)
