@@ -131,6 +131,16 @@ def _check_no_shared_memory(named: Sequence[tuple[str, torch.Tensor]]) -> None:
             )
 
 
+def _check_has_data(t: torch.Tensor, where: str, use: str, meta_why: str) -> None:
+    """A dense tensor with memory: sparse tensors have no flat layout, meta tensors no data."""
+    if t.layout != torch.strided:
+        raise DTypeError(
+            f"{where} has layout {t.layout}; only dense (strided) tensors can be {use}"
+        )
+    if t.device.type == "meta":
+        raise DeviceError(f"{where} is on the meta device: {meta_why}")
+
+
 def _part(t: torch.Tensor, name: str, start: int, count: int) -> torch.Tensor:
     """Elements ``start .. start + count`` of ``t`` in memory order, as a view."""
     if (start, count) == (0, t.numel()):
@@ -492,16 +502,10 @@ class WeightTokenizer:
                     f"{where}[{spec.name!r}] has dtype {t.dtype}, the layout "
                     f"expects {spec.torch_dtype}"
                 )
-            if t.layout != torch.strided:
-                raise DTypeError(
-                    f"{where}[{spec.name!r}] has layout {t.layout}; only dense "
-                    f"(strided) tensors can be tokenized"
-                )
-            if t.device.type == "meta":
-                raise DeviceError(
-                    f"{where}[{spec.name!r}] is on the meta device: it holds no "
-                    f"weights to tokenize (a meta template only fixes the layout)"
-                )
+            _check_has_data(
+                t, f"{where}[{spec.name!r}]", "tokenized",
+                "it holds no weights to tokenize (a meta template only fixes the layout)",
+            )  # fmt: skip
             # Ties are a property of the template; each model must hold them too, or its
             # tied copy would silently be replaced by the tensor it is tied to.
             for alias in spec.aliases:
@@ -775,16 +779,10 @@ class WeightTokenizer:
             )
         if t.dtype not in FLOAT_DTYPES:
             raise DTypeError(f"target[{name!r}] has dtype {t.dtype}, not floating")
-        if t.layout != torch.strided:
-            raise DTypeError(
-                f"target[{name!r}] has layout {t.layout}; only dense tensors "
-                f"can be written in place"
-            )
-        if t.device.type == "meta":
-            raise DeviceError(
-                f"target[{name!r}] is on the meta device (no memory to write "
-                f"into; materialize the module first, e.g. with to_empty())"
-            )
+        _check_has_data(
+            t, f"target[{name!r}]", "written in place",
+            "no memory to write into; materialize the module first, e.g. with to_empty()",
+        )  # fmt: skip
         if torch._debug_has_internal_overlap(t) == 1:
             raise ShapeError(
                 f"target[{name!r}] has overlapping elements (an expanded view?) "

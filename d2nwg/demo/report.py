@@ -72,15 +72,20 @@ def plots(results: dict, log: list[dict], out: str) -> list[str]:
     written.append(_save(fig, out, "finetune.png"))
 
     if log:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-        for ax, stage in zip(axes, ("vae", "diffusion")):
-            rows = [r for r in log if r["stage"] == stage]
-            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-            ax.set_yscale("log")
-            ax.set_title(f"{stage} loss")
-            ax.set_xlabel("step")
-        written.append(_save(fig, out, "losses.png"))
+        written.append(_loss_plot(plt, log, out, "losses.png"))
     return written
+
+
+def _loss_plot(plt, log: list[dict], out: str, name: str) -> str:
+    """Both training stages' loss curves, from the generator's loss log."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, stage in zip(axes, ("vae", "diffusion")):
+        rows = [r for r in log if r["stage"] == stage]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+        ax.set_yscale("log")
+        ax.set_title(f"{stage} loss")
+        ax.set_xlabel("step")
+    return _save(fig, out, name)
 
 
 def _save(fig, out: str, name: str) -> str:
@@ -164,12 +169,5 @@ def lora_plots(results: dict, log: list[dict], out: str) -> list[str]:
     ax2.legend(fontsize=8, loc="lower left")
     written = [_save(fig, out, "lora_loss.png")]
     if log:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-        for ax, stage in zip(axes, ("vae", "diffusion")):
-            rows = [r for r in log if r["stage"] == stage]
-            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-            ax.set_yscale("log")
-            ax.set_title(f"{stage} loss")
-            ax.set_xlabel("step")
-        written.append(_save(fig, out, "lora_losses.png"))
+        written.append(_loss_plot(plt, log, out, "lora_losses.png"))
     return written
