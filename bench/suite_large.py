@@ -66,7 +66,8 @@ def llama_shapes(
 
 
 def target_model(shapes: dict, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
-    """An ``nn.Module`` with these parameters (uninitialized) and ``lm_head`` tied."""
+    """An ``nn.Module`` with these parameters (zeros: resident, so that a generation's
+    memory is not confused with the target's first touch) and ``lm_head`` tied."""
     root = nn.Module()
     for name, shape in shapes.items():
         *path, leaf = name.split(".")
@@ -75,7 +76,7 @@ def target_model(shapes: dict, dtype: torch.dtype, device: str | torch.device) -
             if not hasattr(mod, part):
                 mod.add_module(part, nn.Module())
             mod = getattr(mod, part)
-        mod.register_parameter(leaf, nn.Parameter(torch.empty(shape, dtype=dtype, device=device)))
+        mod.register_parameter(leaf, nn.Parameter(torch.zeros(shape, dtype=dtype, device=device)))
     root.add_module("lm_head", nn.Module())
     root.lm_head.weight = root.model.embed_tokens.weight
     return root
