@@ -20,12 +20,12 @@ Writes ``results.json``, the generator (``generator/``), plots and prints a tabl
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
 import torch
 
+from d2nwg.demo.common import fit_generator, write_report
 from d2nwg.demo.digits import (
     Digits,
     accuracy,
@@ -36,9 +36,7 @@ from d2nwg.demo.digits import (
     support_set,
     train_heads,
 )
-from d2nwg.files import save_json
 from d2nwg.generator import D2NWG, D2NWGConfig
-from d2nwg.training import DistContext, LossLog
 from d2nwg.zoo import ModelZoo
 
 METHODS = ("generated_best", "generated_mean", "zoo", "random")
@@ -188,13 +186,9 @@ def run(
         seed=seed,
         checkpoint_every=max(s.diffusion_steps, s.vae_steps),
     )
-    gen = D2NWG(cfg).fit(zoo, out=os.path.join(out, "train"), progress=progress)
-    seconds["fit_vae"] = gen.history["vae_seconds"]
-    seconds["fit_diffusion"] = gen.history["diffusion_seconds"]
-    ctx = DistContext.from_env(torch.device("cpu"))
+    gen, ctx = fit_generator(cfg, zoo, out, progress, seconds)
     if not ctx.is_main:
         return None
-    gen.save(os.path.join(out, "generator"))
 
     t1 = time.perf_counter()
     seen_heads = zoo_heads_of(zoo)
@@ -238,16 +232,9 @@ def run(
         k: {m: v[m] / v["zoo"] for m in ("generated_best", "generated_mean")}
         for k, v in results["accuracy"].items()
     }
-    save_json(os.path.join(out, "results.json"), results)
     from d2nwg.demo.report import plots, table
 
-    print(table(results))
-    for path in plots(results, LossLog(os.path.join(out, "train"), enabled=False).read(), out):
-        print(f"wrote {path}")
-    print(
-        f"wrote {os.path.join(out, 'results.json')} and the generator in "
-        f"{os.path.join(out, 'generator')}"
-    )
+    write_report(results, out, table, plots)
     return results
 
 

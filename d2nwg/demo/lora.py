@@ -25,12 +25,12 @@ tasks), and the fraction of the base-to-trained gap the generated adapters close
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from d2nwg.demo.common import fit_generator, write_report
 from d2nwg.demo.lm import (
     Adapter,
     LMConfig,
@@ -43,9 +43,7 @@ from d2nwg.demo.lm import (
     stack_adapters,
 )
 from d2nwg.errors import ConfigError
-from d2nwg.files import save_json
 from d2nwg.generator import D2NWG, D2NWGConfig
-from d2nwg.training import DistContext, LossLog
 from d2nwg.zoo import ModelZoo
 
 METHODS = ("base", "generated", "trained")
@@ -350,14 +348,9 @@ def _run(
     unseen_trained = train_adapters(model, lang, tasks.unseen, s, seed=seed + 1)
     seconds["zoo"] = time.perf_counter() - t1
 
-    gen = D2NWG(generator_config(s, device, seed))
-    gen.fit(zoo, out=os.path.join(out, "train"), progress=progress)
-    seconds["fit_vae"] = gen.history["vae_seconds"]
-    seconds["fit_diffusion"] = gen.history["diffusion_seconds"]
-    ctx = DistContext.from_env(torch.device("cpu"))
+    gen, ctx = fit_generator(generator_config(s, device, seed), zoo, out, progress, seconds)
     if not ctx.is_main:
         return None
-    gen.save(os.path.join(out, "generator"))
 
     t2 = time.perf_counter()
     seed0 = torch.tensor(seen_idx) * s.seeds  # the seed-0 zoo adapter of each task
@@ -373,13 +366,9 @@ def _run(
     seconds["total"] = time.perf_counter() - t0
     results = _results(s, quick, splits, per_split, zoo, gen, pre_losses, seconds)
     results["tasks"]["seen_grid"] = tasks.seen.tolist()
-    save_json(os.path.join(out, "results.json"), results)
     from d2nwg.demo.report import lora_plots, lora_table
 
-    print(lora_table(results))
-    for path in lora_plots(results, LossLog(os.path.join(out, "train"), enabled=False).read(), out):
-        print(f"wrote {path}")
-    print(f"wrote {os.path.join(out, 'results.json')}")
+    write_report(results, out, lora_table, lora_plots)
     return results
 
 
