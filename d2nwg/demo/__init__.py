@@ -57,6 +57,7 @@ class DemoSettings:
     finetune_tasks: int = 10
     vae_steps: int = 500
     diffusion_steps: int = 1500
+    window: int = 0  # tokens per denoiser window (0: a head is one window)
 
     @classmethod
     def quick(cls) -> DemoSettings:
@@ -185,6 +186,7 @@ def run(
         device=device,
         seed=seed,
         checkpoint_every=max(s.diffusion_steps, s.vae_steps),
+        window=s.window,
     )
     gen, ctx = fit_generator(cfg, zoo, out, progress, seconds)
     if not ctx.is_main:
