@@ -53,6 +53,7 @@ from d2nwg.zoo import ModelZoo
 FORMAT = "d2nwg.D2NWG"
 FORMAT_VERSION = 1
 CONDITIONS = ("dataset", "text", "none")
+CONDITION_RANKS = {"dataset": 3, "text": 2, "none": 0}  # dims of one task's raw condition
 CONDITION_SHAPES = {3: "[classes, shots, F]", 2: "[L, E]"}  # raw condition of one task, by rank
 STAGES = ("vae", "diffusion")
 # Default windows per sampler run: about this many decoded values (32 MiB of float32 on a
@@ -471,7 +472,7 @@ class D2NWG:
         gen = cls(config)
         if gen.config.condition != "none" and cond_features < 1:
             raise ConfigError(f"a {gen.config.condition!r} generator needs cond_features >= 1")
-        gen.cond_rank = {"dataset": 3, "text": 2, "none": 0}[gen.config.condition]
+        gen.cond_rank = CONDITION_RANKS[gen.config.condition]
         gen.max_classes = max_classes if gen.cond_rank == 3 else 0
         gen._set_layout(template, cond_features)
         gen._build()
@@ -482,18 +483,24 @@ class D2NWG:
 
     def _residual_fn(self, base: Mapping[str, torch.Tensor] | None):
         """What the generator learns of a zoo model: the model, or ``model - base``."""
-        if not self.config.delta:
-            self._no_base(base)
+        base = self._base(base)
+        if base is None:
             return lambda sd: sd
-        base = self._check_base(base)
 
         def residual(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             return {k: (v - base[k].to(v)) if k in base else v for k, v in sd.items()}
 
         return residual
 
-    def _check_base(self, base) -> dict[str, torch.Tensor]:
-        """The base model's tensors that the layout covers, checked by name, shape and dtype."""
+    def _base(self, base) -> dict[str, torch.Tensor] | None:
+        """A delta generator's base (its tensors that the layout covers, checked by name,
+        shape and dtype); None for a generator without delta, which must not be given one."""
+        if not self.config.delta:
+            if base is not None:
+                raise ConfigError(
+                    "base= is for D2NWGConfig(delta=True); this generator has delta=False"
+                )
+            return None
         if base is None:
             raise ConfigError("this generator has delta=True: pass base= (the base state dict)")
         if isinstance(base, nn.Module):
@@ -509,7 +516,7 @@ class D2NWG:
                 )
             self.cond_rank = 0
             return
-        self.cond_rank = 3 if kind == "dataset" else 2
+        self.cond_rank = CONDITION_RANKS[kind]
         if condition is None or condition.dim() != self.cond_rank:
             raise ConfigError(
                 f"D2NWGConfig.condition={kind!r} needs zoo conditions "
@@ -829,7 +836,7 @@ class D2NWG:
         ``sampling``: see :class:`SamplingOptions` (sample i of a seed is the same whatever
         ``num_samples`` is).
         """
-        base = self._check_base(base) if self.config.delta else self._no_base(base)
+        base = self._base(base)
         tokens = self.generate_tokens(condition, num_samples, **sampling)
         sds = self.tokenizer.detokenize(tokens.float().cpu())
         if base is not None:
@@ -889,12 +896,11 @@ class D2NWG:
         """
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
             raise ConfigError(f"shard_size must be a number of bytes >= 1, got {shard_size!r}")
-        base = self._check_base(base) if self.config.delta else self._no_base(base)
+        base = self._base(base)
         run = self._start(condition, sampling, max_tasks=1)
         tok, win = self.tokenizer, self.windows
-        if distributed is None:
-            distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        ctx = DistContext.from_env(run.device) if distributed else DistContext()
+        # None: whatever torchrun says (from_env is one process without WORLD_SIZE > 1)
+        ctx = DistContext() if distributed is False else DistContext.from_env(run.device)
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         shards = _shard_layers(tok.layers, shard_size)
@@ -935,14 +941,6 @@ class D2NWG:
             save_json(os.path.join(directory, "model.safetensors.index.json"), index)
         ctx.barrier()
         return index
-
-    @staticmethod
-    def _no_base(base) -> None:
-        if base is not None:
-            raise ConfigError(
-                "base= is for D2NWGConfig(delta=True); this generator has delta=False"
-            )
-        return None
 
     # ---- files ----------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
@@ -1063,12 +1061,10 @@ class SamplingOptions:
         if unknown:
             raise ConfigError(f"unknown sampling option(s) {unknown}; choose from {names}")
         opts = cls(**sampling)
-        for name in ("seed", "batch_windows"):
+        for name, least in (("seed", 0), ("batch_windows", 1)):
             v = getattr(opts, name)
-            if v is not None and (
-                isinstance(v, bool) or not isinstance(v, int) or v < (name != "seed")
-            ):
-                raise ConfigError(f"{name} must be an int >= {int(name != 'seed')}, got {v!r}")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+                raise ConfigError(f"{name} must be an int >= {least}, got {v!r}")
         return opts
 
 

@@ -36,7 +36,7 @@ from d2nwg.errors import (
     shape_of,
 )
 from d2nwg.files import parse_json_metadata, read_safetensors, save_safetensors
-from d2nwg.ops.tokenize_op import FLOAT_DTYPES, ChunkPlan
+from d2nwg.ops.tokenize_op import FLOAT_DTYPES, ChunkPlan, check_data_tensor
 
 _FLOAT_DTYPE_NAMES = frozenset(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
 
@@ -129,16 +129,6 @@ def _check_no_shared_memory(named: Sequence[tuple[str, torch.Tensor]]) -> None:
                 f"holds them as separate tensors; writing one would overwrite the "
                 f"other (untie them in the target)"
             )
-
-
-def _check_has_data(t: torch.Tensor, where: str, use: str, meta_why: str) -> None:
-    """A dense tensor with memory: sparse tensors have no flat layout, meta tensors no data."""
-    if t.layout != torch.strided:
-        raise DTypeError(
-            f"{where} has layout {t.layout}; only dense (strided) tensors can be {use}"
-        )
-    if t.device.type == "meta":
-        raise DeviceError(f"{where} is on the meta device: {meta_why}")
 
 
 def _part(t: torch.Tensor, name: str, start: int, count: int) -> torch.Tensor:
@@ -502,9 +492,9 @@ class WeightTokenizer:
                     f"{where}[{spec.name!r}] has dtype {t.dtype}, the layout "
                     f"expects {spec.torch_dtype}"
                 )
-            _check_has_data(
-                t, f"{where}[{spec.name!r}]", "tokenized",
-                "it holds no weights to tokenize (a meta template only fixes the layout)",
+            check_data_tensor(
+                t, f"{where}[{spec.name!r}]",
+                "it holds no weights to tokenize; a meta template only fixes the layout",
             )  # fmt: skip
             # Ties are a property of the template; each model must hold them too, or its
             # tied copy would silently be replaced by the tensor it is tied to.
@@ -779,8 +769,8 @@ class WeightTokenizer:
             )
         if t.dtype not in FLOAT_DTYPES:
             raise DTypeError(f"target[{name!r}] has dtype {t.dtype}, not floating")
-        _check_has_data(
-            t, f"target[{name!r}]", "written in place",
+        check_data_tensor(
+            t, f"target[{name!r}]",
             "no memory to write into; materialize the module first, e.g. with to_empty()",
         )  # fmt: skip
         if torch._debug_has_internal_overlap(t) == 1:

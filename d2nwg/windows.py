@@ -51,7 +51,7 @@ class WindowLayout:
     Attributes:
         size: W, token slots per window.
         spans: ``[start, stop)`` tokens of each window.
-        index: ``[NW, W]`` long, the token in each slot (``num_tokens`` for padding).
+        index: ``[NW, W]`` long, the token in each slot (T, the token count, for padding).
         mask: ``[NW, W]`` bool, True for real slots.
         positions: ``[NW, W, 2]`` long, (layer index, chunk index) of each slot (0 for padding).
         kinds: ``[NW, W]`` long, layer kind of each slot (0 for padding).
@@ -59,7 +59,6 @@ class WindowLayout:
 
     size: int
     spans: tuple[tuple[int, int], ...]
-    num_tokens: int
     index: torch.Tensor = field(repr=False)
     mask: torch.Tensor = field(repr=False)
     positions: torch.Tensor = field(repr=False)
@@ -82,7 +81,7 @@ class WindowLayout:
         )
         pos = torch.cat([tokenizer.positions, tokenizer.positions.new_zeros(1, 2)])
         kinds = torch.cat([tokenizer.kinds, tokenizer.kinds.new_zeros(1)])
-        return cls(W, spans, T, index, mask, pos[index], kinds[index])
+        return cls(W, spans, index, mask, pos[index], kinds[index])
 
     @property
     def num_windows(self) -> int:
@@ -92,10 +91,6 @@ class WindowLayout:
     def padded(self) -> bool:
         """Whether any window has padding slots (the denoiser then needs the mask)."""
         return not bool(self.mask.all())
-
-    def token_range(self, first: int, stop: int) -> tuple[int, int]:
-        """``[start, stop)`` tokens of windows ``first .. stop - 1``."""
-        return self.spans[first][0], self.spans[stop - 1][1]
 
     def covering(self, start: int, stop: int) -> tuple[int, int]:
         """Windows ``[first, stop)`` that hold any token of ``[start, stop)``."""

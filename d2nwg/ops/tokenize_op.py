@@ -287,7 +287,7 @@ def _check_list(tensors, what: str) -> None:
         raise DTypeError(f"{what} must be a list or tuple of tensors, got {type(tensors).__name__}")
 
 
-def _check_data_tensor(t, what: str) -> None:
+def check_data_tensor(t, what: str, meta_hint: str = "no data to read or write") -> None:
     """A strided tensor with data: sparse tensors have no flat memory, meta tensors none."""
     if not isinstance(t, torch.Tensor):
         raise DTypeError(f"{what} is a {type(t).__name__}, not a tensor")
@@ -296,7 +296,7 @@ def _check_data_tensor(t, what: str) -> None:
             f"{what} has layout {t.layout}; only dense (strided) tensors are supported"
         )
     if t.device.type == "meta":
-        raise DeviceError(f"{what} is on the meta device (no data to read or write)")
+        raise DeviceError(f"{what} is on the meta device ({meta_hint})")
 
 
 def _check_segments(
@@ -307,7 +307,7 @@ def _check_segments(
         raise ShapeError(f"{what}: got {len(tensors)} tensors, expected a multiple of {S} segments")
     for i, t in enumerate(tensors):
         s = i % S
-        _check_data_tensor(t, f"{what}[{i}] (segment {s})")
+        check_data_tensor(t, f"{what}[{i}] (segment {s})")
         if t.numel() != plan.numel[s]:
             raise ShapeError(
                 f"{what}[{i}] (segment {s}) has {t.numel()} elements, "
@@ -347,7 +347,7 @@ def tokenize(
             f"got {len(sources)} sources for num_models={n} models of {plan.num_segments} segments"
         )
     if len(sources):
-        _check_data_tensor(sources[0], "sources[0]")
+        check_data_tensor(sources[0], "sources[0]")
     device = sources[0].device if len(sources) else torch.device("cpu")
     if len(sources):
         _check_segments(sources, plan, device, "sources")
@@ -383,7 +383,7 @@ def detokenize(
 ) -> None:
     """De-normalize tokens ``[N, T, C]`` and scatter them into N*S tensors, in place."""
     _check_plan(plan)
-    _check_data_tensor(tokens, "tokens")
+    check_data_tensor(tokens, "tokens")
     _check_list(dests, "dests")
     if tokens.dim() != 3 or tokens.shape[1:] != (plan.num_tokens, plan.chunk_size):
         raise ShapeError(
