@@ -148,14 +148,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             ("sampler", args.sampler),
             ("steps", args.steps),
             ("guidance_scale", args.guidance_scale),
+            ("batch_windows", args.batch_windows),
         )
         if v is not None
     }
-    base = None
-    if args.base:
-        base = read_safetensors(args.base)[1]
-    if args.batch_windows:
-        sampling["batch_windows"] = args.batch_windows
+    base = read_safetensors(args.base)[1] if args.base else None
     if args.shards:
         if args.num != 1:
             raise d2nwg.ConfigError("--shards writes one model (sample 0 of --seed): use --num 1")
@@ -170,7 +167,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         files = len(set(index["weight_map"].values()))
         print(f"wrote {files} shards and model.safetensors.index.json to {args.out}")
         return 0
-    sampling.pop("batch_windows", None)
     sds = gen.generate(condition, num_samples=args.num, base=base, seed=args.seed, **sampling)
     for i, sd in enumerate(sds):
         stored, aliases = untie(sd)  # tied names are stored once (safetensors requires it)
