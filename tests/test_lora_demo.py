@@ -9,6 +9,7 @@ import torch
 
 from d2nwg.cli import main
 from d2nwg.demo import lm as L
+from d2nwg.demo.common import DemoOptions
 from d2nwg.demo.lora import LoraSettings, MarkovLanguages, gap_closed, run
 from d2nwg.errors import ConfigError, KeyMismatchError, ShapeError
 
@@ -99,7 +100,7 @@ def test_tiny_lora_demo_end_to_end(tmp_path):
     """Every stage of ``d2nwg demo --lora`` at toy size: results.json's schema, finite losses,
     trained adapters better than the base."""
     out = tmp_path / "lora"
-    results = run(str(out), device="cpu", settings=LoraSettings.tiny(), progress=False)
+    results = run(DemoOptions(str(out), device="cpu", progress=False), LoraSettings.tiny())
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["loss"] == results["loss"]
     assert set(on_disk["loss"]) == {"seen", "unseen"} == set(on_disk["gap_closed"])
@@ -120,8 +121,6 @@ def test_cli_demo_lora_flag_runs_the_lora_demo(monkeypatch, tmp_path):
     import d2nwg.demo.lora
 
     calls = []
-    monkeypatch.setattr(d2nwg.demo.lora, "run", lambda out, **kw: calls.append((out, kw)))
+    monkeypatch.setattr(d2nwg.demo.lora, "run", calls.append)
     assert main(["demo", "--lora", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
-    assert calls == [
-        (str(tmp_path), {"quick": True, "device": "auto", "seed": 0, "progress": False})
-    ]
+    assert calls == [DemoOptions(str(tmp_path), device="auto", seed=0, quick=True, progress=False)]

@@ -20,12 +20,11 @@ Writes ``results.json``, the generator (``generator/``), plots and prints a tabl
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
-from d2nwg.demo.common import fit_generator, write_report
+from d2nwg.demo.common import DemoOptions, Stopwatch, fit_generator, write_report
 from d2nwg.demo.digits import (
     Digits,
     accuracy,
@@ -36,7 +35,7 @@ from d2nwg.demo.digits import (
     support_set,
     train_heads,
 )
-from d2nwg.generator import D2NWG, D2NWGConfig
+from d2nwg.generator import D2NWG
 from d2nwg.zoo import ModelZoo
 
 METHODS = ("generated_best", "generated_mean", "zoo", "random")
@@ -61,18 +60,11 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(
-            seen=40,
-            unseen=10,
-            novel=5,
-            seeds=2,
-            symmetries=1,
-            candidates=5,
-            finetune_steps=40,
-            finetune_tasks=5,
-            vae_steps=150,
-            diffusion_steps=250,
-        )
+        """Fewer tasks, models and steps (under a minute on a CPU)."""
+        tasks = dict(seen=40, unseen=10, novel=5, finetune_tasks=5)
+        models = dict(seeds=2, symmetries=1, candidates=5)
+        steps = dict(finetune_steps=40, vae_steps=150, diffusion_steps=250)
+        return cls(**tasks, **models, **steps)
 
 
 def build_zoo(
@@ -159,65 +151,48 @@ def finetune_comparison(
     return {"target": "0.95 x zoo accuracy", "tasks": n, "steps_to_target": steps, "curves": curves}
 
 
-def run(
-    out: str,
-    quick: bool = False,
-    device: str = "auto",
-    seed: int = 0,
-    settings: DemoSettings | None = None,
-    progress: bool = True,
-) -> dict | None:
+def run(options: DemoOptions | None = None, settings: DemoSettings | None = None) -> dict | None:
     """The whole demo; returns the results (None on ranks other than 0 under torchrun)."""
-    s = settings or (DemoSettings.quick() if quick else DemoSettings())
-    t0 = time.perf_counter()
-    seconds: dict[str, float] = {}
-    data = load_digits(seed)
-    tasks = make_tasks(s.seen, s.unseen, s.novel, seed=seed)
-    zoo, zoo_acc = build_zoo(data, tasks.seen, s, seed)
-    seconds["data_and_zoo"] = time.perf_counter() - t0
+    o = options or DemoOptions()
+    s = settings or (DemoSettings.quick() if o.quick else DemoSettings())
+    watch = Stopwatch()
+    with watch.stage("data_and_zoo"):
+        data = load_digits(o.seed)
+        tasks = make_tasks(s.seen, s.unseen, s.novel, seed=o.seed)
+        zoo, zoo_acc = build_zoo(data, tasks.seen, s, o.seed)
 
     # A head row is one 64-value token; rotated rows span all 64 directions, so the VAE keeps
     # a 64-wide latent (no compression) instead of the default C / 4.
-    cfg = D2NWGConfig(
-        condition="dataset",
+    gen, ctx = fit_generator(
+        zoo,
+        o,
+        watch,
         latent_dim=data.feature_dim,
         vae_steps=s.vae_steps,
         diffusion_steps=s.diffusion_steps,
-        device=device,
-        seed=seed,
-        checkpoint_every=max(s.diffusion_steps, s.vae_steps),
         window=s.window,
     )
-    gen, ctx = fit_generator(cfg, zoo, out, progress, seconds)
     if not ctx.is_main:
         return None
 
-    t1 = time.perf_counter()
-    seen_heads = zoo_heads_of(zoo)
     splits = {"seen": tasks.seen[: max(s.unseen, 10)], "unseen": tasks.unseen, "novel": tasks.novel}
-    per_split = {}
-    for name, task_list in splits.items():
-        heads = None
-        if name == "seen":
-            heads = (seen_heads[0][: len(task_list)], seen_heads[1][: len(task_list)])
-        per_split[name] = evaluate_split(gen, data, task_list, s, heads, seed)
-    seconds["evaluate"] = time.perf_counter() - t1
-
-    t2 = time.perf_counter()
-    ft = finetune_comparison(
-        data,
-        splits["unseen"],
-        per_split["unseen"]["best_heads"],
-        per_split["unseen"]["zoo"],
-        s,
-        seed,
-    )
-    seconds["finetune"] = time.perf_counter() - t2
-    seconds["total"] = time.perf_counter() - t0
+    with watch.stage("evaluate"):
+        seen_heads = zoo_heads_of(zoo)
+        per_split = {}
+        for name, task_list in splits.items():
+            heads = None
+            if name == "seen":
+                heads = (seen_heads[0][: len(task_list)], seen_heads[1][: len(task_list)])
+            per_split[name] = evaluate_split(gen, data, task_list, s, heads, o.seed)
+    with watch.stage("finetune"):
+        unseen = per_split["unseen"]
+        ft = finetune_comparison(
+            data, splits["unseen"], unseen["best_heads"], unseen["zoo"], s, o.seed
+        )
 
     results = {
         "world_size": ctx.world_size,
-        "quick": quick,
+        "quick": o.quick,
         "tasks": {k: [list(t) for t in v] for k, v in splits.items()},
         "accuracy": {k: {m: float(v[m].mean()) for m in METHODS} for k, v in per_split.items()},
         "per_task_accuracy": {k: {m: v[m].tolist() for m in METHODS} for k, v in per_split.items()},
@@ -228,7 +203,7 @@ def run(
         },
         "finetune": ft,
         "generator": {"config": gen.config.to_dict(), "parameters": _count(gen)},
-        "seconds": seconds,
+        "seconds": watch.total(),
     }
     results["ratios_to_zoo"] = {
         k: {m: v[m] / v["zoo"] for m in ("generated_best", "generated_mean")}
@@ -236,7 +211,7 @@ def run(
     }
     from d2nwg.demo.report import plots, table
 
-    write_report(results, out, table, plots)
+    write_report(results, o.out, table, plots)
     return results
 
 

@@ -1,9 +1,14 @@
-"""What both demos share: fitting the generator (under torchrun too) and writing the report."""
+"""What both demos share: how a run is set up, its stopwatch, fitting the generator (under
+torchrun too) and writing the report."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -13,14 +18,60 @@ from d2nwg.training import DistContext, LossLog
 from d2nwg.zoo import ModelZoo
 
 
+@dataclass(frozen=True)
+class DemoOptions:
+    """How a demo runs, whichever demo it is (its settings say what it computes)."""
+
+    out: str = "demo_out"  # results.json, plots, the generator, training logs
+    device: str = "auto"  # of the generator: auto, cpu, cuda or cuda:N
+    seed: int = 0
+    quick: bool = False  # the smaller preset, when no settings are given
+    progress: bool = True  # progress bars while fitting
+
+
+class Stopwatch:
+    """Wall-clock seconds of each stage of a run, and its total since the watch was made."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+
+    def total(self) -> dict[str, float]:
+        self.seconds["total"] = time.perf_counter() - self._start
+        return self.seconds
+
+
 def fit_generator(
-    config: D2NWGConfig, zoo: ModelZoo, out: str, progress: bool, seconds: dict[str, float]
+    zoo: ModelZoo,
+    options: DemoOptions,
+    watch: Stopwatch,
+    *,
+    vae_steps: int,
+    diffusion_steps: int,
+    **config: Any,
 ) -> tuple[D2NWG, DistContext]:
-    """Fit on ``zoo`` (logs and checkpoints in ``out/train``), note each stage's seconds, and
-    save the generator to ``out/generator`` on rank 0."""
-    gen = D2NWG(config).fit(zoo, out=os.path.join(out, "train"), progress=progress)
-    seconds["fit_vae"] = gen.history["vae_seconds"]
-    seconds["fit_diffusion"] = gen.history["diffusion_seconds"]
+    """Fit a dataset-conditioned generator on ``zoo`` (logs and checkpoints in ``out/train``),
+    note each stage's seconds, and save it to ``out/generator`` on rank 0. ``config``: the
+    demo's other :class:`D2NWGConfig` fields."""
+    cfg = D2NWGConfig(
+        condition="dataset",
+        vae_steps=vae_steps,
+        diffusion_steps=diffusion_steps,
+        checkpoint_every=max(vae_steps, diffusion_steps),  # one checkpoint, at the end
+        device=options.device,
+        seed=options.seed,
+        **config,
+    )
+    out = options.out
+    gen = D2NWG(cfg).fit(zoo, out=os.path.join(out, "train"), progress=options.progress)
+    watch.seconds["fit_vae"] = gen.history["vae_seconds"]
+    watch.seconds["fit_diffusion"] = gen.history["diffusion_seconds"]
     ctx = DistContext.from_env(torch.device("cpu"))
     if ctx.is_main:
         gen.save(os.path.join(out, "generator"))

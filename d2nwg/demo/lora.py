@@ -25,12 +25,11 @@ tasks), and the fraction of the base-to-trained gap the generated adapters close
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from d2nwg.demo.common import fit_generator, write_report
+from d2nwg.demo.common import DemoOptions, Stopwatch, fit_generator, write_report
 from d2nwg.demo.lm import (
     Adapter,
     LMConfig,
@@ -43,7 +42,7 @@ from d2nwg.demo.lm import (
     stack_adapters,
 )
 from d2nwg.errors import ConfigError
-from d2nwg.generator import D2NWG, D2NWGConfig
+from d2nwg.generator import D2NWG
 from d2nwg.zoo import ModelZoo
 
 METHODS = ("base", "generated", "trained")
@@ -93,42 +92,19 @@ class LoraSettings:
 
     @classmethod
     def quick(cls) -> LoraSettings:
-        return cls(
-            seen_grid=6,
-            unseen=8,
-            eval_seen=8,
-            seeds=1,
-            pretrain_steps=250,
-            finetune_steps=80,
-            candidates=6,
-            vae_steps=200,
-            diffusion_steps=400,
-        )
+        """Fewer tasks and steps (about two minutes on a CPU; checks that the pipeline runs)."""
+        tasks = dict(seen_grid=6, unseen=8, eval_seen=8, seeds=1, candidates=6)
+        steps = dict(pretrain_steps=250, finetune_steps=80, vae_steps=200, diffusion_steps=400)
+        return cls(**tasks, **steps)
 
     @classmethod
     def tiny(cls) -> LoraSettings:
         """For the test: every stage runs, nothing is trained to convergence (seconds)."""
-        return cls(
-            seen_grid=3,
-            unseen=2,
-            eval_seen=2,
-            seeds=1,
-            views=1,
-            shots=4,
-            seq_len=16,
-            pretrain_steps=60,
-            pretrain_batch=32,
-            pretrain_lr=1e-2,
-            finetune_steps=25,
-            val_seqs=4,
-            test_seqs=8,
-            candidates=2,
-            vae_steps=20,
-            diffusion_steps=20,
-            gen_hidden=32,
-            gen_depth=1,
-            lm=LMConfig(dim=32, layers=1, heads=2, ffn=64, max_len=16),
-        )
+        tasks = dict(seen_grid=3, unseen=2, eval_seen=2, seeds=1, views=1, candidates=2)
+        data = dict(shots=4, seq_len=16, pretrain_batch=32, val_seqs=4, test_seqs=8)
+        steps = dict(pretrain_steps=60, finetune_steps=25, vae_steps=20, diffusion_steps=20)
+        lm = LMConfig(dim=32, layers=1, heads=2, ffn=64, max_len=16)
+        return cls(**tasks, **data, **steps, pretrain_lr=1e-2, gen_hidden=32, gen_depth=1, lm=lm)
 
 
 # ----------------------------------------------------------------------------------------
@@ -297,78 +273,60 @@ def gap_closed(base: float, generated: float, trained: float) -> float:
     return (base - generated) / (base - trained) if base != trained else float("nan")
 
 
-def generator_config(s: LoraSettings, device: str, seed: int) -> D2NWGConfig:
+def run(options: DemoOptions | None = None, settings: LoraSettings | None = None) -> dict | None:
+    """The whole LoRA demo; returns the results (None on ranks other than 0 under torchrun)."""
+    o = options or DemoOptions()
+    s = settings or (LoraSettings.quick() if o.quick else LoraSettings())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(s.threads or threads)
+    try:
+        return _run(o, s)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(o: DemoOptions, s: LoraSettings) -> dict | None:
+    watch = Stopwatch()
+    with watch.stage("pretrain"):
+        lang = MarkovLanguages.make(s.lm.vocab, s.seq_len, s.scale, o.seed)
+        tasks = make_tasks(s, o.seed)
+        model, pre_losses = pretrain_base(lang, s, o.seed)
+    with watch.stage("zoo"):
+        zoo, zoo_adapters = build_zoo(model, lang, tasks.seen, s, o.seed)
+        seen_idx = eval_seen_indices(tasks.seen.shape[0], s.eval_seen)
+        unseen_trained = train_adapters(model, lang, tasks.unseen, s, seed=o.seed + 1)
+
     # One token per LoRA factor (r x D = 256 values): 8 tokens for q and v of 2 layers, which
     # keeps the denoiser fast on a CPU (the default 64-value chunks give 32 tokens).
-    return D2NWGConfig(
-        condition="dataset",
+    gen, ctx = fit_generator(
+        zoo,
+        o,
+        watch,
         chunk_size=s.lm.lora_rank * s.lm.dim,
         vae_steps=s.vae_steps,
         vae_batch=128,  # the zoo has only a few thousand chunks
         diffusion_steps=s.diffusion_steps,
         hidden_dim=s.gen_hidden,
         depth=s.gen_depth,
-        device=device,
-        seed=seed,
-        checkpoint_every=max(s.vae_steps, s.diffusion_steps),
     )
-
-
-def run(
-    out: str,
-    quick: bool = False,
-    device: str = "auto",
-    seed: int = 0,
-    settings: LoraSettings | None = None,
-    progress: bool = True,
-) -> dict | None:
-    """The whole LoRA demo; returns the results (None on ranks other than 0 under torchrun)."""
-    s = settings or (LoraSettings.quick() if quick else LoraSettings())
-    threads = torch.get_num_threads()
-    torch.set_num_threads(s.threads or threads)
-    try:
-        return _run(out, quick, device, seed, s, progress)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(
-    out: str, quick: bool, device: str, seed: int, s: LoraSettings, progress: bool
-) -> dict | None:
-    t0 = time.perf_counter()
-    seconds: dict[str, float] = {}
-    lang = MarkovLanguages.make(s.lm.vocab, s.seq_len, s.scale, seed)
-    tasks = make_tasks(s, seed)
-    model, pre_losses = pretrain_base(lang, s, seed)
-    seconds["pretrain"] = time.perf_counter() - t0
-
-    t1 = time.perf_counter()
-    zoo, zoo_adapters = build_zoo(model, lang, tasks.seen, s, seed)
-    seen_idx = eval_seen_indices(tasks.seen.shape[0], s.eval_seen)
-    unseen_trained = train_adapters(model, lang, tasks.unseen, s, seed=seed + 1)
-    seconds["zoo"] = time.perf_counter() - t1
-
-    gen, ctx = fit_generator(generator_config(s, device, seed), zoo, out, progress, seconds)
     if not ctx.is_main:
         return None
 
-    t2 = time.perf_counter()
     seed0 = torch.tensor(seen_idx) * s.seeds  # the seed-0 zoo adapter of each task
     splits = {
         "seen": (tasks.seen[seen_idx], {k: v[seed0] for k, v in zoo_adapters.items()}),
         "unseen": (tasks.unseen, unseen_trained),
     }
-    per_split = {
-        name: evaluate_split(gen, model, lang, params, trained, s, seed)
-        for name, (params, trained) in splits.items()
-    }
-    seconds["evaluate"] = time.perf_counter() - t2
-    seconds["total"] = time.perf_counter() - t0
-    results = _results(s, quick, splits, per_split, zoo, gen, pre_losses, seconds)
+    with watch.stage("evaluate"):
+        per_split = {
+            name: evaluate_split(gen, model, lang, params, trained, s, o.seed)
+            for name, (params, trained) in splits.items()
+        }
+    results = _results(s, o.quick, splits, per_split, zoo, gen, pre_losses, watch.total())
     results["tasks"]["seen_grid"] = tasks.seen.tolist()
     from d2nwg.demo.report import lora_plots, lora_table
 
-    write_report(results, out, lora_table, lora_plots)
+    write_report(results, o.out, lora_table, lora_plots)
     return results
 
 
