@@ -98,14 +98,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from d2nwg.demo.lora import run
     else:
         from d2nwg.demo import run
+    from d2nwg.demo.common import DemoOptions
 
-    run(
-        args.out,
-        quick=args.quick,
-        device=args.device,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    progress = not args.no_progress
+    run(DemoOptions(args.out, args.device, args.seed, args.quick, progress))
     return 0
 
 
@@ -221,88 +217,88 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.call(cmd + args.rest)
 
 
+def _command(sub, name: str, func, help: str, *examples: str) -> argparse.ArgumentParser:
+    """A subcommand running ``func(args)``, with its example command lines as the epilog."""
+    p = sub.add_parser(
+        name,
+        help=help,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n" + "\n".join(f"  {line}" for line in examples) if examples else None,
+    )
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d2nwg", description=d2nwg.__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"d2nwg {d2nwg.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    at_least_0, at_least_1 = _int_at_least(0), _int_at_least(1)
 
-    p = sub.add_parser("info", help="version, backends available and why not, CUDA archs")
-    p.set_defaults(func=cmd_info)
+    _command(sub, "info", cmd_info, "version, backends available and why not, CUDA archs")
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "demo",
-        help="train a generator of digit-task heads (or, --lora, of LoRA adapters) and evaluate it",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  d2nwg demo --quick --out demo_out\n"
-        "  d2nwg demo --lora --quick --out lora_out\n"
-        "  torchrun --standalone --nproc_per_node=2 -m d2nwg demo --quick",
+        cmd_demo,
+        "train a generator of digit-task heads (or, --lora, of LoRA adapters) and evaluate it",
+        "d2nwg demo --quick --out demo_out",
+        "d2nwg demo --lora --quick --out lora_out",
+        "torchrun --standalone --nproc_per_node=2 -m d2nwg demo --quick",
     )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="a smaller run (digits: under a minute on CPU, --lora: about two)",
-    )
-    p.add_argument(
-        "--lora",
-        action="store_true",
-        help="the LoRA demo: generate adapters of a tiny LLaMA for unseen synthetic languages",
-    )
+    quick = "a smaller run (digits: under a minute on CPU, --lora: about two)"
+    p.add_argument("--quick", action="store_true", help=quick)
+    lora = "the LoRA demo: generate adapters of a tiny LLaMA for unseen synthetic languages"
+    p.add_argument("--lora", action="store_true", help=lora)
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--seed", type=at_least_0, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "train",
-        help="train a generator on a zoo directory",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  d2nwg train --zoo my_zoo --config gen.json --out run\n"
-        "  (the generator lands in run/generator, checkpoints in run/checkpoints)",
+        cmd_train,
+        "train a generator on a zoo directory",
+        "d2nwg train --zoo my_zoo --config gen.json --out run",
+        "(the generator lands in run/generator, checkpoints in run/checkpoints)",
     )
     p.add_argument("--zoo", required=True, help="a directory written by ModelZoo.save")
     p.add_argument("--config", help="a JSON file of D2NWGConfig fields (default: all defaults)")
     p.add_argument("--out", required=True)
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
-    )
+    resume = "continue from the newest checkpoint in --out"
+    p.add_argument("--resume", action="store_true", help=resume)
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "generate",
-        help="sample weights from a trained generator",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  d2nwg generate --generator run/generator "
-        "--condition task.safetensors --num 8 --seed 0 --out samples\n"
-        "  d2nwg generate --generator run/generator --shards --shard-size 2048 --out model\n"
-        "  (the condition file holds one tensor named 'condition'; "
-        "omit it for an unconditional generator)",
+        cmd_generate,
+        "sample weights from a trained generator",
+        "d2nwg generate --generator run/generator --condition task.safetensors --num 8 --seed 0 "
+        "--out samples",
+        "d2nwg generate --generator run/generator --shards --shard-size 2048 --out model",
+        "(the condition file holds one tensor named 'condition'; omit it for an unconditional "
+        "generator)",
     )
     p.add_argument("--generator", required=True, help="a directory written by D2NWG.save")
     p.add_argument("--condition", help="a safetensors file with a tensor named 'condition'")
-    p.add_argument("--num", type=_int_at_least(1), default=1)
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--num", type=at_least_1, default=1)
+    p.add_argument("--seed", type=at_least_0, default=0)
     p.add_argument("--out", required=True)
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"])
-    p.add_argument("--steps", type=_int_at_least(1))
+    p.add_argument("--sampler", choices=d2nwg.SAMPLERS)
+    p.add_argument("--steps", type=at_least_1)
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--base", help="the base model (safetensors) of a delta generator")
-    p.add_argument(
-        "--shards",
-        action="store_true",
-        help="stream one model into safetensors shards with an index (Hugging Face layout)",
-    )
-    p.add_argument(
-        "--shard-size", type=_int_at_least(1), default=2048, help="MiB per shard (default 2048)"
-    )
-    p.add_argument("--batch-windows", type=_int_at_least(1), help="windows per sampler run")
-    p.set_defaults(func=cmd_generate)
+    shards = "stream one model into safetensors shards with an index (Hugging Face layout)"
+    p.add_argument("--shards", action="store_true", help=shards)
+    shard_size = "MiB per shard (default 2048)"
+    p.add_argument("--shard-size", type=at_least_1, default=2048, help=shard_size)
+    p.add_argument("--batch-windows", type=at_least_1, help="windows per sampler run")
 
-    p = sub.add_parser("bench", help="CPU microbenchmarks, or --suite for bench/gpu_suite.py")
+    p = _command(sub, "bench", cmd_bench, "CPU microbenchmarks, or --suite for bench/gpu_suite.py")
     p.add_argument("--suite", action="store_true")
     p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -310,10 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except d2nwg.D2NWGError as exc:
-        print(f"d2nwg: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # e.g. an output folder that cannot be written
+    except (d2nwg.D2NWGError, OSError) as exc:  # OSError: e.g. an unwritable output folder
         print(f"d2nwg: error: {exc}", file=sys.stderr)
         return 2
 
