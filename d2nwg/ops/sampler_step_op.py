@@ -257,38 +257,17 @@ def sampler_step_(
             raise ShapeError("prev_x0 must be contiguous (it is updated in place)")
     if x.numel() == 0:
         return x
-    impl = select(
-        "sampler_step",
-        SAMPLER_STEP_BACKENDS,
-        x,
-        model_out,
-        table,
-        step,
-        noise,
-        prev_x0,
-        guided,
-        backend=backend,
-    )
-    impl.run(x, model_out, table, step, noise, prev_x0, guided)
+    args = (x, model_out, table, step, noise, prev_x0, guided)
+    select("sampler_step", SAMPLER_STEP_BACKENDS, *args, backend=backend).run(*args)
     return x
 
 
 def sampler_step(
-    x: torch.Tensor,
-    model_out: torch.Tensor,
-    table: torch.Tensor,
-    step: torch.Tensor,
-    *,
-    noise: torch.Tensor | None = None,
-    prev_x0: torch.Tensor | None = None,
-    guided: bool = False,
-    backend: str | None = None,
+    x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor, step: torch.Tensor, **options
 ) -> torch.Tensor:
-    """Out-of-place :func:`sampler_step_`: returns the next sample (``prev_x0`` is still
-    updated in place when given)."""
+    """Out-of-place :func:`sampler_step_` (the same arguments and keywords): returns the next
+    sample; ``prev_x0`` is still updated in place when given."""
     if not isinstance(x, torch.Tensor):
         raise DTypeError(f"x must be a tensor, got {type(x).__name__}")
     out = x.clone(memory_format=torch.contiguous_format)
-    return sampler_step_(
-        out, model_out, table, step, noise=noise, prev_x0=prev_x0, guided=guided, backend=backend
-    )
+    return sampler_step_(out, model_out, table, step, **options)
