@@ -65,9 +65,32 @@ def _batch_head(H, LQ):
 
 
 @triton.jit
-def _rows(X, b, h, stride_b, stride_h, stride_l, rows, offs_d):
-    """Pointers to rows ``rows`` (all of the head dim) of head h of batch b of ``X``."""
-    return X + b * stride_b + h * stride_h + rows[:, None] * stride_l + offs_d[None, :]
+def _tiles(H, LQ, L, BLOCK: tl.constexpr, BLOCK_STREAM: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The offsets of a program of the forward, dK/dV and dQ kernels. Grid axis 0 runs over
+    the blocks of BLOCK rows (of L) that a program owns: queries, or keys for dK/dV. Returns b,
+    h, row0 (see ``_batch_head``), the owned rows and which of them exist, then the row
+    offsets of a streamed block (BLOCK_STREAM rows of the other side) and the head-dim offsets.
+    The order of the operations is the one the kernels had inline: the compiled code follows it."""
+    pid = tl.program_id(0)
+    b, h, row0 = _batch_head(H, LQ)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs_stream = tl.arange(0, BLOCK_STREAM)
+    offs_d = tl.arange(0, HEAD_DIM)
+    return b, h, row0, offs, offs < L, offs_stream, offs_d
+
+
+@triton.jit
+def _rows(X, b, h, stride, rows, offs_d):
+    """Pointers to rows ``rows`` (all of the head dim) of head h of batch b of ``X``, whose
+    (batch, head, row) strides are the tuple ``stride``."""
+    return X + b * stride[0] + h * stride[1] + rows[:, None] * stride[2] + offs_d[None, :]
+
+
+@triton.jit
+def _store_rows(X, b, h, stride, rows, offs_d, x, ok):
+    """Store the fp32 block ``x`` in X's dtype at rows ``rows`` of head h of batch b of ``X``,
+    where ``ok``."""
+    tl.store(_rows(X, b, h, stride, rows, offs_d), x.to(X.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
@@ -91,49 +114,22 @@ def _load(ptrs, ok, ALL: tl.constexpr):
     return x
 
 
+# Parameters, one line per group as in flash-attention's Triton kernels (ruff would put each
+# on a line of its own): tensors, then the (batch, head, row) strides of each [B, H, L, D]
+# tensor as a tuple (Triton specializes each element as it does a scalar argument: 16-divisible
+# or equal to 1), then sizes and scales, then constexprs.
 @triton.jit
 def _attn_fwd_kernel(
-    Q,
-    K,
-    V,
-    O,
-    LSE,
-    MASK,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_maskb,
-    H,
-    LQ,
-    LK,
-    qk_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-    FULL_N: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    b, h, row0 = _batch_head(H, LQ)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < LQ
-
-    q = _load(_rows(Q, b, h, stride_qb, stride_qh, stride_qm, offs_m, offs_d), row_ok, False)
-    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :]
-    v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :]
+    Q, K, V, O, LSE, MASK,
+    stride_q, stride_k, stride_v, stride_o,
+    stride_maskb, H, LQ, LK, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FULL_N: tl.constexpr,
+):  # fmt: skip
+    b, h, row0, offs_m, row_ok, offs_n, offs_d = _tiles(H, LQ, LQ, BLOCK_M, BLOCK_N, HEAD_DIM)
+    q = _load(_rows(Q, b, h, stride_q, offs_m, offs_d), row_ok, False)
+    k_base = K + b * stride_k[0] + h * stride_k[1] + offs_d[None, :]
+    v_base = V + b * stride_v[0] + h * stride_v[1] + offs_d[None, :]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -141,8 +137,8 @@ def _attn_fwd_kernel(
     for start_n in range(0, LK, BLOCK_N):
         cols = start_n + offs_n
         col_ok = _keys_ok(MASK, b, stride_maskb, cols, LK, HAS_MASK)
-        k = _load(k_base + cols[:, None] * stride_kn, col_ok, FULL_N)
-        v = _load(v_base + cols[:, None] * stride_vn, col_ok, FULL_N)
+        k = _load(k_base + cols[:, None] * stride_k[2], col_ok, FULL_N)
+        v = _load(v_base + cols[:, None] * stride_v[2], col_ok, FULL_N)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         if not FULL_N:
             s = tl.where(col_ok[None, :], s, float("-inf"))
@@ -157,96 +153,41 @@ def _attn_fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(
-        _rows(O, b, h, stride_ob, stride_oh, stride_om, offs_m, offs_d),
-        out.to(O.dtype.element_ty),
-        mask=row_ok[:, None],
-    )
+    _store_rows(O, b, h, stride_o, offs_m, offs_d, out, row_ok)
     tl.store(LSE + row0 + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
 def _attn_bwd_preprocess(
-    O,
-    DO,
-    DELTA,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    H,
-    LQ,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
+    O, DO, DELTA, stride_o, stride_do, H, LQ,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
     pid_m = tl.program_id(0)
     b, h, row0 = _batch_head(H, LQ)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < LQ
-    o = _load(_rows(O, b, h, stride_ob, stride_oh, stride_om, offs_m, offs_d), row_ok, False)
+    o = _load(_rows(O, b, h, stride_o, offs_m, offs_d), row_ok, False)
     o = o.to(tl.float32)
-    do = _load(_rows(DO, b, h, stride_dob, stride_doh, stride_dom, offs_m, offs_d), row_ok, False)
+    do = _load(_rows(DO, b, h, stride_do, offs_m, offs_d), row_ok, False)
     tl.store(DELTA + row0 + offs_m, tl.sum(o * do.to(tl.float32), 1), mask=row_ok)
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    DK,
-    DV,
-    LSE,
-    DELTA,
-    MASK,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_dkb,
-    stride_dkh,
-    stride_dkn,
-    stride_dvb,
-    stride_dvh,
-    stride_dvn,
-    stride_maskb,
-    H,
-    LQ,
-    LK,
-    qk_scale,
-    sm_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-    FULL_M: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    b, h, row0 = _batch_head(H, LQ)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    in_range = offs_n < LK
+    Q, K, V, DO, DK, DV, LSE, DELTA, MASK,
+    stride_q, stride_k, stride_v, stride_do, stride_dk, stride_dv,
+    stride_maskb, H, LQ, LK, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FULL_M: tl.constexpr,
+):  # fmt: skip
+    b, h, row0, offs_n, in_range, offs_m, offs_d = _tiles(H, LQ, LK, BLOCK_N, BLOCK_M, HEAD_DIM)
     col_ok = _keys_ok(MASK, b, stride_maskb, offs_n, LK, HAS_MASK)
 
-    k = _load(_rows(K, b, h, stride_kb, stride_kh, stride_kn, offs_n, offs_d), col_ok, False)
-    v = _load(_rows(V, b, h, stride_vb, stride_vh, stride_vn, offs_n, offs_d), col_ok, False)
-    q_base = Q + b * stride_qb + h * stride_qh + offs_d[None, :]
-    do_base = DO + b * stride_dob + h * stride_doh + offs_d[None, :]
+    k = _load(_rows(K, b, h, stride_k, offs_n, offs_d), col_ok, False)
+    v = _load(_rows(V, b, h, stride_v, offs_n, offs_d), col_ok, False)
+    q_base = Q + b * stride_q[0] + h * stride_q[1] + offs_d[None, :]
+    do_base = DO + b * stride_do[0] + h * stride_do[1] + offs_d[None, :]
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for start_m in range(0, LQ, BLOCK_M):
@@ -254,8 +195,8 @@ def _attn_bwd_dkdv_kernel(
         # FULL_M (LQ % BLOCK_M == 0): no bounds checks; else out-of-range rows get q = dO = 0
         # and lse = +inf, so p = 0 there.
         row_ok = rows < LQ
-        q = _load(q_base + rows[:, None] * stride_qm, row_ok, FULL_M)
-        do = _load(do_base + rows[:, None] * stride_dom, row_ok, FULL_M)
+        q = _load(q_base + rows[:, None] * stride_q[2], row_ok, FULL_M)
+        do = _load(do_base + rows[:, None] * stride_do[2], row_ok, FULL_M)
         if FULL_M:
             lse = tl.load(LSE + row0 + rows)
             delta = tl.load(DELTA + row0 + rows)
@@ -270,90 +211,39 @@ def _attn_bwd_dkdv_kernel(
         dp_t = _dot(v, tl.trans(do), PRECISION, UPCAST)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += _dot(ds_t.to(q.dtype), q, PRECISION, UPCAST)
-    dk = dk * sm_scale
-    tl.store(
-        _rows(DK, b, h, stride_dkb, stride_dkh, stride_dkn, offs_n, offs_d),
-        dk.to(DK.dtype.element_ty),
-        mask=in_range[:, None],
-    )
-    tl.store(
-        _rows(DV, b, h, stride_dvb, stride_dvh, stride_dvn, offs_n, offs_d),
-        dv.to(DV.dtype.element_ty),
-        mask=in_range[:, None],
-    )
+    _store_rows(DK, b, h, stride_dk, offs_n, offs_d, dk * sm_scale, in_range)
+    _store_rows(DV, b, h, stride_dv, offs_n, offs_d, dv, in_range)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    DQ,
-    LSE,
-    DELTA,
-    MASK,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_dqb,
-    stride_dqh,
-    stride_dqm,
-    stride_maskb,
-    H,
-    LQ,
-    LK,
-    qk_scale,
-    sm_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-    FULL_N: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    b, h, row0 = _batch_head(H, LQ)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < LQ
-
-    q = _load(_rows(Q, b, h, stride_qb, stride_qh, stride_qm, offs_m, offs_d), row_ok, False)
-    do = _load(_rows(DO, b, h, stride_dob, stride_doh, stride_dom, offs_m, offs_d), row_ok, False)
+    Q, K, V, DO, DQ, LSE, DELTA, MASK,
+    stride_q, stride_k, stride_v, stride_do, stride_dq,
+    stride_maskb, H, LQ, LK, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FULL_N: tl.constexpr,
+):  # fmt: skip
+    b, h, row0, offs_m, row_ok, offs_n, offs_d = _tiles(H, LQ, LQ, BLOCK_M, BLOCK_N, HEAD_DIM)
+    q = _load(_rows(Q, b, h, stride_q, offs_m, offs_d), row_ok, False)
+    do = _load(_rows(DO, b, h, stride_do, offs_m, offs_d), row_ok, False)
     lse = tl.load(LSE + row0 + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + row0 + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :]
-    v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :]
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    k_base = K + b * stride_k[0] + h * stride_k[1] + offs_d[None, :]
+    v_base = V + b * stride_v[0] + h * stride_v[1] + offs_d[None, :]
     for start_n in range(0, LK, BLOCK_N):
         cols = start_n + offs_n
         col_ok = _keys_ok(MASK, b, stride_maskb, cols, LK, HAS_MASK)
-        k = _load(k_base + cols[:, None] * stride_kn, col_ok, FULL_N)
-        v = _load(v_base + cols[:, None] * stride_vn, col_ok, FULL_N)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-        p = tl.exp2(s - lse[:, None])  # out-of-range rows: lse = +inf, p = 0
+        k = _load(k_base + cols[:, None] * stride_k[2], col_ok, FULL_N)
+        v = _load(v_base + cols[:, None] * stride_v[2], col_ok, FULL_N)
+        # out-of-range rows: lse = +inf, p = 0
+        p = tl.exp2(_dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale - lse[:, None])
         if not FULL_N:
             p = tl.where(col_ok[None, :], p, 0.0)
         dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
-    dq = dq * sm_scale
-    tl.store(
-        _rows(DQ, b, h, stride_dqb, stride_dqh, stride_dqm, offs_m, offs_d),
-        dq.to(DQ.dtype.element_ty),
-        mask=row_ok[:, None],
-    )
+    _store_rows(DQ, b, h, stride_dq, offs_m, offs_d, dq * sm_scale, row_ok)
 
 
 # ----------------------------------------------------------------------------------------
@@ -402,9 +292,9 @@ def _batch_slices(B: int, H: int, limit: int | None = None):
     return [slice(b0, min(B, b0 + per)) for b0 in range(0, B, per)]
 
 
-def _strides(*tensors: torch.Tensor) -> list[int]:
-    """The (batch, head, row) strides of each [B, H, L, D] tensor, in the kernels' order."""
-    return [t.stride(i) for t in tensors for i in range(3)]
+def _strides(*tensors: torch.Tensor) -> list[tuple[int, int, int]]:
+    """The (batch, head, row) strides of each [B, H, L, D] tensor: the kernels' stride tuples."""
+    return [t.stride()[:3] for t in tensors]
 
 
 def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:

@@ -194,12 +194,40 @@ class Ptr:
         self.ty, self.aligned = ty, aligned
 
 
+def _specialize(v, path: tuple, what: str, consts: dict, attrs: dict):
+    """The signature type of the runtime value ``v`` at argument path ``path`` (``(i,)``, or
+    ``(i, j)`` for element j of a tuple argument i), specialized as the JIT specializes a launch;
+    fills ``consts`` and ``attrs`` at that path."""
+    divisible = False
+    if isinstance(v, tuple):  # each element is specialized as a scalar argument would be
+        return tuple(_specialize(x, path + (j,), what, consts, attrs) for j, x in enumerate(v))
+    if isinstance(v, Ptr):
+        ty = "*" + v.ty
+        divisible = v.aligned
+    elif isinstance(v, bool):
+        ty = "u1"
+    elif isinstance(v, int):
+        if v == 1:  # the JIT turns an integer argument equal to 1 into a constexpr
+            consts[path] = 1
+            return "constexpr"
+        ty = "i32" if -(2**31) <= v < 2**31 else "i64"
+        divisible = v % 16 == 0
+    elif isinstance(v, float):
+        ty = "fp32"
+    else:
+        raise TypeError(f"{what}={v!r} of unsupported type")
+    if divisible:
+        attrs[path] = [["tt.divisibility", 16]]
+    return ty
+
+
 def build_source(fn, args: dict, constexprs: dict):
     """``triton.compiler.ASTSource`` for ``fn`` launched with ``args`` (runtime values: ``Ptr``,
-    int, float) and ``constexprs``, specialized as the JIT specializes a launch. The format
-    (signature: every argument name -> type string such as "*bf16", "i32", "fp32", or
-    "constexpr"; constexprs and attrs keyed by argument-index tuples) is the one Triton 3.6 and
-    3.8 both accept (checked with both)."""
+    int, float, or a tuple of those) and ``constexprs``, specialized as the JIT specializes a
+    launch. The format (signature: every argument name -> type string such as "*bf16", "i32",
+    "fp32", or "constexpr", a tuple of them for a tuple argument; constexprs and attrs keyed
+    by argument paths: ``(i,)``, ``(i, j)`` inside a tuple) is the one Triton 3.6 and 3.8 both
+    accept (checked with both)."""
     from triton.compiler import ASTSource
 
     names = list(fn.arg_names)
@@ -214,27 +242,10 @@ def build_source(fn, args: dict, constexprs: dict):
         if name in constexprs:
             signature[name] = "constexpr"
             consts[(i,)] = constexprs[name]
-            continue
-        v = args[name]
-        divisible = False
-        if isinstance(v, Ptr):
-            signature[name] = "*" + v.ty
-            divisible = v.aligned
-        elif isinstance(v, bool):
-            signature[name] = "u1"
-        elif isinstance(v, int):
-            if v == 1:  # the JIT turns an integer argument equal to 1 into a constexpr
-                signature[name] = "constexpr"
-                consts[(i,)] = 1
-                continue
-            signature[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
-            divisible = v % 16 == 0
-        elif isinstance(v, float):
-            signature[name] = "fp32"
         else:
-            raise TypeError(f"{fn.__name__}: argument {name}={v!r} of unsupported type")
-        if divisible:
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            signature[name] = _specialize(
+                args[name], (i,), f"{fn.__name__}: argument {name}", consts, attrs
+            )
     return ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
 
 
@@ -287,6 +298,7 @@ def _attention_job(c: dict):
     has_mask = variant == "mask"
     LQ = LK = 256 if variant == "full" else 250
 
+    # The kernels take each tensor's (batch, head, row) strides as one tuple argument.
     def bhld(L):  # strides (b, h, l) of a contiguous [B, H, L, D]
         return H * L * D, L * D, D
 
@@ -295,17 +307,12 @@ def _attention_job(c: dict):
 
     if c["kernel"] == "attn_bwd_preprocess":
         fn = la._attn_bwd_preprocess
-        so, sdo = blhd(LQ), blhd(LQ)
         args = dict(
             O=Ptr(dt),
             DO=Ptr(dt),
             DELTA=Ptr("fp32"),
-            stride_ob=so[0],
-            stride_oh=so[1],
-            stride_om=so[2],
-            stride_dob=sdo[0],
-            stride_doh=sdo[1],
-            stride_dom=sdo[2],
+            stride_o=blhd(LQ),
+            stride_do=blhd(LQ),
             H=H,
             LQ=LQ,
         )
@@ -316,7 +323,6 @@ def _attention_job(c: dict):
     precision = c["precision"]
     if dt != "fp32":
         assert precision == la._precision(dtype), (precision, la._precision(dtype))
-    sq, sk, sv = bhld(LQ), bhld(LK), bhld(LK)
     mask = Ptr("u8") if has_mask else Ptr(dt)  # without a mask the launcher passes q
     stride_mb = LK if has_mask else 0
     consts = dict(
@@ -327,20 +333,9 @@ def _attention_job(c: dict):
         PRECISION=precision,
         UPCAST=la._upcast(dtype),
     )
-    qkv = dict(
-        stride_qb=sq[0],
-        stride_qh=sq[1],
-        stride_qm=sq[2],
-        stride_kb=sk[0],
-        stride_kh=sk[1],
-        stride_kn=sk[2],
-        stride_vb=sv[0],
-        stride_vh=sv[1],
-        stride_vn=sv[2],
-    )
+    qkv = dict(stride_q=bhld(LQ), stride_k=bhld(LK), stride_v=bhld(LK))
     if c["kernel"] == "attn_fwd":
         fn = la._attn_fwd_kernel
-        so = blhd(LQ)
         args = dict(
             Q=Ptr(dt),
             K=Ptr(dt),
@@ -349,9 +344,7 @@ def _attention_job(c: dict):
             LSE=Ptr("fp32"),
             MASK=mask,
             **qkv,
-            stride_ob=so[0],
-            stride_oh=so[1],
-            stride_om=so[2],
+            stride_o=blhd(LQ),
             stride_maskb=stride_mb,
             H=H,
             LQ=LQ,
@@ -360,7 +353,6 @@ def _attention_job(c: dict):
         )
         consts["FULL_N"] = not has_mask and LK % block_n == 0
     else:
-        sdo = blhd(LQ)
         common = dict(
             Q=Ptr(dt),
             K=Ptr(dt),
@@ -370,9 +362,7 @@ def _attention_job(c: dict):
             DELTA=Ptr("fp32"),
             MASK=mask,
             **qkv,
-            stride_dob=sdo[0],
-            stride_doh=sdo[1],
-            stride_dom=sdo[2],
+            stride_do=blhd(LQ),
             stride_maskb=stride_mb,
             H=H,
             LQ=LQ,
@@ -382,23 +372,11 @@ def _attention_job(c: dict):
         )
         if c["kernel"] == "attn_bwd_dkdv":
             fn = la._attn_bwd_dkdv_kernel
-            sdk, sdv = blhd(LK), blhd(LK)
-            args = dict(
-                common,
-                DK=Ptr(dt),
-                DV=Ptr(dt),
-                stride_dkb=sdk[0],
-                stride_dkh=sdk[1],
-                stride_dkn=sdk[2],
-                stride_dvb=sdv[0],
-                stride_dvh=sdv[1],
-                stride_dvn=sdv[2],
-            )
+            args = dict(common, DK=Ptr(dt), DV=Ptr(dt), stride_dk=blhd(LK), stride_dv=blhd(LK))
             consts["FULL_M"] = LQ % block_m == 0
         else:
             fn = la._attn_bwd_dq_kernel
-            sdq = blhd(LQ)
-            args = dict(common, DQ=Ptr(dt), stride_dqb=sdq[0], stride_dqh=sdq[1], stride_dqm=sdq[2])
+            args = dict(common, DQ=Ptr(dt), stride_dq=blhd(LQ))
             consts["FULL_N"] = not has_mask and LK % block_n == 0
     return fn, args, consts, cfg
 
