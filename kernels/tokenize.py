@@ -73,39 +73,58 @@ def _to_dtype(y, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _tokenize_kernel(
-    out_ptr,  # *OUT [N * T*C] tokens
-    src_addr_ptr,  # *int64 [items] base addresses of the sources
-    item_of_block_ptr,  # *int32 [blocks]
-    first_block_ptr,  # *int32 [items]
-    dst_ptr,  # *int64 [items] element offset of the item in out: n*T*C + offset[s]
-    numel_ptr,  # *int64 [items]
-    span_ptr,  # *int64 [items]
-    shift_ptr,  # *float64 [items]
-    rscale_ptr,  # *float64 [items]
-    SRC: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+def _item_block(item_of_block_ptr, first_block_ptr, numel_ptr, BLOCK: tl.constexpr):
+    """This program's item, the offset of its block in the item's elements, and the item's
+    element count."""
     pid = tl.program_id(0)
     item = tl.load(item_of_block_ptr + pid)
     start = (pid - tl.load(first_block_ptr + item)).to(tl.int64) * BLOCK
-    numel = tl.load(numel_ptr + item)
-    span = tl.load(span_ptr + item)
-    shift = tl.load(shift_ptr + item)
-    rscale = tl.load(rscale_ptr + item)
-    src_addr = tl.load(src_addr_ptr + item)
-    dst = tl.load(dst_ptr + item)
-    if ALIGNED:  # the launcher checked: every base address is 16-byte aligned
-        src_addr = tl.multiple_of(src_addr, 16)
-        dst = tl.multiple_of(dst, 128 // out_ptr.dtype.element_ty.primitive_bitwidth)
-    src = src_addr.to(tl.pointer_type(SRC))
+    return item, start, tl.load(numel_ptr + item)
+
+
+@triton.jit
+def _item_pointers(
+    addr_ptr, rows_ptr, offset_ptr, item, start,
+    DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The item's tensor (its base address from ``addr_ptr`` as a ``*DTYPE``), the item in the
+    token rows (``rows_ptr`` + its offset from ``offset_ptr``) and the block's element offsets,
+    with the ALIGNED hints (the launcher checked: every base address 16-byte aligned, every
+    offset 16 bytes' worth of tokens).
+
+    The loads are made here, not passed in: ``tl.multiple_of`` marks the operation that
+    defines its value, and a helper's argument has none in the helper, so a hint on an
+    argument is dropped (that cost the 128-bit accesses once)."""
+    addr = tl.load(addr_ptr + item)
+    offset = tl.load(offset_ptr + item)
     if ALIGNED:
-        src = tl.multiple_of(src, 16)
+        addr = tl.multiple_of(addr, 16)
+        offset = tl.multiple_of(offset, 128 // rows_ptr.dtype.element_ty.primitive_bitwidth)
+    tensor = addr.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        tensor = tl.multiple_of(tensor, 16)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    out = out_ptr + dst
+    return tensor, rows_ptr + offset, offs
+
+
+# Parameters grouped on lines, as in flash-attention's Triton kernels (ruff would put each on
+# a line of its own). Per-item tables are indexed by item (see the module docstring).
+@triton.jit
+def _tokenize_kernel(
+    out_ptr, src_addr_ptr,  # *OUT [N * T*C] tokens; *int64 base addresses of the sources
+    item_of_block_ptr, first_block_ptr,  # *int32 [blocks], *int32 [items]
+    dst_ptr, numel_ptr, span_ptr,  # *int64: the item's offset in out (n*T*C + offset[s]), ...
+    shift_ptr, rscale_ptr,  # *float64
+    SRC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    item, start, numel = _item_block(item_of_block_ptr, first_block_ptr, numel_ptr, BLOCK)
+    span = tl.load(span_ptr + item)
+    shift, rscale = tl.load(shift_ptr + item), tl.load(rscale_ptr + item)
+    src, out, offs = _item_pointers(
+        src_addr_ptr, out_ptr, dst_ptr, item, start, SRC, ALIGNED, BLOCK
+    )
     if start + BLOCK <= numel:  # whole block of weights: no masks, vector accesses
         x = _to_f64(tl.load(src + offs), SRC)
         tl.store(out + offs, _to_dtype((x - shift) * rscale, out_ptr.dtype.element_ty))
@@ -118,36 +137,17 @@ def _tokenize_kernel(
 
 @triton.jit
 def _detokenize_kernel(
-    tok_ptr,  # *TOK [N * T*C] tokens
-    dst_addr_ptr,  # *int64 [items] base addresses of the destinations
-    item_of_block_ptr,  # *int32 [blocks]
-    first_block_ptr,  # *int32 [items]
-    src_ptr,  # *int64 [items] element offset of the item in the tokens
-    numel_ptr,  # *int64 [items]
-    scale_ptr,  # *float64 [items]
-    shift_ptr,  # *float64 [items]
-    DST: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    item = tl.load(item_of_block_ptr + pid)
-    start = (pid - tl.load(first_block_ptr + item)).to(tl.int64) * BLOCK
-    numel = tl.load(numel_ptr + item)
-    scale = tl.load(scale_ptr + item)
-    shift = tl.load(shift_ptr + item)
-    dst_addr = tl.load(dst_addr_ptr + item)
-    src = tl.load(src_ptr + item)
-    if ALIGNED:
-        dst_addr = tl.multiple_of(dst_addr, 16)
-        src = tl.multiple_of(src, 128 // tok_ptr.dtype.element_ty.primitive_bitwidth)
-    dst = dst_addr.to(tl.pointer_type(DST))
-    if ALIGNED:
-        dst = tl.multiple_of(dst, 16)
-    offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    tok = tok_ptr + src
+    tok_ptr, dst_addr_ptr,  # *TOK [N * T*C] tokens; *int64 base addresses of the destinations
+    item_of_block_ptr, first_block_ptr,  # *int32 [blocks], *int32 [items]
+    src_ptr, numel_ptr,  # *int64: the item's offset in the tokens, its element count
+    scale_ptr, shift_ptr,  # *float64
+    DST: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    item, start, numel = _item_block(item_of_block_ptr, first_block_ptr, numel_ptr, BLOCK)
+    scale, shift = tl.load(scale_ptr + item), tl.load(shift_ptr + item)
+    dst, tok, offs = _item_pointers(
+        dst_addr_ptr, tok_ptr, src_ptr, item, start, DST, ALIGNED, BLOCK
+    )
     if start + BLOCK <= numel:
         y = _to_f64(tl.load(tok + offs), tok_ptr.dtype.element_ty)
         tl.store(dst + offs, _to_dtype(y * scale + shift, DST))
