@@ -54,12 +54,9 @@ def _zero_keyless(out: torch.Tensor, has_key: torch.Tensor) -> torch.Tensor:
 
 
 def latent_attention_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    mask: torch.Tensor | None = None, scale: float | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Plain PyTorch attention in the inputs' dtype (pass float64 for an exact oracle)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if mask is None:

@@ -49,15 +49,10 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def sampler_step_ref(
-    x: torch.Tensor,
-    model_out: torch.Tensor,
-    table: torch.Tensor,
-    step: torch.Tensor,
-    noise: torch.Tensor | None = None,
-    prev_x0: torch.Tensor | None = None,
-    guided: bool = False,
+    x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor, step: torch.Tensor,
+    noise: torch.Tensor | None = None, prev_x0: torch.Tensor | None = None, guided: bool = False,
     compute_dtype: torch.dtype | None = None,
-) -> None:
+) -> None:  # fmt: skip
     """In place on ``x`` [B, N] (and ``prev_x0``); see the module docstring.
 
     ``compute_dtype`` (tests only) overrides the float32/float64 arithmetic, e.g. to measure
