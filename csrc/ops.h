@@ -12,15 +12,21 @@ namespace d2nwg {
 enum DtypeCode : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 // The code of t's dtype; throws naming what[index] for any other dtype.
 int32_t dtype_code(const at::Tensor& t, const char* what, int64_t index);
+// The shape of one tokenize_ / detokenize_ call as its check found it: N models of S segments
+// (the list holds N*S tensors, model-major), token rows of R = T*C elements. Returned by the
+// checks so that every backend reads the shape the checks validated, from one place.
+struct TokenizeShape {
+  int64_t N, S, R;
+};
 // Every argument of tokenize_ / detokenize_, checked once for all backends (tokenize_cpu.cpp):
 // rows [N, T*C] contiguous on `device`, one list entry per segment, N*S tensors, contiguous,
 // on the rows' device, fitting their spans, and the spans tiling the row.
-void check_tokenize_args(const at::Tensor& out, at::TensorList sources,
-                         c10::ArrayRef<int64_t> offsets, c10::ArrayRef<int64_t> spans,
-                         size_t num_shift, size_t num_rscale, c10::DeviceType device);
-void check_detokenize_args(const at::Tensor& tokens, at::TensorList dests,
-                           c10::ArrayRef<int64_t> offsets, size_t num_unshift, size_t num_scale,
-                           c10::DeviceType device);
+TokenizeShape check_tokenize_args(const at::Tensor& out, at::TensorList sources,
+                                  c10::ArrayRef<int64_t> offsets, c10::ArrayRef<int64_t> spans,
+                                  size_t num_shift, size_t num_rscale, c10::DeviceType device);
+TokenizeShape check_detokenize_args(const at::Tensor& tokens, at::TensorList dests,
+                                    c10::ArrayRef<int64_t> offsets, size_t num_unshift,
+                                    size_t num_scale, c10::DeviceType device);
 void tokenize_cpu(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<int64_t> offsets,
                   c10::ArrayRef<int64_t> spans, c10::ArrayRef<double> shift,
                   c10::ArrayRef<double> rscale);

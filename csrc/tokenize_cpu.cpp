@@ -242,9 +242,9 @@ void check_tensors(at::TensorList tensors, const at::Tensor& rows, const char* w
 
 }  // namespace
 
-void check_tokenize_args(const at::Tensor& out, at::TensorList sources,
-                         c10::ArrayRef<int64_t> offsets, c10::ArrayRef<int64_t> spans,
-                         size_t num_shift, size_t num_rscale, c10::DeviceType device) {
+TokenizeShape check_tokenize_args(const at::Tensor& out, at::TensorList sources,
+                                  c10::ArrayRef<int64_t> offsets, c10::ArrayRef<int64_t> spans,
+                                  size_t num_shift, size_t num_rscale, c10::DeviceType device) {
   // Every bound below is compared without overflow, whatever the caller passes: sizes are
   // checked non-negative first, then `a <= R - b` instead of `a + b <= R` (a sum of two
   // int64 from the caller can wrap and pass).
@@ -281,11 +281,12 @@ void check_tokenize_args(const at::Tensor& out, at::TensorList sources,
                 sources[i].numel(), " elements, more than the span ", spans[i % S], " of segment ",
                 i % S);
   }
+  return {N, S, R};
 }
 
-void check_detokenize_args(const at::Tensor& tokens, at::TensorList dests,
-                           c10::ArrayRef<int64_t> offsets, size_t num_unshift, size_t num_scale,
-                           c10::DeviceType device) {
+TokenizeShape check_detokenize_args(const at::Tensor& tokens, at::TensorList dests,
+                                    c10::ArrayRef<int64_t> offsets, size_t num_unshift,
+                                    size_t num_scale, c10::DeviceType device) {
   check_rows(tokens, "tokens", device);
   const int64_t S = static_cast<int64_t>(offsets.size());
   const int64_t N = tokens.size(0), R = tokens.size(1);
@@ -305,15 +306,14 @@ void check_detokenize_args(const at::Tensor& tokens, at::TensorList dests,
                 i, "] (", numel, " elements at offset ", offsets[s], ") overruns the row of ",
                 R, " elements");
   }
+  return {N, S, R};
 }
 
 void tokenize_cpu(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<int64_t> offsets,
                   c10::ArrayRef<int64_t> spans, c10::ArrayRef<double> shift,
                   c10::ArrayRef<double> rscale) {
-  check_tokenize_args(out, sources, offsets, spans, shift.size(), rscale.size(), c10::DeviceType::CPU);
-  const int64_t S = static_cast<int64_t>(offsets.size());
-  const int64_t N = out.size(0), R = out.size(1);
-
+  const auto [N, S, R] = check_tokenize_args(out, sources, offsets, spans, shift.size(),
+                                             rscale.size(), c10::DeviceType::CPU);
   const int dst_code = dtype_code(out, "out", 0);
   const int64_t dst_size = out.element_size();
   char* out_base = static_cast<char*>(out.data_ptr());
@@ -338,10 +338,8 @@ void tokenize_cpu(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<i
 
 void detokenize_cpu(const at::Tensor& tokens, at::TensorList dests, c10::ArrayRef<int64_t> offsets,
                     c10::ArrayRef<double> unshift, c10::ArrayRef<double> scale) {
-  check_detokenize_args(tokens, dests, offsets, unshift.size(), scale.size(), c10::DeviceType::CPU);
-  const int64_t S = static_cast<int64_t>(offsets.size());
-  const int64_t N = tokens.size(0), R = tokens.size(1);
-
+  const auto [N, S, R] = check_detokenize_args(tokens, dests, offsets, unshift.size(),
+                                               scale.size(), c10::DeviceType::CPU);
   const int src_code = dtype_code(tokens, "tokens", 0);
   const int64_t src_size = tokens.element_size();
   const char* tok_base = static_cast<const char*>(tokens.data_ptr());

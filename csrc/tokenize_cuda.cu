@@ -267,9 +267,8 @@ struct WorkList {
 void tokenize_cuda(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<int64_t> offsets,
                    c10::ArrayRef<int64_t> spans, c10::ArrayRef<double> shift,
                    c10::ArrayRef<double> rscale) {
-  check_tokenize_args(out, sources, offsets, spans, shift.size(), rscale.size(), c10::DeviceType::CUDA);
-  const int64_t S = static_cast<int64_t>(offsets.size());
-  const int64_t N = out.size(0), R = out.size(1);
+  const auto [N, S, R] = check_tokenize_args(out, sources, offsets, spans, shift.size(),
+                                             rscale.size(), c10::DeviceType::CUDA);
   const int64_t dsize = out.element_size();
   const char* out_base = static_cast<const char*>(out.data_ptr());
   WorkList<TokItem> work;
@@ -299,9 +298,8 @@ void tokenize_cuda(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<
 void detokenize_cuda(const at::Tensor& tokens, at::TensorList dests,
                      c10::ArrayRef<int64_t> offsets, c10::ArrayRef<double> unshift,
                      c10::ArrayRef<double> scale) {
-  check_detokenize_args(tokens, dests, offsets, unshift.size(), scale.size(), c10::DeviceType::CUDA);
-  const int64_t S = static_cast<int64_t>(offsets.size());
-  const int64_t N = tokens.size(0), R = tokens.size(1);
+  const auto [N, S, R] = check_detokenize_args(tokens, dests, offsets, unshift.size(),
+                                               scale.size(), c10::DeviceType::CUDA);
   const int64_t ssize = tokens.element_size();
   const char* tok_base = static_cast<const char*>(tokens.data_ptr());
   WorkList<DetokItem> work;
