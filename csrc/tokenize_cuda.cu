@@ -92,106 +92,93 @@ __device__ __forceinline__ void convert_vec(const S* __restrict__ x, D* __restri
   store_pack(y, out);
 }
 
-// ---- tokenize: item = one (model, segment); writes its whole span (values, then zeros) ----
-struct TokItem {
-  const void* src;
-  int64_t dst;       // element offset of the segment in out: n * T*C + offset[s]
-  int64_t numel;
-  int64_t span;
-  double shift;
-  double rscale;
-  int32_t code;      // source dtype
-  int32_t aligned;   // src and out + dst both 16-byte aligned: vector accesses allowed
+// ---- work items: one (model, segment) of a launch, filled on the host, read by its blocks ----
+// One record for both directions: tokenize reads the list entry and writes the token row,
+// detokenize the reverse. V is const void (tokenize's sources) or void (detokenize's dests).
+template <typename V>
+struct Item {
+  V* tensor;         // the list entry
+  int64_t row_at;    // element offset of the segment in the token rows: n * T*C + offset[s]
+  int64_t numel;     // the list entry's elements
+  int64_t span;      // elements the item's blocks write: tokenize, the segment's span (values,
+                     // then zeros); detokenize, numel
+  double a, b;       // the segment's map: tokenize (x - a) * b, detokenize y * a + b
+  int32_t code;      // the list entry's dtype
+  int32_t aligned;   // the list entry and the segment's row start 16-byte aligned: vector accesses
   int64_t first_tile;
 };
+using TokItem = Item<const void>;
+using DetokItem = Item<void>;
 
-template <typename S, typename D>
-__device__ __forceinline__ void tokenize_tile(const S* __restrict__ x, D* __restrict__ y,
-                                              int64_t start, const TokItem& w) {
-  const double shift = w.shift, rscale = w.rscale;
-  const auto f = [=](double v) { return __dmul_rn(__dsub_rn(v, shift), rscale); };
+// T, const when V is (the list entry keeps the constness of its direction).
+template <typename V, typename T>
+using ConstLike = std::conditional_t<std::is_const<V>::value, const T, T>;
+
+// f(the item's list entry as a pointer to its dtype). The code is the same for the whole block,
+// so the switch does not diverge and the kernels are templated only on the token dtype.
+template <typename V, typename F>
+__device__ __forceinline__ void with_item_dtype(const Item<V>& w, F f) {
+  switch (w.code) {
+    case kF32: f(static_cast<ConstLike<V, float>*>(w.tensor)); break;
+    case kF16: f(static_cast<ConstLike<V, F16>*>(w.tensor)); break;
+    case kBF16: f(static_cast<ConstLike<V, BF16>*>(w.tensor)); break;
+    default: f(static_cast<ConstLike<V, double>*>(w.tensor)); break;
+  }
+}
+
+// Where item w's writes end: tokenize pads up to the span, detokenize writes numel elements.
+// Read at each use (a local copy changes how the tile loop below is unrolled and scheduled).
+template <bool kPad, typename V>
+__device__ __forceinline__ int64_t item_end(const Item<V>& w) { return kPad ? w.span : w.numel; }
+
+// This block's tile of item w: x[e] -> y[e] through f for e < numel, as kVec-element vectors
+// where both sides are aligned. kPad (tokenize): y continues with zeros up to the span.
+template <bool kPad, typename S, typename D, typename V, typename F>
+__device__ __forceinline__ void convert_tile(const S* __restrict__ x, D* __restrict__ y,
+                                             const Item<V>& w, F f) {
+  const int64_t start = (static_cast<int64_t>(blockIdx.x) - w.first_tile) * kTile;
 #pragma unroll 2
   for (int step = 0; step < kSteps; ++step) {
     const int64_t e = start + (static_cast<int64_t>(step) * kThreads + threadIdx.x) * kVec;
-    if (e >= w.span) break;
-    if (w.aligned && e + kVec <= w.numel) {  // full vector of weights
+    if (e >= item_end<kPad>(w)) break;
+    if (w.aligned && e + kVec <= w.numel) {  // full vector of values
       convert_vec(x + e, y + e, f);
-    } else if (w.aligned && e >= w.numel && e + kVec <= w.span) {  // full vector of padding
+    } else if (kPad && w.aligned && e >= w.numel && e + kVec <= item_end<kPad>(w)) {
+      // full vector of padding
       Pack<D> out;
 #pragma unroll
       for (int i = 0; i < Pack<D>::kWords; ++i) out.w[i] = make_uint4(0, 0, 0, 0);
       store_pack(y + e, out);
     } else {  // ragged edge or unaligned tensors
-      for (int k = 0; k < kVec && e + k < w.span; ++k) {
+      for (int k = 0; k < kVec && e + k < item_end<kPad>(w); ++k) {
         D o;
-        from_f64(e + k < w.numel ? f(to_f64(x[e + k])) : 0.0, o);
+        from_f64(!kPad || e + k < w.numel ? f(to_f64(x[e + k])) : 0.0, o);
         y[e + k] = o;
       }
     }
   }
 }
 
+// tokenize: the item's source -> its segment of the token rows `out`, padded to the span.
 template <typename D>
 __global__ void __launch_bounds__(kThreads)
     tokenize_kernel(D* __restrict__ out, const TokItem* __restrict__ items,
                     const int32_t* __restrict__ tile_item) {
   const TokItem w = items[tile_item[blockIdx.x]];
-  const int64_t start = (static_cast<int64_t>(blockIdx.x) - w.first_tile) * kTile;
-  D* y = out + w.dst;
-  switch (w.code) {  // uniform per block
-    case kF32: tokenize_tile(static_cast<const float*>(w.src), y, start, w); break;
-    case kF16: tokenize_tile(static_cast<const F16*>(w.src), y, start, w); break;
-    case kBF16: tokenize_tile(static_cast<const BF16*>(w.src), y, start, w); break;
-    default: tokenize_tile(static_cast<const double*>(w.src), y, start, w); break;
-  }
+  const double shift = w.a, rscale = w.b;
+  const auto f = [=](double v) { return __dmul_rn(__dsub_rn(v, shift), rscale); };
+  with_item_dtype(w, [&](const auto* x) { convert_tile<true>(x, out + w.row_at, w, f); });
 }
 
-// ---- detokenize: item = one (model, segment); reads numel tokens, writes the tensor ----
-struct DetokItem {
-  void* dst;
-  int64_t src;       // element offset of the segment in tokens
-  int64_t numel;
-  double scale;
-  double unshift;
-  int32_t code;      // destination dtype
-  int32_t aligned;
-  int64_t first_tile;
-};
-
-template <typename S, typename D>
-__device__ __forceinline__ void detokenize_tile(const S* __restrict__ y, D* __restrict__ x,
-                                                int64_t start, const DetokItem& w) {
-  const double scale = w.scale, unshift = w.unshift;
-  const auto f = [=](double v) { return __dadd_rn(__dmul_rn(v, scale), unshift); };
-#pragma unroll 2
-  for (int step = 0; step < kSteps; ++step) {
-    const int64_t e = start + (static_cast<int64_t>(step) * kThreads + threadIdx.x) * kVec;
-    if (e >= w.numel) break;
-    if (w.aligned && e + kVec <= w.numel) {
-      convert_vec(y + e, x + e, f);
-    } else {
-      for (int k = 0; k < kVec && e + k < w.numel; ++k) {
-        D o;
-        from_f64(f(to_f64(y[e + k])), o);
-        x[e + k] = o;
-      }
-    }
-  }
-}
-
+// detokenize: the item's segment of the token rows `tokens` -> its destination.
 template <typename S>
 __global__ void __launch_bounds__(kThreads)
     detokenize_kernel(const S* __restrict__ tokens, const DetokItem* __restrict__ items,
                       const int32_t* __restrict__ tile_item) {
   const DetokItem w = items[tile_item[blockIdx.x]];
-  const int64_t start = (static_cast<int64_t>(blockIdx.x) - w.first_tile) * kTile;
-  const S* y = tokens + w.src;
-  switch (w.code) {
-    case kF32: detokenize_tile(y, static_cast<float*>(w.dst), start, w); break;
-    case kF16: detokenize_tile(y, static_cast<F16*>(w.dst), start, w); break;
-    case kBF16: detokenize_tile(y, static_cast<BF16*>(w.dst), start, w); break;
-    default: detokenize_tile(y, static_cast<double*>(w.dst), start, w); break;
-  }
+  const double scale = w.a, unshift = w.b;
+  const auto f = [=](double v) { return __dadd_rn(__dmul_rn(v, scale), unshift); };
+  with_item_dtype(w, [&](auto* x) { convert_tile<false>(tokens + w.row_at, x, w, f); });
 }
 
 // ---- host side ----
@@ -201,11 +188,11 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 // Items, then the block -> item map, in one device buffer (one host-to-device copy). The
 // buffer is freed through the caching allocator, which orders its reuse after this stream's
 // kernel.
-template <typename Item>
-std::pair<at::Tensor, int64_t> upload(const at::Tensor& like, const std::vector<Item>& items,
+template <typename V>
+std::pair<at::Tensor, int64_t> upload(const at::Tensor& like, const std::vector<Item<V>>& items,
                                       const std::vector<int32_t>& tile_item,
                                       cudaStream_t stream) {
-  const int64_t item_bytes = static_cast<int64_t>(items.size() * sizeof(Item));
+  const int64_t item_bytes = static_cast<int64_t>(items.size() * sizeof(Item<V>));
   const int64_t map_at = (item_bytes + 15) / 16 * 16;
   const int64_t total = map_at + static_cast<int64_t>(tile_item.size() * sizeof(int32_t));
   std::vector<char> host(total);
@@ -218,46 +205,78 @@ std::pair<at::Tensor, int64_t> upload(const at::Tensor& like, const std::vector<
   return {dev, map_at};
 }
 
+// f(a value-initialized scalar of the token dtype): its type picks the kernel.
 template <typename F>
 void with_dtype(const at::Tensor& t, F&& f) {
   switch (t.scalar_type()) {
-    case at::kFloat: f(static_cast<float*>(nullptr)); break;
-    case at::kHalf: f(static_cast<F16*>(nullptr)); break;
-    case at::kBFloat16: f(static_cast<BF16*>(nullptr)); break;
-    case at::kDouble: f(static_cast<double*>(nullptr)); break;
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(F16{}); break;
+    case at::kBFloat16: f(BF16{}); break;
+    case at::kDouble: f(double{}); break;
     default: TORCH_CHECK(false, "d2nwg tokenize: tokens have dtype ", t.scalar_type(),
                          "; expected float32, float16, bfloat16 or float64");
   }
 }
 
-// The work of one launch: items, and one block per kTile elements of each item (the block ->
-// item map). Both go to the device in one buffer; `launch` runs the kernel on the dtype of
-// `rows` (the token tensor).
-template <typename Item>
+// The work of one launch: the items, and one block per kTile elements of each item's span (the
+// block -> item map). Both go to the device in one buffer; `launch` runs the kernel for the
+// dtype of `rows` (the token tensor).
+template <typename V>
 struct WorkList {
-  std::vector<Item> items;
+  std::vector<Item<V>> items;
   std::vector<int32_t> tile_item;
 
-  void add(Item w, int64_t elements) {
-    const int64_t tiles = (elements + kTile - 1) / kTile;
-    if (tiles == 0) return;
+  // One item per list entry with elements to write, model-major as the list is (entry i is
+  // model i / S, segment i % S), with its segment's map a, b. spans: what each segment's items
+  // write (tokenize: values, then zeros); empty: each entry's numel (detokenize).
+  WorkList(const at::Tensor& rows, at::TensorList list, const char* what, TokenizeShape shape,
+           c10::ArrayRef<int64_t> offsets, c10::ArrayRef<int64_t> spans, c10::ArrayRef<double> a,
+           c10::ArrayRef<double> b) {
+    const auto [N, S, R] = shape;
+    const char* row_base = static_cast<const char*>(rows.data_ptr());
+    const int64_t row_size = rows.element_size();
+    items.reserve(N * S);
+    for (int64_t i = 0; i < N * S; ++i) {
+      const at::Tensor& t = list[i];
+      const int64_t n = i / S, s = i % S;
+      Item<V> w;
+      w.numel = t.numel();
+      w.span = spans.empty() ? w.numel : spans[s];
+      if (w.span == 0) continue;
+      w.tensor = t.data_ptr();
+      w.row_at = n * R + offsets[s];
+      w.a = a[s];
+      w.b = b[s];
+      w.code = dtype_code(t, what, i);
+      w.aligned = aligned16(w.tensor) && aligned16(row_base + w.row_at * row_size);
+      add(w);
+    }
+  }
+
+  void add(Item<V> w) {
+    const int64_t tiles = (w.span + kTile - 1) / kTile;
     w.first_tile = static_cast<int64_t>(tile_item.size());
     tile_item.insert(tile_item.end(), tiles, static_cast<int32_t>(items.size()));
     items.push_back(w);
   }
 
-  template <typename F>
-  void launch(const at::Tensor& rows, const char* op, F&& kernel) const {
+  // kernel_for(tag): the kernel for the token dtype decltype(tag).
+  template <typename Pick>
+  void launch(const at::Tensor& rows, const char* op, Pick kernel_for) const {
     if (tile_item.empty()) return;
     TORCH_CHECK(tile_item.size() < (size_t{1} << 31), op, ": too many tiles");
     const c10::cuda::CUDAGuard guard(rows.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(rows.device().index()).stream();
     auto [table, map_at] = upload(rows, items, tile_item, stream);
-    const auto* dev_items = reinterpret_cast<const Item*>(table.data_ptr());
+    const auto* dev_items = reinterpret_cast<const Item<V>*>(table.data_ptr());
     const auto* dev_map =
         reinterpret_cast<const int32_t*>(static_cast<char*>(table.data_ptr()) + map_at);
     const dim3 grid(static_cast<unsigned>(tile_item.size()));
-    with_dtype(rows, [&](auto* tag) { kernel(tag, grid, stream, dev_items, dev_map); });
+    with_dtype(rows, [&](auto tag) {
+      const auto kernel = kernel_for(tag);
+      kernel<<<grid, kThreads, 0, stream>>>(static_cast<decltype(tag)*>(rows.data_ptr()),
+                                            dev_items, dev_map);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
@@ -267,63 +286,20 @@ struct WorkList {
 void tokenize_cuda(const at::Tensor& out, at::TensorList sources, c10::ArrayRef<int64_t> offsets,
                    c10::ArrayRef<int64_t> spans, c10::ArrayRef<double> shift,
                    c10::ArrayRef<double> rscale) {
-  const auto [N, S, R] = check_tokenize_args(out, sources, offsets, spans, shift.size(),
-                                             rscale.size(), c10::DeviceType::CUDA);
-  const int64_t dsize = out.element_size();
-  const char* out_base = static_cast<const char*>(out.data_ptr());
-  WorkList<TokItem> work;
-  work.items.reserve(N * S);
-  for (int64_t i = 0; i < N * S; ++i) {
-    const at::Tensor& src = sources[i];
-    const int64_t n = i / S, s = i % S;
-    if (spans[s] == 0) continue;
-    TokItem w;
-    w.src = src.data_ptr();
-    w.dst = n * R + offsets[s];
-    w.numel = src.numel();
-    w.span = spans[s];
-    w.shift = shift[s];
-    w.rscale = rscale[s];
-    w.code = dtype_code(src, "sources", i);
-    w.aligned = aligned16(w.src) && aligned16(out_base + w.dst * dsize);
-    work.add(w, spans[s]);  // the padding is written too
-  }
-  work.launch(out, "d2nwg tokenize", [&](auto* tag, dim3 grid, cudaStream_t stream,
-                                         const TokItem* items, const int32_t* map) {
-    using D = std::remove_pointer_t<decltype(tag)>;
-    tokenize_kernel<D><<<grid, kThreads, 0, stream>>>(static_cast<D*>(out.data_ptr()), items, map);
-  });
+  const TokenizeShape shape = check_tokenize_args(out, sources, offsets, spans, shift.size(),
+                                                  rscale.size(), c10::DeviceType::CUDA);
+  const WorkList<const void> work(out, sources, "sources", shape, offsets, spans, shift, rscale);
+  work.launch(out, "d2nwg tokenize", [](auto tag) { return tokenize_kernel<decltype(tag)>; });
 }
 
 void detokenize_cuda(const at::Tensor& tokens, at::TensorList dests,
                      c10::ArrayRef<int64_t> offsets, c10::ArrayRef<double> unshift,
                      c10::ArrayRef<double> scale) {
-  const auto [N, S, R] = check_detokenize_args(tokens, dests, offsets, unshift.size(),
-                                               scale.size(), c10::DeviceType::CUDA);
-  const int64_t ssize = tokens.element_size();
-  const char* tok_base = static_cast<const char*>(tokens.data_ptr());
-  WorkList<DetokItem> work;
-  work.items.reserve(N * S);
-  for (int64_t i = 0; i < N * S; ++i) {
-    const at::Tensor& dst = dests[i];
-    const int64_t n = i / S, s = i % S;
-    if (dst.numel() == 0) continue;
-    DetokItem w;
-    w.dst = dst.data_ptr();
-    w.src = n * R + offsets[s];
-    w.numel = dst.numel();
-    w.scale = scale[s];
-    w.unshift = unshift[s];
-    w.code = dtype_code(dst, "dests", i);
-    w.aligned = aligned16(w.dst) && aligned16(tok_base + w.src * ssize);
-    work.add(w, w.numel);
-  }
-  work.launch(tokens, "d2nwg detokenize", [&](auto* tag, dim3 grid, cudaStream_t stream,
-                                              const DetokItem* items, const int32_t* map) {
-    using S = std::remove_pointer_t<decltype(tag)>;
-    detokenize_kernel<S><<<grid, kThreads, 0, stream>>>(static_cast<const S*>(tokens.data_ptr()),
-                                                        items, map);
-  });
+  const TokenizeShape shape = check_detokenize_args(tokens, dests, offsets, unshift.size(),
+                                                    scale.size(), c10::DeviceType::CUDA);
+  const WorkList<void> work(tokens, dests, "dests", shape, offsets, {}, scale, unshift);
+  work.launch(tokens, "d2nwg detokenize",
+              [](auto tag) { return detokenize_kernel<decltype(tag)>; });
 }
 
 }  // namespace d2nwg
