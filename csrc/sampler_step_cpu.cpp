@@ -2,7 +2,6 @@
 // the coefficient columns in d2nwg/ops/sampler_step_op.py). In place on x [B, N] (and prev_x0).
 // Arithmetic in float (double for double x), in the reference's order (-ffp-contract=off);
 // the inner loops are branch-free and contiguous so that the compiler vectorizes them.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -11,6 +10,7 @@
 #include <algorithm>
 
 #include "ops.h"
+#include "sampler_step_dispatch.h"
 #include "sampler_step_layout.h"
 
 namespace d2nwg {
@@ -152,12 +152,8 @@ void sampler_step_cpu(const at::Tensor& x, const at::Tensor& model_out, const at
   s = std::min<int64_t>(std::max<int64_t>(s, 0), table.size(0) - 1);
   const at::Tensor* z = noise.has_value() ? &*noise : nullptr;
   const at::Tensor* p = prev_x0.has_value() ? &*prev_x0 : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_cpu", [&] {
-    using x_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "sampler_step_cpu", [&] {
-      run_flags<x_t, scalar_t>(x, model_out, table, s, z, p, guided);
-    });
-  });
+  D2NWG_DISPATCH_SAMPLER_STEP_DTYPES(x, table, "sampler_step_cpu",
+                                     run_flags<x_t, tab_t>(x, model_out, table, s, z, p, guided));
 }
 
 }  // namespace d2nwg

@@ -4,7 +4,6 @@
 // worth when aligned); the step index is read from device memory so that a captured CUDA graph
 // replays with the right row.
 // Light headers only (ATen/cuda/CUDAContext.h would pull in cuSPARSE headers).
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -16,6 +15,7 @@
 #include <type_traits>
 
 #include "ops.h"
+#include "sampler_step_dispatch.h"
 #include "sampler_step_layout.h"
 
 namespace d2nwg {
@@ -155,12 +155,8 @@ void sampler_step_cuda(const at::Tensor& x, const at::Tensor& model_out, const a
   c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor* z = noise.has_value() ? &*noise : nullptr;
   const at::Tensor* p = prev_x0.has_value() ? &*prev_x0 : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_cuda", [&] {
-    using x_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "sampler_step_cuda", [&] {
-      launch<x_t, scalar_t>(x, model_out, table, step, z, p, guided);
-    });
-  });
+  D2NWG_DISPATCH_SAMPLER_STEP_DTYPES(x, table, "sampler_step_cuda",
+                                     launch<x_t, tab_t>(x, model_out, table, step, z, p, guided));
 }
 
 }  // namespace d2nwg
