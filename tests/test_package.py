@@ -1,8 +1,10 @@
 """The package as a user meets it: imports from outside the tree, the CLI, backend dispatch."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -35,6 +37,32 @@ def test_kernels_import_as_d2nwg_kernels_not_top_level(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["None", "d2nwg.kernels.tokenize"]
+
+
+def test_sdist_holds_every_extension_source(tmp_path):
+    """A user building from the sdist needs the headers and CUDA sources too (setuptools adds
+    neither on its own: MANIFEST.in does)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # A copy without build state: an old egg-info's SOURCES.txt would feed the file list.
+    skip = (".*", "*.egg-info", "build", "dist", "__pycache__", "*.so", "bench", "docs", "tests")
+    tree = tmp_path / "tree"
+    shutil.copytree(root, tree, ignore=shutil.ignore_patterns(*skip))
+    env = {**os.environ, "D2NWG_NO_EXT": "1"}  # listing files needs no compiler
+    res = subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path)],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    (archive,) = tmp_path.glob("d2nwg-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        shipped = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    sources = {f"csrc/{f}" for f in os.listdir(os.path.join(root, "csrc"))}
+    assert {"csrc/ops.h", "csrc/tokenize_cuda.cu"} <= sources
+    assert sources - shipped == set()
 
 
 def test_info_lists_every_backend_with_a_reason(capsys):
