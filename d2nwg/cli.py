@@ -62,7 +62,7 @@ def _generator_info() -> str:
 
     import torch.distributed as dist
 
-    from d2nwg.generator import BATCH_ELEMENTS, CONDITIONS
+    from d2nwg.generator import BATCH_ELEMENTS, CONDITIONS, WINDOW_DRAWS
 
     def version(pkg: str) -> str:
         try:
@@ -82,7 +82,8 @@ def _generator_info() -> str:
         [
             f"generator: d2nwg.D2NWG, conditions {', '.join(CONDITIONS)}; samplers "
             f"{', '.join(d2nwg.SAMPLERS)}; prediction types {', '.join(d2nwg.PREDICTION_TYPES)}",
-            "large models: D2NWGConfig(window=W) windows, streaming generate_into "
+            "large models: D2NWGConfig(window=W) windows (training draws up to "
+            f"{WINDOW_DRAWS} per model a step, or window_batch pairs), streaming generate_into "
             "(batch_windows), generate_to_directory shards + index, include/exclude, "
             f"delta=True; default batch ~{BATCH_ELEMENTS['cpu']:.3g} decoded values on cpu, "
             f"{BATCH_ELEMENTS['cuda']:.3g} on cuda",

@@ -60,6 +60,8 @@ STAGES = ("vae", "diffusion")
 # CPU, where streaming's extra memory should stay small next to the model; 1 GiB on a GPU,
 # where larger batches keep it busy).
 BATCH_ELEMENTS = {"cpu": 2**23, "cuda": 2**28}
+# Windows drawn per model of a diffusion training step (the default of window_batch).
+WINDOW_DRAWS = 4
 
 
 @dataclass
@@ -74,6 +76,8 @@ class D2NWGConfig(JSONConfig):
     include: list | None = None  # glob patterns of the tensors to generate (the rest of a
     exclude: list | None = None  # target model is left untouched)
     window: int = 0  # W: tokens per denoiser sample (0: the whole model is one window)
+    window_batch: int = 0  # (model, window) pairs per diffusion step when windowed (0: the
+    # step's models x their windows, at most WINDOW_DRAWS each; see _train_diffusion)
     delta: bool = False  # learn residuals from a base model: weights = base + generated
     # stage 1: ChunkVAE
     latent_dim: int = 0  # d (0: C / 4 within [4, 64])
@@ -653,10 +657,17 @@ class D2NWG:
         index = win.index.to(device)
         ema = EMA(self.model, c.ema_decay)
 
+        # Windowed, a step draws (model, window) pairs. One window per model would give a step
+        # 1/windows of the tokens whole-model training sees: on the digits heads (4 windows)
+        # that cost more at equal steps than the windows themselves (README, "What windows
+        # cost"), so a step draws up to WINDOW_DRAWS windows per model.
+        pairs = min(c.batch_size, M)
+        if win.num_windows > 1:
+            pairs = c.window_batch or pairs * min(win.num_windows, WINDOW_DRAWS)
+
         def loss_fn(trained: nn.Module, gen: torch.Generator) -> torch.Tensor:
-            idx = torch.randint(M, (min(c.batch_size, M),), generator=gen)
-            # One window of each model drawn (one window: no draw, same stream as ever).
-            w = torch.zeros_like(idx)
+            idx = torch.randint(M, (pairs,), generator=gen)
+            w = torch.zeros_like(idx)  # (one window: no draw, the same stream as ever)
             if win.num_windows > 1:
                 w = torch.randint(win.num_windows, (idx.numel(),), generator=gen)
             t = torch.randint(c.timesteps, (idx.numel(),), generator=gen)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import d2nwg
 from d2nwg.errors import ConfigError, KeyMismatchError, ShapeError
-from d2nwg.generator import D2NWG, D2NWGConfig, _shard_layers
+from d2nwg.generator import D2NWG, WINDOW_DRAWS, ConditionalDenoiser, D2NWGConfig, _shard_layers
 from d2nwg.windows import WindowLayout, cut_windows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,6 +174,27 @@ def test_windowed_generator_learns_the_zoo(fitted):
     assert generated < 0.05 * distance(random, target), generated
 
 
+@pytest.mark.parametrize(
+    "window, window_batch, pairs",
+    [(6, 0, 16 * 4), (6, 10, 10), (0, 0, 16)],  # 7 windows of 6 per model, 4 drawn; 16 models
+)
+def test_a_training_step_draws_several_windows_per_model(monkeypatch, window, window_batch, pairs):
+    """Windowed, a diffusion step draws up to WINDOW_DRAWS windows of each of its models (one
+    each gave a step a seventh of the tokens here), or ``window_batch`` (model, window) pairs."""
+    assert len(SPANS) == 7 and WINDOW_DRAWS == 4
+    seen, forward = [], ConditionalDenoiser.forward
+
+    def spy(self, x0, *args, **kwargs):
+        seen.append(tuple(x0.shape[:2]))
+        return forward(self, x0, *args, **kwargs)
+
+    monkeypatch.setattr(ConditionalDenoiser, "forward", spy)
+    steps = dict(vae_steps=2, diffusion_steps=3)
+    cfg = D2NWGConfig(**{**TINY, **steps, "window": window, "window_batch": window_batch})
+    D2NWG(cfg).fit(toy_zoo(target_weights()), progress=False)
+    assert seen == [(pairs, window or 28)] * 3
+
+
 @pytest.mark.parametrize("batch_windows", [1, 3, 7])
 def test_streaming_equals_the_plain_way(fitted, batch_windows):
     gen, _, _ = fitted
@@ -286,7 +307,7 @@ def test_saved_windowed_generator_generates_the_same(fitted):
 # ----------------------------------------------------------------------------------------
 SCRIPT = textwrap.dedent("""
     import os, sys, torch
-    from d2nwg.generator import D2NWG
+    from d2nwg.generator import WINDOW_DRAWS, ConditionalDenoiser, D2NWG
     from d2nwg.files import save_safetensors
     gen_dir, out = sys.argv[1], sys.argv[2]
     gen = D2NWG.load(gen_dir)
