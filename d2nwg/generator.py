@@ -649,11 +649,7 @@ class D2NWG:
         # A zero latent after the last token: where the windows' padding slots point.
         latents = torch.cat([latents, latents.new_zeros(M, 1, d)], 1).to(device)
         raw = raw.to(device) if raw is not None else None
-        layout = {
-            "positions": win.positions.to(device),
-            "layer_kinds": win.kinds.to(device),
-            "mask": win.mask.to(device) if win.padded else None,
-        }
+        layout = {k: None if v is None else v.to(device) for k, v in win.denoiser_layout().items()}
         index = win.index.to(device)
         ema = EMA(self.model, c.ema_decay)
 
@@ -1103,17 +1099,14 @@ class _WindowedDenoiser:
     def __init__(self, den: LatentDenoiser, win: WindowLayout, rows: int, device: torch.device):
         self.den = den
         self.layout = {
-            "positions": torch.zeros(2, rows, win.size, 2, dtype=torch.long, device=device),
-            "layer_kinds": torch.zeros(2, rows, win.size, dtype=torch.long, device=device),
-            "mask": torch.ones(2, rows, win.size, dtype=torch.bool, device=device)
-            if win.padded
-            else None,
+            k: None if v is None else v.new_zeros(2, rows, *v.shape[1:], device=device)
+            for k, v in win.denoiser_layout().items()
         }
 
     def load(self, win: WindowLayout, windows: torch.Tensor) -> None:
-        for buf, src in zip(self.layout.values(), (win.positions, win.kinds, win.mask)):
-            if buf is not None:
-                buf.copy_(src[windows].expand_as(buf))
+        for k, src in win.denoiser_layout().items():
+            if src is not None:
+                self.layout[k].copy_(src[windows].expand_as(self.layout[k]))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         layout = {

@@ -92,6 +92,12 @@ class WindowLayout:
         """Whether any window has padding slots (the denoiser then needs the mask)."""
         return not bool(self.mask.all())
 
+    def denoiser_layout(self) -> dict[str, torch.Tensor | None]:
+        """Every window's layout keywords of :class:`d2nwg.LatentDenoiser`, ``[NW, W, ...]``:
+        positions, layer kinds and the padding mask (None when no window is padded)."""
+        mask = self.mask if self.padded else None
+        return {"positions": self.positions, "layer_kinds": self.kinds, "mask": mask}
+
     def covering(self, start: int, stop: int) -> tuple[int, int]:
         """Windows ``[first, stop)`` that hold any token of ``[start, stop)``."""
         first = next(w for w, (_, b) in enumerate(self.spans) if b > start)
