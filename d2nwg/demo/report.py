@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-METHODS = ("generated_best", "generated_mean", "zoo", "random")
+from d2nwg.demo import METHODS
+from d2nwg.demo.lora import METHODS as METHODS_LORA
 
 
 def table(results: dict) -> str:
@@ -37,13 +38,8 @@ def table(results: dict) -> str:
 
 def plots(results: dict, log: list[dict], out: str) -> list[str]:
     """accuracy.png, finetune.png, losses.png in ``out``; [] without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install matplotlib)")
+    plt = _pyplot()
+    if plt is None:
         return []
     written = []
     acc = results["accuracy"]
@@ -88,6 +84,19 @@ def _loss_plot(plt, log: list[dict], out: str, name: str) -> str:
     return _save(fig, out, name)
 
 
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend; None, with a note, when it is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return None
+    return plt
+
+
 def _save(fig, out: str, name: str) -> str:
     path = os.path.join(out, name)
     fig.tight_layout()
@@ -101,12 +110,9 @@ def _save(fig, out: str, name: str) -> str:
 # ----------------------------------------------------------------------------------------
 # The LoRA demo (d2nwg demo --lora).
 # ----------------------------------------------------------------------------------------
-LORA_METHODS = ("base", "generated", "trained")
-
-
 def lora_table(results: dict) -> str:
     """Mean per-token test loss per split and method, and the gap closed."""
-    cols = (*LORA_METHODS, "true_chain")
+    cols = (*METHODS_LORA, "true_chain")
     lines = [f"{'split':8s} " + " ".join(f"{m:>10s}" for m in cols) + f" {'gap closed':>11s}"]
     for split, row in results["loss"].items():
         lines.append(
@@ -125,18 +131,13 @@ def lora_table(results: dict) -> str:
 def lora_plots(results: dict, log: list[dict], out: str) -> list[str]:
     """lora_loss.png (losses per split; gap closed per unseen task in the task plane) in
     ``out``; [] without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install matplotlib)")
+    plt = _pyplot()
+    if plt is None:
         return []
     loss = results["loss"]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     width = 0.25
-    for j, m in enumerate(LORA_METHODS):
+    for j, m in enumerate(METHODS_LORA):
         xs = [i + (j - 1) * width for i in range(len(loss))]
         ax.bar(xs, [loss[s][m] for s in loss], width, label=m)
     floor = [loss[s]["true_chain"] for s in loss]
