@@ -193,6 +193,7 @@ def run(options: DemoOptions | None = None, settings: DemoSettings | None = None
     results = {
         "world_size": ctx.world_size,
         "quick": o.quick,
+        "methods": list(METHODS),  # the columns of the table and the bars of the plots
         "tasks": {k: [list(t) for t in v] for k, v in splits.items()},
         "accuracy": {k: {m: float(v[m].mean()) for m in METHODS} for k, v in per_split.items()},
         "per_task_accuracy": {k: {m: v[m].tolist() for m in METHODS} for k, v in per_split.items()},

@@ -335,6 +335,7 @@ def _results(s, quick, splits, per_split, zoo, gen, pre_losses, seconds) -> dict
     loss = {k: {m: float(v[m].mean()) for m in keys} for k, v in per_split.items()}
     return {
         "quick": quick,
+        "methods": list(METHODS),  # the table's columns and the plot's bars (and the true chain)
         "loss": loss,
         "gap_closed": {
             k: gap_closed(v["base"], v["generated"], v["trained"]) for k, v in loss.items()
