@@ -192,7 +192,7 @@ def _int_at_least(minimum: int):
 
 def _device(text: str) -> str:
     """An argparse type: a device the generator can use (checked by resolve_device)."""
-    from d2nwg.generator import resolve_device
+    from d2nwg.devices import resolve_device
 
     try:
         resolve_device(text)

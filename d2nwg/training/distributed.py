@@ -1,0 +1,89 @@
+"""torch.distributed as training and sharded generation use it: one context per process.
+
+Collectives time out (``D2NWG_DIST_TIMEOUT`` seconds, default 600) instead of waiting forever
+for a peer that died: under ``torchrun --max-restarts`` the agent then restarts the group,
+and every rank resumes from the last whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from d2nwg.errors import ConfigError
+
+TIMEOUT_ENV = "D2NWG_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a collective waits for every rank (``D2NWG_DIST_TIMEOUT``, seconds)."""
+    text = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r} must be a positive number of seconds")
+    return datetime.timedelta(seconds=seconds)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's rank and the world size (1, 0 without torch.distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> DistContext:
+        """Join the process group that ``torchrun`` describes (env:// rendezvous): gloo on CPU,
+        NCCL on CUDA. Without ``WORLD_SIZE`` > 1 this is a single process."""
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, init_method="env://", timeout=collective_timeout())
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place (identity for one process)."""
+        if self.active:
+            dist.all_reduce(t)
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        if not self.active:
+            return [t]
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t.contiguous())
+        return out
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def max(self, value: int) -> int:
+        """The largest ``value`` over ranks."""
+        return int(max(int(v) for v in self.all_gather(torch.tensor([value]))))
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank: how ranks agree to stop together (one rank
+        raising alone would leave the others waiting in their next collective)."""
+        return bool(self.all_reduce_(torch.tensor([int(flag)])).item() > 0)
