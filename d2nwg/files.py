@@ -139,6 +139,15 @@ def parse_json_metadata(
     return loads_json(metadata[key], f"{path}: metadata {key!r}")
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or Inf (always true for integer and bool tensors)."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return True
+    if t.element_size() == 1:  # isfinite is not implemented for float8
+        t = t.to(torch.float16)
+    return bool(torch.isfinite(t).all())
+
+
 def _default_mode(path: str) -> None:
     """mkstemp creates 0600 files; give the final file the mode open() would (0666 & ~umask)."""
     umask = os.umask(0)
