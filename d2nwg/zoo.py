@@ -36,7 +36,7 @@ from d2nwg.errors import (
 )
 from d2nwg.files import all_finite as _all_finite
 from d2nwg.files import read_json, read_safetensors, save_json, save_safetensors
-from d2nwg.tokenizer import storage_key
+from d2nwg.tensors import StateDict, storage_key
 
 FORMAT = "d2nwg.ModelZoo"
 FORMAT_VERSION = 1
@@ -61,7 +61,6 @@ _DTYPES = {
     )
 }
 
-StateDict = dict[str, torch.Tensor]
 Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
