@@ -486,6 +486,10 @@ def test_chunk_plan_built_once_per_fitted_state(gen, monkeypatch):
     assert fitted is not identity and fitted.shift != identity.shift and tok.plan is fitted
     tok.std = tok.std * 4  # assigned statistics: a new plan too
     assert tok.plan.scale == tuple(4 * s for s in fitted.scale)
+    mean = tok.mean
+    tok.mean = torch.full_like(mean, 64.0)  # the mean alone
+    assert tok.plan.shift == (64.0,) * S
+    tok.mean = mean
 
     calls = []
     real = weight_tokenizer.normalization
