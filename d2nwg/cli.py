@@ -190,6 +190,13 @@ def _int_at_least(minimum: int):
     return parse
 
 
+def _resume(text: str) -> str:
+    """An argparse type: ``--resume auto`` (``--resume`` alone is True)."""
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"--resume takes 'auto' or nothing, got {text!r}")
+    return text
+
+
 def _device(text: str) -> str:
     """An argparse type: a device the generator can use (checked by resolve_device)."""
     from d2nwg.devices import resolve_device
@@ -267,8 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zoo", required=True, help="a directory written by ModelZoo.save")
     p.add_argument("--config", help="a JSON file of D2NWGConfig fields (default: all defaults)")
     p.add_argument("--out", required=True)
-    resume = "continue from the newest checkpoint in --out"
-    p.add_argument("--resume", action="store_true", help=resume)
+    resume = (
+        "continue from the newest checkpoint in --out; '--resume auto': the same, or start "
+        "fresh when there is none (one command line for the first start and every restart "
+        "under torchrun --max-restarts)"
+    )
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="auto",
+                   type=_resume, help=resume)  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
 
     p = _command(

@@ -59,7 +59,14 @@ class DistContext:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, init_method="env://", timeout=collective_timeout())
+        timeout = collective_timeout()
+        # Under torchrun's restarts the store outlives the workers: the keys of an earlier
+        # attempt (a dead rank's address) must not be read by this one, so each attempt
+        # rendezvouses under a prefix of its own.
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"d2nwg/attempt_{attempt}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         return cls(dist.get_rank(), dist.get_world_size())
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
