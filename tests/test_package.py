@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 
 import pytest
 import torch
@@ -63,6 +64,37 @@ def test_sdist_holds_every_extension_source(tmp_path):
     sources = {f"csrc/{f}" for f in os.listdir(os.path.join(root, "csrc"))}
     assert {"csrc/ops.h", "csrc/tokenize_cuda.cu"} <= sources
     assert sources - shipped == set()
+
+
+def test_wheel_holds_every_python_module(tmp_path):
+    """Every module of the source tree lands in a built wheel (a subpackage missing from
+    setup.py's list would import from a checkout and fail after pip install)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    skip = (".*", "*.egg-info", "build", "dist", "__pycache__", "*.so", "bench", "docs", "tests")
+    tree = tmp_path / "tree"
+    shutil.copytree(root, tree, ignore=shutil.ignore_patterns(*skip))
+    res = subprocess.run(
+        [sys.executable, "setup.py", "-q", "bdist_wheel", "--dist-dir", str(tmp_path)],
+        cwd=tree,
+        env={**os.environ, "D2NWG_NO_EXT": "1"},  # the Python files need no compiler
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    (wheel,) = tmp_path.glob("d2nwg-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        shipped = {n for n in z.namelist() if n.endswith(".py")}
+    expected = {
+        os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/")
+        for top in ("d2nwg", "kernels")
+        for d, _, files in os.walk(os.path.join(root, top))
+        for f in files
+        if f.endswith(".py")
+    }
+    expected = {"d2nwg/" + p if p.startswith("kernels/") else p for p in expected}
+    assert {"d2nwg/generator/facade.py", "d2nwg/kernels/tokenize.py"} <= expected
+    assert expected - shipped == set()
 
 
 def test_info_lists_every_backend_with_a_reason(capsys):
