@@ -28,6 +28,7 @@ from torch import nn
 
 from d2nwg.devices import resolve_device
 from d2nwg.errors import ConfigError
+from d2nwg.files import directory_lock
 from d2nwg.generator import export, fitting, persistence
 from d2nwg.generator.conditions import RawConditions, parse_conditions
 from d2nwg.generator.config import CONDITION_RANKS, D2NWGConfig, resolve_for
@@ -37,7 +38,7 @@ from d2nwg.generator.networks import ConditionalDenoiser, Parts, build_networks
 from d2nwg.generator.synthesis import SampleRun, Synthesizer, WindowedDenoiser
 from d2nwg.nn import ChunkVAE, Condition
 from d2nwg.tokenizer import WeightTokenizer
-from d2nwg.training import DistContext
+from d2nwg.training import DistContext, writer_lock
 from d2nwg.windows import WindowLayout
 from d2nwg.zoo import ModelZoo
 
@@ -93,7 +94,9 @@ class D2NWG:
         with the same weights as an uninterrupted run; ``resume="auto"`` does the same, or
         starts fresh when there is nothing to resume (one command line for the first start and
         every restart under ``torchrun --max-restarts``). Under ``torchrun`` each process trains
-        on its share of the zoo with DistributedDataParallel; rank 0 writes the files.
+        on its share of the zoo with DistributedDataParallel; rank 0 writes the files and
+        holds ``out`` (a second run writing there gets :class:`~d2nwg.DirectoryLockedError`).
+        A loss that turns NaN or Inf stops the run with :class:`~d2nwg.NonFiniteError`.
         With ``config.delta`` the generator learns the residuals ``model - base`` (``base``: a
         state dict of the zoo's architecture, required then).
         """
@@ -234,7 +237,9 @@ class D2NWG:
 
         Under ``torchrun`` (or ``distributed=True``) each rank generates and writes its share
         of the shards, bit for bit what one process writes; rank 0 writes the index last.
-        Each file is written to a temporary name and renamed. Returns the index.
+        Each file is written to a temporary name and renamed. One writing job at a time: a
+        second one in the same directory gets :class:`~d2nwg.DirectoryLockedError`. Returns
+        the index.
         """
         synth = self._synthesizer()
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
@@ -244,8 +249,8 @@ class D2NWG:
         # None: whatever torchrun says (from_env is one process without WORLD_SIZE > 1)
         ctx = DistContext() if distributed is False else DistContext.from_env(run.device)
         directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
-        return export.write_shards(synth, run, directory, shard_size, base, ctx)
+        with writer_lock(ctx, directory):
+            return export.write_shards(synth, run, directory, shard_size, base, ctx)
 
     # ---- files ----------------------------------------------------------------------------
     def _parts(self) -> Parts:
@@ -254,8 +259,12 @@ class D2NWG:
                      self.latent_scale, self.cond_rank, self.max_classes)  # fmt: skip
 
     def save(self, directory: str | os.PathLike) -> None:
-        """``config.json`` plus safetensors files; each written atomically, config.json last."""
-        persistence.save(self._parts(), os.fspath(directory))
+        """``config.json`` plus safetensors files; each written atomically, config.json last.
+        One writer at a time: a second process saving to the same directory meanwhile gets
+        :class:`~d2nwg.DirectoryLockedError`."""
+        parts = self._parts()
+        with directory_lock(directory):
+            persistence.save(parts, os.fspath(directory))
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> D2NWG:

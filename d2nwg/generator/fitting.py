@@ -5,9 +5,12 @@ newest checkpoint when asked) and the latent scale between them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Literal
+
+import torch
 
 from d2nwg.devices import resolve_device
 from d2nwg.errors import ConfigError
@@ -15,8 +18,11 @@ from d2nwg.generator import stages
 from d2nwg.generator.conditions import RawConditions, condition_rank
 from d2nwg.generator.config import D2NWGConfig, resolve_for
 from d2nwg.generator.delta import Base
-from d2nwg.generator.networks import Parts, build_networks
-from d2nwg.training import Checkpoints, DistContext, LossLog, TrainingRun
+from d2nwg.generator.networks import ConditionalDenoiser, Parts, build_networks
+from d2nwg.nn import ChunkVAE
+from d2nwg.tokenizer import WeightTokenizer
+from d2nwg.training import Checkpoints, DistContext, LossLog, TrainingRun, writer_lock
+from d2nwg.windows import WindowLayout
 from d2nwg.zoo import ModelZoo
 
 Resume = bool | Literal["auto"]
@@ -66,6 +72,25 @@ def fit(
 
     run = TrainingRun(device, ctx, Checkpoints(out) if out is not None else None,
                       LossLog(out, ctx.is_main), progress, c.loop(), {"vae": vae})  # fmt: skip
+    with writer_lock(ctx, out) if out is not None else contextlib.nullcontext():
+        latent_scale, history = train(run, c, tok, windows, vae, model, tokens, raw, resume)
+    return Parts(c, tok, windows, vae, model, latent_scale, rank, max_classes), history
+
+
+def train(
+    run: TrainingRun,
+    c: D2NWGConfig,
+    tok: WeightTokenizer,
+    windows: WindowLayout,
+    vae: ChunkVAE,
+    model: ConditionalDenoiser,
+    tokens: torch.Tensor,
+    raw: RawConditions | None,
+    resume: Resume,
+) -> tuple[float, dict]:
+    """Both stages, from the newest checkpoint when resuming: the latent scale and how the run
+    went (seconds per stage, steps/s, world size)."""
+    device, ctx = run.device, run.ctx
     state = resume_state(run, resume)
     history: dict = {}
     t0 = time.perf_counter()
@@ -86,7 +111,7 @@ def fit(
     if run.steps_per_s:
         history["steps_per_s"] = run.steps_per_s
     ctx.barrier()
-    return Parts(c, tok, windows, vae, model, latent_scale, rank, max_classes), history
+    return latent_scale, history
 
 
 def resume_state(run: TrainingRun, resume: Resume) -> dict | None:

@@ -9,7 +9,7 @@
 """
 
 from d2nwg.training.checkpoints import CHECKPOINT_FORMAT, Checkpoints, pack_state, unpack_state
-from d2nwg.training.distributed import DistContext
+from d2nwg.training.distributed import DistContext, writer_lock
 from d2nwg.training.ema import EMA, ema_decay
 from d2nwg.training.log import LossLog
 from d2nwg.training.lr import lr_factor
@@ -29,4 +29,5 @@ __all__ = [
     "pack_state",
     "train_stage",
     "unpack_state",
+    "writer_lock",
 ]

@@ -7,14 +7,17 @@ and every rank resumes from the last whole checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from d2nwg.errors import ConfigError
+from d2nwg.errors import ConfigError, D2NWGError, DirectoryLockedError
+from d2nwg.files import DirectoryLock
 
 TIMEOUT_ENV = "D2NWG_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600
@@ -94,3 +97,24 @@ class DistContext:
         """Whether ``flag`` holds on any rank: how ranks agree to stop together (one rank
         raising alone would leave the others waiting in their next collective)."""
         return bool(self.all_reduce_(torch.tensor([int(flag)])).item() > 0)
+
+
+@contextlib.contextmanager
+def writer_lock(ctx: DistContext, directory: str | os.PathLike) -> Iterator[None]:
+    """Keep ``directory`` to one writing job: rank 0 holds its lock (see
+    :class:`d2nwg.files.DirectoryLock`) while every rank of the job writes, and when rank 0
+    cannot take it every rank raises, none is left waiting in a collective."""
+    lock, error = DirectoryLock(directory), None
+    if ctx.is_main:
+        try:
+            lock.acquire()
+        except D2NWGError as exc:
+            error = exc
+    if ctx.any(error is not None):
+        raise error or DirectoryLockedError(
+            f"{os.fspath(directory)}: rank 0 of this job could not take the directory's lock"
+        )
+    try:
+        yield
+    finally:
+        lock.release()
