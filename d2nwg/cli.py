@@ -62,7 +62,11 @@ def _generator_info() -> str:
 
     import torch.distributed as dist
 
+    from d2nwg.files import LOCK_NAME
     from d2nwg.generator import BATCH_ELEMENTS, CONDITIONS, WINDOW_DRAWS
+    from d2nwg.training.distributed import TIMEOUT_ENV, collective_timeout
+
+    timeout = collective_timeout().total_seconds()
 
     def version(pkg: str) -> str:
         try:
@@ -88,7 +92,11 @@ def _generator_info() -> str:
             f"delta=True; default batch ~{BATCH_ELEMENTS['cpu']:.3g} decoded values on cpu, "
             f"{BATCH_ELEMENTS['cuda']:.3g} on cuda",
             "distributed training and sharded generation (torchrun): "
-            + (", ".join(backends) or "torch.distributed unavailable"),
+            + (", ".join(backends) or "torch.distributed unavailable")
+            + f"; elastic restarts with --resume auto; collective timeout {timeout:g} s "
+            f"({TIMEOUT_ENV})",
+            f"reliability: one writer per directory ({LOCK_NAME}); NaN/Inf losses stop fit, "
+            "NaN/Inf files are refused",
             f"demo: scikit-learn {version('scikit-learn')}, matplotlib {version('matplotlib')}",
         ]
     )
