@@ -62,12 +62,13 @@ def encode_latents(
     sq = ctx.all_reduce_(
         torch.tensor([mu.double().square().sum().item(), mu.numel()], dtype=torch.float64)
     )
-    scale = float(1.0 / math.sqrt(sq[0] / sq[1]))
-    if not (math.isfinite(scale) and scale > 0):
+    mean_square = float(sq[0] / sq[1])
+    if not (math.isfinite(mean_square) and mean_square > 0):
         raise NonFiniteError(
-            f"the VAE's latents have mean square {float(sq[0] / sq[1])!r}: no latent scale "
+            f"the VAE's latents have mean square {mean_square!r}: no latent scale "
             "(the VAE stage diverged or the zoo's tokens are all zero)"
         )
+    scale = float(1.0 / math.sqrt(mean_square))
     return (mu * scale).float(), scale
 
 
