@@ -89,15 +89,7 @@ def train_stage(
             module, device_ids=[device.index] if device.type == "cuda" else None
         )
     opt = optimizer(module.parameters(), stage.lr, loop.weight_decay)
-    start = 0
-    if state is not None:
-        module.load_state_dict(state["modules"]["trained"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["rng"][ctx.rank])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        start = state["step"]
-        run.log.truncate_after(stage.name, start)
+    start = 0 if state is None else _restore(run, stage, state, module, opt, gen, ema)
     warmup = int(loop.warmup * stage.steps)
     bar = _progress(run.progress and ctx.is_main, stage.steps, start, stage.name)
     # the first step whose loss or gradient norm was not finite (-1: none), kept on the device
@@ -109,14 +101,9 @@ def train_stage(
     for step in range(start, stage.steps):
         for group in opt.param_groups:
             group["lr"] = stage.lr * lr_factor(step, stage.steps, warmup)
-        with bf16_autocast(device.type == "cuda"):
-            loss = loss_fn(trained, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), loop.grad_clip)
+        loss, norm = _step(trained, module, loss_fn, gen, opt, loop.grad_clip, device)
         bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(norm))
         first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
-        opt.step()
         if ema is not None:
             ema.update(module)
         done = step + 1
@@ -139,6 +126,46 @@ def train_stage(
     module.eval()
     if stage.steps > start:
         run.steps_per_s[stage.name] = (stage.steps - start) / (time.perf_counter() - stage_t0)
+
+
+def _restore(
+    run: TrainingRun,
+    stage: Stage,
+    state: dict,
+    module: nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    ema: EMA | None,
+) -> int:
+    """Load a checkpoint's module, optimizer, this rank's generator and EMA; drop the log
+    lines the resumed run writes again. Returns the step to continue from."""
+    module.load_state_dict(state["modules"]["trained"])
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["rng"][run.ctx.rank])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    run.log.truncate_after(stage.name, state["step"])
+    return state["step"]
+
+
+def _step(
+    trained: nn.Module,
+    module: nn.Module,
+    loss_fn: LossFn,
+    gen: torch.Generator,
+    opt: torch.optim.Optimizer,
+    grad_clip: float,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step: the loss (bf16 on CUDA), its gradient clipped to ``grad_clip``.
+    Returns the loss and the gradient norm before clipping."""
+    with bf16_autocast(device.type == "cuda"):
+        loss = loss_fn(trained, gen)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    opt.step()
+    return loss, norm
 
 
 def _stop_if_not_finite(ctx: DistContext, stage: Stage, first_bad: int) -> None:
