@@ -110,7 +110,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from d2nwg.demo.common import DemoOptions
 
     progress = not args.no_progress
-    run(DemoOptions(args.out, args.device, args.seed, args.quick, progress))
+    run(DemoOptions(args.out, args.device, args.seed, args.quick, progress, args.sampler,
+                    args.steps))  # fmt: skip
     return 0
 
 
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=at_least_0, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sampler = "the sampler of the candidates (default: the generator's)"
+    p.add_argument("--sampler", choices=d2nwg.SAMPLERS, help=sampler)
+    p.add_argument("--steps", type=at_least_1, help="its steps (default: the generator's)")
 
     p = _command(
         sub,
