@@ -1,0 +1,245 @@
+"""Hugging Face interoperability: zoos of PEFT adapter folders (written by ``peft``), adapters
+written by d2nwg that ``PeftModel.from_pretrained`` loads (logits equal to the base plus the
+LoRA update computed by hand), transformers models as generation targets (``generate_into``
+and ``generate_to_directory`` + ``AutoModelForCausalLM.from_pretrained``), and the refusals.
+
+Tiny LLaMA models built from a config here (random init, no download), all on CPU. These
+tests skip only when transformers or peft is missing; ``make test`` installs both.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import d2nwg  # noqa: E402
+
+TINY = dict(
+    vae_steps=5,
+    diffusion_steps=5,
+    batch_size=4,
+    vae_batch=64,
+    hidden_dim=32,
+    depth=1,
+    latent_dim=4,
+    vae_hidden_dim=32,
+    cond_dim=16,
+    checkpoint_every=50,
+    log_every=10,
+    timesteps=50,
+    sample_steps=4,
+    prediction_type="sample",
+)
+PREFIX = "base_model.model."  # PEFT's key names: this, the module path, lora_A/B.weight
+R, ALPHA = 2, 4
+
+
+def llama_config(**change) -> transformers.LlamaConfig:
+    kw = dict(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+    )
+    kw.update(change)
+    return transformers.LlamaConfig(**kw)
+
+
+def llama(seed: int = 0, **change) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(llama_config(**change)).eval()
+
+
+def write_peft_adapter(base, folder, seed: int, **lora) -> None:
+    """An adapter as peft writes it, with random A and B (a trained one's stand-in)."""
+    kw = dict(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    kw.update(lora)
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(folder)
+
+
+def merged_by_hand(base, adapter: dict[str, torch.Tensor], scale: float):
+    """The base with W += scale * B @ A for every adapted module, from the file's tensors."""
+    sd = {k: v.clone() for k, v in base.state_dict().items()}
+    for key, a in adapter.items():
+        if key.endswith(".lora_A.weight"):
+            module = key[len(PREFIX) : -len(".lora_A.weight")]
+            b = adapter[key.replace("lora_A", "lora_B")]
+            sd[f"{module}.weight"] += scale * (b.double() @ a.double()).float()
+    model = copy.deepcopy(base)
+    model.load_state_dict(sd)
+    return model
+
+
+def read_adapter(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "adapter_model.safetensors"))
+
+
+TOKENS = torch.tensor([[1, 5, 9, 2, 30, 7, 3, 11]])
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+@pytest.fixture(scope="module")
+def base():
+    return llama(0)
+
+
+@pytest.fixture(scope="module")
+def folders(base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    out = []
+    for i in range(4):
+        write_peft_adapter(base, root / f"task{i}", seed=i)
+        out.append(str(root / f"task{i}"))
+    return out
+
+
+# ---------------------------------------------------------------------------- PEFT in
+def test_from_peft_reads_adapters_lazily_with_their_config(folders, tmp_path):
+    zoo = d2nwg.ModelZoo.from_peft(folders)
+    assert len(zoo) == 4
+    config = json.load(open(os.path.join(folders[0], "adapter_config.json")))
+    assert zoo.adapter_config == config and "PEFT LORA adapters" in repr(zoo)
+    # PEFT's key names, in module order (layers.0 before layers.1, A before B)
+    names = list(zoo.layout)
+    assert names[0] == f"{PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert names[-1] == f"{PREFIX}model.layers.1.self_attn.v_proj.lora_B.weight"
+    assert len(names) == 8
+    for folder, item in zip(folders, zoo):
+        expected = read_adapter(folder)
+        assert set(item.state_dict) == set(expected)
+        for k, v in expected.items():
+            assert torch.equal(item.state_dict[k], v), k
+        assert item.condition is None and item.meta == {"peft_folder": folder}
+    # Lazy: a weights file changed after from_peft is what the item then holds.
+    zoo.save(tmp_path / "zoo")
+    again = d2nwg.ModelZoo.from_directory(tmp_path / "zoo")
+    assert again.adapter_config == config and again[1:].adapter_config == config
+    for x, y in zip(zoo, again):
+        assert all(torch.equal(x.state_dict[k], y.state_dict[k]) for k in x.state_dict)
+
+
+def test_from_peft_with_conditions_and_meta(folders, tmp_path):
+    conds = torch.randn(4, 2, 3, 5)
+    zoo = d2nwg.ModelZoo.from_peft(folders, conditions=conds, meta=[{"i": i} for i in range(4)])
+    assert [item.meta for item in zoo] == [{"i": i} for i in range(4)]
+    assert all(torch.equal(item.condition, conds[i]) for i, item in enumerate(zoo))
+    zoo.save(tmp_path / "zoo")
+    again = d2nwg.ModelZoo.from_directory(tmp_path / "zoo")
+    assert torch.equal(again[3].condition, conds[3])
+    with pytest.raises(d2nwg.ConfigError, match="3 entries for 4"):
+        d2nwg.ModelZoo.from_peft(folders, conditions=list(conds[:3]))
+    with pytest.raises(d2nwg.ShapeError, match=r"conditions\[2\].*task2"):
+        d2nwg.ModelZoo.from_peft(
+            folders, conditions=[conds[0], conds[1], torch.randn(3, 4), conds[3]]
+        )
+
+
+# ---------------------------------------------------------------------------- refusals
+def _copy(folder, tmp_path, name="copy") -> str:
+    dst = tmp_path / name
+    shutil.copytree(folder, dst)
+    return str(dst)
+
+
+def _edit_config(folder, **change) -> None:
+    path = os.path.join(folder, "adapter_config.json")
+    config = json.load(open(path))
+    config.update(change)
+    json.dump(config, open(path, "w"))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("base_model_name_or_path", "meta-llama/Llama-3.2-1B"),
+        ("peft_type", "LOHA"),
+        ("target_modules", ["q_proj", "k_proj"]),
+        ("r", 4),
+        ("lora_alpha", 16),
+        ("use_rslora", True),
+    ],
+)
+def test_mismatched_adapter_configs_are_refused_naming_folder_and_field(
+    folders, tmp_path, field, value
+):
+    odd = _copy(folders[1], tmp_path)
+    _edit_config(odd, **{field: value})
+    with pytest.raises(d2nwg.ConfigError, match=f"{odd}.*{field}=") as info:
+        d2nwg.ModelZoo.from_peft([folders[0], odd, folders[2]])
+    assert folders[0] in str(info.value)  # the adapter it differs from
+
+
+def test_what_may_differ_between_adapters(folders, tmp_path):
+    other = _copy(folders[1], tmp_path)
+    _edit_config(other, target_modules=["v_proj", "q_proj"], lora_dropout=0.1)
+    assert len(d2nwg.ModelZoo.from_peft([folders[0], other])) == 2
+
+
+def test_pickled_missing_and_corrupt_adapters_are_refused(folders, tmp_path):
+    pickled = _copy(folders[1], tmp_path, "pickled")
+    os.remove(os.path.join(pickled, "adapter_model.safetensors"))
+    with open(os.path.join(pickled, "adapter_model.bin"), "wb") as f:
+        f.write(b"\x80\x04not unpickled")
+    with pytest.raises(
+        d2nwg.FileFormatError, match=f"{pickled}: holds adapter_model.bin, a pickle"
+    ):
+        d2nwg.ModelZoo.from_peft([folders[0], pickled])
+
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(d2nwg.FileFormatError, match=f"{missing}: no such PEFT adapter folder"):
+        d2nwg.ModelZoo.from_peft([folders[0], missing])
+    no_weights = _copy(folders[1], tmp_path, "no_weights")
+    os.remove(os.path.join(no_weights, "adapter_model.safetensors"))
+    with pytest.raises(d2nwg.FileFormatError, match=f"{no_weights}: no adapter_model.safetensors"):
+        d2nwg.ModelZoo.from_peft([folders[0], no_weights])
+
+    bad_json = _copy(folders[1], tmp_path, "bad_json")
+    with open(os.path.join(bad_json, "adapter_config.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(d2nwg.FileFormatError, match=f"{bad_json}/adapter_config.json"):
+        d2nwg.ModelZoo.from_peft([folders[0], bad_json])
+    not_peft = _copy(folders[1], tmp_path, "not_peft")
+    with open(os.path.join(not_peft, "adapter_config.json"), "w") as f:
+        json.dump({"r": 2}, f)
+    with pytest.raises(d2nwg.FileFormatError, match="no 'peft_type'"):
+        d2nwg.ModelZoo.from_peft([folders[0], not_peft])
+
+    # A corrupt weights file: the first fixes the layout (read now), later ones when accessed.
+    corrupt = _copy(folders[1], tmp_path, "corrupt")
+    weights = os.path.join(corrupt, "adapter_model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(100)
+    zoo = d2nwg.ModelZoo.from_peft([folders[0], corrupt])
+    zoo[0]
+    with pytest.raises(d2nwg.FileFormatError, match=weights):
+        zoo[1]
+    with pytest.raises(d2nwg.FileFormatError, match=weights):
+        d2nwg.ModelZoo.from_peft([corrupt, folders[0]])
+    with pytest.raises(d2nwg.ConfigError, match="a list of adapter folders"):
+        d2nwg.ModelZoo.from_peft(folders[0])
+    with pytest.raises(d2nwg.ConfigError, match="at least one"):
+        d2nwg.ModelZoo.from_peft([])
