@@ -21,6 +21,8 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import d2nwg  # noqa: E402
+from d2nwg.cli import main  # noqa: E402
+from d2nwg.generator import D2NWG, D2NWGConfig  # noqa: E402
 
 TINY = dict(
     vae_steps=5,
@@ -117,6 +119,12 @@ def folders(base, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def fitted(folders):
+    zoo = d2nwg.ModelZoo.from_peft(folders)
+    return D2NWG(D2NWGConfig(condition="none", **TINY)).fit(zoo, progress=False)
+
+
 # ---------------------------------------------------------------------------- PEFT in
 def test_from_peft_reads_adapters_lazily_with_their_config(folders, tmp_path):
     zoo = d2nwg.ModelZoo.from_peft(folders)
@@ -156,6 +164,76 @@ def test_from_peft_with_conditions_and_meta(folders, tmp_path):
         d2nwg.ModelZoo.from_peft(
             folders, conditions=[conds[0], conds[1], torch.randn(3, 4), conds[3]]
         )
+
+
+def test_plain_zoos_and_generators_have_no_adapter_config(tmp_path):
+    zoo = d2nwg.ModelZoo()
+    zoo.add({"w": torch.randn(3, 4)})
+    zoo.save(tmp_path / "zoo")
+    assert "adapter_config" not in json.load(open(tmp_path / "zoo" / "zoo.json"))
+    assert d2nwg.ModelZoo.from_directory(tmp_path / "zoo").adapter_config is None
+    gen = D2NWG(D2NWGConfig(condition="none", **TINY)).fit(zoo, progress=False)
+    gen.save(tmp_path / "gen")
+    assert "adapter_config" not in json.load(open(tmp_path / "gen" / "config.json"))
+    assert D2NWG.load(tmp_path / "gen").adapter_config is None
+    with pytest.raises(d2nwg.ConfigError, match="no PEFT adapter config"):
+        gen.save_peft(tmp_path / "out", seed=0)
+
+
+# ---------------------------------------------------------------------------- PEFT out
+def test_saved_adapters_load_in_peft_with_the_hand_computed_logits(fitted, base, tmp_path):
+    gen = fitted
+    assert gen.adapter_config["r"] == R and gen.adapter_config["lora_alpha"] == ALPHA
+    folders = gen.save_peft(tmp_path / "out", num_samples=2, seed=0)
+    assert [os.path.basename(f) for f in folders] == ["sample_00000", "sample_00001"]
+    sds = gen.generate(num_samples=2, seed=0)
+    for folder, sd in zip(folders, sds):
+        assert json.load(open(os.path.join(folder, "adapter_config.json"))) == gen.adapter_config
+        written = read_adapter(folder)
+        assert set(written) == set(sd) and all(torch.equal(written[k], sd[k]) for k in sd)
+        by_hand = merged_by_hand(base, written, ALPHA / R)
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder)
+        # The adapter is really applied: its logits differ from the base's.
+        assert not torch.allclose(logits(loaded), logits(base), atol=1e-3)
+        torch.testing.assert_close(logits(loaded), logits(by_hand), rtol=1e-5, atol=1e-5)
+        merged = loaded.merge_and_unload()
+        torch.testing.assert_close(logits(merged), logits(by_hand), rtol=1e-5, atol=1e-5)
+        for k, v in by_hand.state_dict().items():
+            torch.testing.assert_close(merged.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_the_generator_keeps_the_adapter_config_and_the_cli_writes_adapters(fitted, base, tmp_path):
+    fitted.save(tmp_path / "gen")
+    saved = json.load(open(tmp_path / "gen" / "config.json"))
+    assert saved["format_version"] == 1 and saved["adapter_config"] == fitted.adapter_config
+    loaded = D2NWG.load(tmp_path / "gen")
+    assert loaded.adapter_config == fitted.adapter_config
+    out = tmp_path / "adapters"
+    args = ["generate", "--generator", str(tmp_path / "gen"), "--peft", "--num", "2"]
+    assert main([*args, "--seed", "3", "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["sample_00000", "sample_00001"]
+    expected = fitted.generate(num_samples=2, seed=3)[1]
+    written = read_adapter(out / "sample_00001")
+    assert all(torch.equal(written[k], expected[k]) for k in expected)
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(out / "sample_00001"))
+    torch.testing.assert_close(
+        logits(model), logits(merged_by_hand(base, written, ALPHA / R)), rtol=1e-5, atol=1e-5
+    )
+    assert main([*args, "--shards", "--out", str(tmp_path / "x")]) == 2  # one format at a time
+
+
+def test_adapter_config_of_a_zoo_built_by_hand(base, folders, tmp_path):
+    """A zoo of peft.get_peft_model_state_dict state dicts, given the config to write."""
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(base), folders[0])
+    zoo = d2nwg.ModelZoo()
+    for _ in range(3):
+        zoo.add(peft.get_peft_model_state_dict(model))
+    with pytest.raises(d2nwg.ConfigError, match="peft_type"):
+        zoo.adapter_config = {"r": 2}
+    zoo.adapter_config = model.peft_config["default"]  # a PeftConfig will do
+    gen = D2NWG(D2NWGConfig(condition="none", **TINY)).fit(zoo, progress=False)
+    (folder,) = gen.save_peft(tmp_path / "out", seed=0)
+    peft.PeftModel.from_pretrained(copy.deepcopy(base), folder)
 
 
 # ---------------------------------------------------------------------------- refusals
