@@ -321,3 +321,66 @@ def test_pickled_missing_and_corrupt_adapters_are_refused(folders, tmp_path):
         d2nwg.ModelZoo.from_peft(folders[0])
     with pytest.raises(d2nwg.ConfigError, match="at least one"):
         d2nwg.ModelZoo.from_peft([])
+
+
+# ---------------------------------------------------------------------------- transformers
+@pytest.fixture(scope="module")
+def llama_gen():
+    """A generator of the tiny LLaMA's weights (tied embeddings): untrained, which is all
+    writing into targets needs."""
+    zoo = d2nwg.ModelZoo()
+    for seed in range(2):
+        zoo.add(llama(seed).state_dict())
+    assert "lm_head.weight" in zoo.layout  # kept as a tie of model.embed_tokens.weight
+    cfg = D2NWGConfig(condition="none", **TINY)
+    return D2NWG.untrained(zoo[0].state_dict, cfg)
+
+
+def test_generate_into_a_pretrained_model_keeps_its_tied_weights(llama_gen):
+    model = llama(5)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    expected = llama_gen.generate(seed=0)[0]
+    assert llama_gen.generate_into(model, seed=0) is model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    got = model.state_dict()
+    assert set(expected) == set(got)
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(logits(model)).all()
+
+
+@pytest.mark.parametrize("target", ["model", "config"])
+def test_shards_with_config_json_load_with_from_pretrained(llama_gen, tmp_path, target):
+    model = llama(5)
+    out = tmp_path / "model"
+    index = llama_gen.generate_to_directory(
+        out, seed=0, shard_size=2048, model_config=model if target == "model" else model.config
+    )
+    assert len(set(index["weight_map"].values())) > 1  # really sharded
+    assert "lm_head.weight" not in index["weight_map"]  # tied: stored once
+    config = json.load(open(out / "config.json"))
+    assert config["model_type"] == "llama"
+    assert config.get("architectures") == (["LlamaForCausalLM"] if target == "model" else None)
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert isinstance(loaded, transformers.LlamaForCausalLM)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    expected = llama_gen.generate(seed=0)[0]
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=1e-5, atol=1e-5)
+
+
+def test_shards_for_another_architecture_are_refused_before_writing(llama_gen, tmp_path):
+    out = tmp_path / "model"
+    with pytest.raises(d2nwg.ShapeError, match="model.embed_tokens.weight"):
+        llama_gen.generate_to_directory(out, seed=0, model_config=llama_config(hidden_size=32))
+    with pytest.raises(d2nwg.KeyMismatchError, match="lacks"):
+        llama_gen.generate_to_directory(out, seed=0, model_config=llama_config(num_hidden_layers=1))
+    assert not out.exists() or os.listdir(out) == []
+    with pytest.raises(d2nwg.ConfigError, match="PretrainedConfig or PreTrainedModel"):
+        llama_gen.generate_to_directory(out, seed=0, model_config={"model_type": "llama"})
+    # A model with more tensors than the generator writes: a warning names them.
+    with pytest.warns(RuntimeWarning, match="outside the generator's layout"):
+        llama_gen.generate_to_directory(
+            out, seed=0, model_config=llama_config(tie_word_embeddings=False)
+        )

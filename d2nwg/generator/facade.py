@@ -12,7 +12,7 @@ module named after it.
 - :mod:`~d2nwg.generator.export`: sharded safetensors directories;
 - :mod:`~d2nwg.generator.delta`: base models of delta generators;
 - :mod:`~d2nwg.generator.persistence`: the generator's directory;
-- :mod:`d2nwg.hf`: Hugging Face formats (PEFT adapter folders).
+- :mod:`d2nwg.hf`: Hugging Face formats (PEFT adapter folders, transformers targets).
 
 Data flows one way: zoo -> WeightTokenizer -> ChunkVAE encoder -> latent diffusion
 -> ChunkVAE decoder -> detokenize.
@@ -230,6 +230,7 @@ class D2NWG:
         shard_size: int = 2**31,
         base: StateDict | nn.Module | None = None,
         distributed: bool | None = None,
+        model_config: Any = None,
         **sampling: Any,
     ) -> dict[str, Any]:
         """Generate one set of weights (sample 0 of ``seed``) into safetensors shards of at
@@ -244,17 +245,28 @@ class D2NWG:
         Each file is written to a temporary name and renamed. One writing job at a time: a
         second one in the same directory gets :class:`~d2nwg.DirectoryLockedError`. Returns
         the index.
+
+        ``model_config``: a transformers ``PretrainedConfig`` (or a ``PreTrainedModel``, whose
+        config is taken): the layout is checked against its architecture first, and
+        ``config.json`` is written too, so ``AutoModelForCausalLM.from_pretrained(directory)``
+        loads the result (see :mod:`d2nwg.hf.transformers`).
         """
         synth = self._synthesizer()
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
             raise ConfigError(f"shard_size must be a number of bytes >= 1, got {shard_size!r}")
+        extra = None
+        if model_config is not None:
+            from d2nwg.hf import transformers as hf_transformers
+
+            extra = {"config.json": hf_transformers.target_config(self.tokenizer.layers,
+                                                                 model_config)}  # fmt: skip
         base = self._base(base)
         run = synth.start(condition, sampling, max_tasks=1)
         # None: whatever torchrun says (from_env is one process without WORLD_SIZE > 1)
         ctx = DistContext() if distributed is False else DistContext.from_env(run.device)
         directory = os.fspath(directory)
         with writer_lock(ctx, directory):
-            return export.write_shards(synth, run, directory, shard_size, base, ctx)
+            return export.write_shards(synth, run, directory, shard_size, base, ctx, extra)
 
     def save_peft(
         self,
