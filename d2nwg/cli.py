@@ -98,7 +98,21 @@ def _generator_info() -> str:
             f"reliability: one writer per directory ({LOCK_NAME}); NaN/Inf losses stop fit, "
             "NaN/Inf files are refused",
             f"demo: scikit-learn {version('scikit-learn')}, matplotlib {version('matplotlib')}",
+            _hf_info(),
         ]
+    )
+
+
+def _hf_info() -> str:
+    """The Hugging Face extra: what it does and the versions of its packages."""
+    from d2nwg.hf import EXTRA, versions
+
+    installed = versions()
+    found = ", ".join(f"{k} {v or 'not installed'}" for k, v in installed.items())
+    missing = "" if all(installed.values()) else f" ({EXTRA})"
+    return (
+        "hugging face: ModelZoo.from_peft, save_peft / generate --peft (PEFT adapter "
+        f"folders), transformers models as targets (model_config=); {found}{missing}"
     )
 
 

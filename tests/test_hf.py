@@ -384,3 +384,11 @@ def test_shards_for_another_architecture_are_refused_before_writing(llama_gen, t
         llama_gen.generate_to_directory(
             out, seed=0, model_config=llama_config(tie_word_embeddings=False)
         )
+
+
+def test_info_names_the_hf_extra(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("hugging face:"))
+    assert f"transformers {transformers.__version__}" in line
+    assert f"peft {peft.__version__}" in line
