@@ -151,6 +151,8 @@ setup(
         "demo": ["scikit-learn", "matplotlib"],
         "xformers": ["xformers"],
         "plot": ["matplotlib"],
+        # Hugging Face: PEFT adapter folders, transformers models as targets (d2nwg.hf)
+        "hf": ["transformers", "peft"],
     },
     entry_points={"console_scripts": ["d2nwg = d2nwg.cli:main"]},
 )

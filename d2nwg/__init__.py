@@ -18,6 +18,7 @@ from d2nwg.errors import (
     FileFormatError,
     FileWriteError,
     KeyMismatchError,
+    MissingDependencyError,
     NonFiniteError,
     ShapeError,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "FileFormatError",
     "FileWriteError",
     "KeyMismatchError",
+    "MissingDependencyError",
     "NonFiniteError",
     "ShapeError",
 ]

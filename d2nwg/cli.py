@@ -98,7 +98,21 @@ def _generator_info() -> str:
             f"reliability: one writer per directory ({LOCK_NAME}); NaN/Inf losses stop fit, "
             "NaN/Inf files are refused",
             f"demo: scikit-learn {version('scikit-learn')}, matplotlib {version('matplotlib')}",
+            _hf_info(),
         ]
+    )
+
+
+def _hf_info() -> str:
+    """The Hugging Face extra: what it does and the versions of its packages."""
+    from d2nwg.hf import EXTRA, versions
+
+    installed = versions()
+    found = ", ".join(f"{k} {v or 'not installed'}" for k, v in installed.items())
+    missing = "" if all(installed.values()) else f" ({EXTRA})"
+    return (
+        "hugging face: ModelZoo.from_peft, save_peft / generate --peft (PEFT adapter "
+        f"folders), transformers models as targets (model_config=); {found}{missing}"
     )
 
 
@@ -159,6 +173,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if v is not None
     }
     base = read_safetensors(args.base)[1] if args.base else None
+    if args.peft:
+        if args.shards:
+            raise d2nwg.ConfigError("--peft and --shards are two output formats: pick one")
+        folders = gen.save_peft(
+            args.out, condition, num_samples=args.num, base=base, seed=args.seed, **sampling
+        )
+        print(f"wrote {len(folders)} PEFT adapter folders to {args.out}")
+        return 0
     if args.shards:
         if args.num != 1:
             raise d2nwg.ConfigError("--shards writes one model (sample 0 of --seed): use --num 1")
@@ -303,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         "d2nwg generate --generator run/generator --condition task.safetensors --num 8 --seed 0 "
         "--out samples",
         "d2nwg generate --generator run/generator --shards --shard-size 2048 --out model",
+        "d2nwg generate --generator run/generator --peft --num 4 --out adapters",
         "(the condition file holds one tensor named 'condition'; omit it for an unconditional "
         "generator)",
     )
@@ -320,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     shard_size = "MiB per shard (default 2048)"
     p.add_argument("--shard-size", type=at_least_1, default=2048, help=shard_size)
     p.add_argument("--batch-windows", type=at_least_1, help="windows per sampler run")
+    peft = (
+        "write one PEFT adapter folder per sample (OUT/sample_00000/...: "
+        "adapter_model.safetensors and the adapter_config.json the generator kept from its "
+        "zoo of adapters), which PeftModel.from_pretrained loads"
+    )
+    p.add_argument("--peft", action="store_true", help=peft)
 
     p = _command(sub, "bench", cmd_bench, "CPU microbenchmarks, or --suite for bench/gpu_suite.py")
     p.add_argument("--suite", action="store_true")

@@ -61,6 +61,11 @@ class BackendUnavailableError(D2NWGError, RuntimeError):
     """No backend (or not the forced one) can run an op on the given inputs."""
 
 
+class MissingDependencyError(D2NWGError, ImportError):
+    """An optional package a feature needs is not installed; the message names the pip extra
+    that installs it (e.g. ``pip install d2nwg[hf]``)."""
+
+
 def shape_of(x: object) -> object:
     """For error messages: a tensor's shape as a tuple, or the type name of anything else."""
     shape = getattr(x, "shape", None)

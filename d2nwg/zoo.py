@@ -4,11 +4,14 @@ A zoo is an ordered list of items ``(state_dict, condition, meta)`` that all sha
 architecture (same tensor names, shapes and dtypes). On disk it is a directory::
 
     zoo.json                          format, layout, condition spec, one record per item
+                                      (and the adapter config of a zoo of PEFT adapters)
     model_00000.safetensors           one file per model (tied tensors stored once)
     condition_00000.safetensors       one file per condition (key "condition"), if any
 
 :meth:`ModelZoo.from_directory` reads ``zoo.json`` only; each item is read and checked when it
 is accessed, and not kept, so iterating over a zoo larger than memory is fine.
+:meth:`ModelZoo.from_peft` reads PEFT adapter folders the same lazy way (see
+:mod:`d2nwg.hf.peft`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import NamedTuple, overload
@@ -93,6 +96,7 @@ class _OnDisk:
     condition: str | None
     meta: dict
     aliases: dict[str, str]  # tied name -> the stored name it shares storage with
+    condition_tensor: torch.Tensor | None = None  # a condition held in memory (from_peft)
 
 
 def _check_state_dict(sd: Mapping[str, torch.Tensor], layout: Layout | None) -> None:
@@ -172,6 +176,40 @@ def untie(sd: StateDict) -> tuple[StateDict, dict[str, str]]:
     return stored, aliases
 
 
+def _json_meta(meta: object, where: str = "meta") -> dict:
+    """A JSON round trip of an item's metadata: checks it can be saved, and copies it."""
+    meta = {} if meta is None else meta
+    if not isinstance(meta, Mapping):
+        raise ConfigError(f"{where} must be a dict, got {type(meta).__name__}")
+    try:
+        return json.loads(json.dumps(dict(meta), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where} is not JSON-serializable: {exc}") from exc
+
+
+def _adapter_config(value: object, where: str) -> dict | None:
+    """A zoo's adapter config (None or a JSON object), copied; ConfigError otherwise."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a dict or None, got {type(value).__name__}")
+    return _json_meta(value, where)
+
+
+def _per_item(values: object, n: int, what: str) -> list:
+    """``values`` as one entry per adapter: None for all, or a sequence (or a tensor whose
+    first dimension is) of length ``n``."""
+    if values is None:
+        return [None] * n
+    if isinstance(values, torch.Tensor) and values.dim() >= 1:
+        values = list(values.unbind(0))
+    if not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
+        raise ConfigError(f"{what} must hold one entry per adapter, got {type(values).__name__}")
+    if len(values) != n:
+        raise ConfigError(f"{what} has {len(values)} entries for {n} adapter folders")
+    return list(values)
+
+
 def _relative_path(value: object, where: str) -> str:
     """A path from zoo.json that stays inside the zoo's directory, else ValueError."""
     if not isinstance(value, str) or value in ("", "."):
@@ -244,6 +282,15 @@ def _parse_manifest(manifest: object, directory: str) -> tuple[_Spec | None, lis
     return (_Spec(layout, cond) if layout else None), items
 
 
+def _parse_adapter_config(manifest: dict) -> dict | None:
+    """zoo.json's optional ``adapter_config`` (absent in zoos of plain models, and in every
+    zoo written before it existed); ValueError if it is not a JSON object."""
+    value = manifest.get("adapter_config")
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"adapter_config is a {type(value).__name__}, not an object")
+    return value
+
+
 class ModelZoo:
     """An ordered collection of models of one architecture, with conditions and metadata.
 
@@ -256,6 +303,7 @@ class ModelZoo:
     def __init__(self) -> None:
         self._spec: _Spec | None = None
         self._items: list[ZooItem | _OnDisk] = []
+        self._adapter_config: dict | None = None
 
     # ------------------------------------------------------------------ building
     def add(
@@ -288,13 +336,7 @@ class ModelZoo:
             )
         if condition is not None:
             _check_condition(condition, spec.condition if spec else None)
-        meta = {} if meta is None else meta
-        if not isinstance(meta, Mapping):
-            raise ConfigError(f"meta must be a dict, got {type(meta).__name__}")
-        try:  # a JSON round trip: checks it can be saved, and copies it
-            meta = json.loads(json.dumps(dict(meta), allow_nan=False))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"meta is not JSON-serializable: {exc}") from exc
+        meta = _json_meta(meta)
 
         # Copy each distinct tensor once, so tied names stay tied in the zoo.
         order = spec.layout if spec else state_dict
@@ -349,6 +391,23 @@ class ModelZoo:
         """``{name: (shape, dtype)}`` shared by every item (empty before the first add)."""
         return dict(self._spec.layout) if self._spec else {}
 
+    @property
+    def adapter_config(self) -> dict | None:
+        """The PEFT adapter config of a zoo of adapters (``adapter_config.json`` of the first
+        folder given to :meth:`from_peft`), else None. Saved in zoo.json; a generator fitted
+        on the zoo keeps it, and :meth:`d2nwg.D2NWG.save_peft` writes it beside every
+        generated adapter. Settable (a JSON-serializable dict, or None), e.g. for a zoo built
+        with :meth:`add` from ``peft.get_peft_model_state_dict`` state dicts."""
+        return copy.deepcopy(self._adapter_config)
+
+    @adapter_config.setter
+    def adapter_config(self, value: Mapping | None) -> None:
+        if value is not None:
+            from d2nwg.hf.peft import check_config
+
+            value = check_config(value, "adapter_config")
+        self._adapter_config = value
+
     def shard(self, rank: int | None = None, world_size: int | None = None) -> ModelZoo:
         """The view of items ``i`` with ``i % world_size == rank``, so that every process of a
         distributed job reads its own share. Defaults: torch.distributed's rank and world size
@@ -372,6 +431,7 @@ class ModelZoo:
     def _view(self, items: list) -> ModelZoo:
         view = ModelZoo()
         view._spec, view._items = self._spec, items
+        view._adapter_config = self._adapter_config
         return view
 
     def __repr__(self) -> str:
@@ -381,9 +441,11 @@ class ModelZoo:
             if spec is None or spec.condition is None
             else f"rank {spec.condition[0]}, {spec.condition[1]} features"
         )
+        adapter = self._adapter_config
+        peft = f", PEFT {adapter['peft_type']} adapters" if adapter else ""
         return (
             f"ModelZoo({len(self)} items, {len(spec.layout) if spec else 0} tensors each, "
-            f"conditions: {cond})"
+            f"conditions: {cond}{peft})"
         )
 
     # ------------------------------------------------------------------ files
@@ -398,7 +460,7 @@ class ModelZoo:
 
     def _load(self, item: _OnDisk) -> ZooItem:
         sd = self._load_weights(item)
-        cond = None
+        cond = item.condition_tensor
         if item.condition is not None:
             _, tensors = read_safetensors(item.condition)
             try:
@@ -467,6 +529,8 @@ class ModelZoo:
                     if spec is None or spec.condition is None
                     else dict(zip(("rank", "features"), spec.condition)),
                     "items": records,
+                    # optional: zoos of plain models (and older readers) go without it
+                    **({"adapter_config": self._adapter_config} if self._adapter_config else {}),
                 },
             )
             new = sorted(os.listdir(staging), key=lambda f: f == MANIFEST)  # zoo.json last
@@ -507,6 +571,7 @@ class ModelZoo:
         manifest = read_json(path)
         try:
             spec, items = _parse_manifest(manifest, directory)
+            adapter_config = _parse_adapter_config(manifest)
         except KeyError as exc:
             raise FileFormatError(f"{path}: missing field {exc}") from exc
         except ValueError as exc:
@@ -514,5 +579,79 @@ class ModelZoo:
         except (TypeError, AttributeError) as exc:  # a field of the wrong JSON type
             raise FileFormatError(f"{path}: malformed: {exc}") from exc
         zoo = cls()
-        zoo._spec, zoo._items = spec, items
+        zoo._spec, zoo._items, zoo._adapter_config = spec, items, adapter_config
+        return zoo
+
+    @classmethod
+    def from_peft(
+        cls,
+        paths: Iterable[str | os.PathLike],
+        conditions: Sequence[torch.Tensor] | torch.Tensor | None = None,
+        meta: Sequence[Mapping] | None = None,
+    ) -> ModelZoo:
+        """A zoo of PEFT adapters, one item per folder (``adapter_config.json`` and
+        ``adapter_model.safetensors``, as ``PeftModel.save_pretrained`` writes them).
+
+        paths: the adapter folders, in order. Every adapter must share the base model name,
+            PEFT type, target modules, rank and alpha (and rsLoRA, DoRA, fan_in_fan_out, rank
+            and alpha patterns) with the first: the first that differs raises ConfigError
+            naming its folder and the field. The first adapter's config becomes
+            :attr:`adapter_config`.
+        conditions: one condition per folder (a list, or a tensor whose first dimension runs
+            over the folders), as for :meth:`add`; None: no conditions.
+        meta: one dict per folder; None: ``{"peft_folder": <absolute path>}`` each.
+
+        Lazy like :meth:`from_directory`: the configs are read now, the weights of the first
+        adapter too (they fix the layout: PEFT's key names, in module order), every other
+        adapter's when its item is accessed. A missing folder, a missing or malformed config,
+        or ``adapter_model.bin`` (a pickle: refused) instead of safetensors raises
+        FileFormatError naming the folder or file; a corrupt or mismatching weights file
+        raises it naming that file when its item is read.
+        """
+        from d2nwg.hf import peft
+
+        adapters = peft.read_adapters(paths)
+        n = len(adapters)
+        conds = _per_item(conditions, n, "conditions")
+        metas = _per_item(meta, n, "meta")
+        first = adapters[0].weights
+        _, tensors = read_safetensors(first)
+        try:
+            if not tensors:
+                raise ConfigError("holds no tensors")
+            _check_state_dict(tensors, None)
+        except D2NWGError as exc:
+            raise FileFormatError(f"{first}: {exc}") from exc
+        layout = {
+            k: (tuple(tensors[k].shape), tensors[k].dtype) for k in peft.natural_order(tensors)
+        }
+        spec_cond = None
+        if conditions is not None:
+            for i, c in enumerate(conds):
+                if c is None:
+                    raise ConfigError(
+                        f"conditions[{i}] is None: every adapter has a condition or none "
+                        f"does (conditions=None)"
+                    )
+                try:
+                    _check_condition(c, spec_cond)
+                except D2NWGError as exc:
+                    raise type(exc)(f"conditions[{i}] ({adapters[i].folder}): {exc}") from exc
+                spec_cond = spec_cond or (c.dim(), c.shape[-1])
+            conds = [_cpu_copy(c) for c in conds]
+        zoo = cls()
+        zoo._spec = _Spec(layout, spec_cond)
+        zoo._adapter_config = adapters[0].config
+        zoo._items = [
+            _OnDisk(
+                a.weights,
+                None,
+                {"peft_folder": a.folder}
+                if m is None and meta is None
+                else _json_meta(m, f"meta[{i}]"),
+                {},
+                c,
+            )
+            for i, (a, c, m) in enumerate(zip(adapters, conds, metas))
+        ]
         return zoo

@@ -199,7 +199,8 @@ def test_the_checker_sees_the_whole_package():
     modules = module_files(PACKAGES)
     for name in ("d2nwg", "d2nwg.ops", "d2nwg.ops.tokenize_op", "d2nwg.demo.report"):
         assert name in modules
-    assert {"d2nwg.kernels", "d2nwg.kernels.tokenize", "d2nwg.kernels.sampler_step"} <= set(modules)
+    # kernels/ has no __init__.py (see d2nwg/_kernels_path.py): its modules are all there is
+    assert {"d2nwg.kernels.tokenize", "d2nwg.kernels.sampler_step"} <= set(modules)
     graph = import_graph(modules)
     # a function-level import is an edge: the ops import their kernels inside functions
     assert "d2nwg.kernels.sampler_step" in graph["d2nwg.ops.sampler_step_op"]

@@ -15,13 +15,22 @@ from d2nwg import _ext
 from d2nwg.backends import Backend, compiled_reason, select
 from d2nwg.cli import main
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Build state a copy of the tree leaves out (an old egg-info's SOURCES.txt would feed the lists).
+SKIP = (".*", "*.egg-info", "build", "dist", "__pycache__", "*.so", "bench", "docs", "tests")
 
-def run_outside(code: str, tmp_path) -> subprocess.CompletedProcess:
-    """Run Python in an empty directory, so nothing is imported from the source tree."""
+
+def run_outside(
+    code: str, tmp_path, cwd=None, pythonpath=None, args=()
+) -> subprocess.CompletedProcess:
+    """Run Python in an empty directory (or ``cwd``), so nothing is imported from the source
+    tree unless asked (``pythonpath``: an unpacked wheel)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.fspath(pythonpath)
     return subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
+        [sys.executable, *args, "-c", code],
+        cwd=cwd or tmp_path,
         env=env,
         capture_output=True,
         text=True,
@@ -29,26 +38,91 @@ def run_outside(code: str, tmp_path) -> subprocess.CompletedProcess:
     )
 
 
+# Which d2nwg.kernels a process imports, and what the top-level name `kernels` is there:
+# "none", "hf" (a regular package that is not d2nwg's: Hugging Face's, which transformers
+# imports) or "namespace" (d2nwg's kernels/ seen as a namespace portion, from a source tree
+# where no regular `kernels` is installed). Never d2nwg's kernels as a regular package.
+WHICH_KERNELS = """
+import importlib.util, os
+import d2nwg.kernels.tokenize as k
+ours = os.path.dirname(os.path.realpath(k.__file__))
+spec = importlib.util.find_spec("kernels")
+if spec is None:
+    top = "none"
+elif spec.origin is not None and os.path.realpath(os.path.dirname(spec.origin)) != ours:
+    top = "hf"
+elif spec.origin is None and not os.path.exists(os.path.join(ours, "__init__.py")):
+    top = "namespace"
+else:
+    top = "ours: " + str(spec)
+print(k.__name__, ours, top)
+"""
+
+
+def hf_kernels_installed() -> bool:
+    """Whether a regular `kernels` package (Hugging Face's) is installed in this environment."""
+    import importlib.metadata as md
+
+    try:
+        md.distribution("kernels")
+    except md.PackageNotFoundError:
+        return False
+    return True
+
+
+def check_kernels_run(res: subprocess.CompletedProcess, kernels_dir: str) -> None:
+    assert res.returncode == 0, res.stderr[-3000:]
+    name, ours, top = res.stdout.split(maxsplit=2)
+    assert name == "d2nwg.kernels.tokenize"
+    assert ours == os.path.realpath(kernels_dir)
+    # An installed regular `kernels` always wins over d2nwg's folder.
+    assert top.strip() == ("hf" if hf_kernels_installed() else "none"), top
+
+
 def test_kernels_import_as_d2nwg_kernels_not_top_level(tmp_path):
-    res = run_outside(
-        "import importlib.util, d2nwg.kernels, d2nwg.kernels.tokenize as k\n"
-        "print(importlib.util.find_spec('kernels'))\n"
-        "print(k.__name__)\n",
-        tmp_path,
-    )
+    """The installed d2nwg (``make test``: the editable install of this tree)."""
+    res = run_outside(WHICH_KERNELS, tmp_path)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["None", "d2nwg.kernels.tokenize"]
+    assert res.stdout.split()[0] == "d2nwg.kernels.tokenize"
+    assert res.stdout.split()[2] in ("hf", "none"), res.stdout
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def test_source_tree_kernels_are_no_top_level_package():
+    """kernels/ is no regular package (see d2nwg/_kernels_path.py): from the repository root
+    it can at most be a namespace portion, which any installed `kernels` outranks."""
+    assert not os.path.exists(os.path.join(ROOT, "kernels", "__init__.py"))
+    res = run_outside(WHICH_KERNELS, ROOT)  # cwd: the root is sys.path[0]
+    assert res.returncode == 0, res.stderr[-3000:]
+    name, ours, top = res.stdout.split(maxsplit=2)
+    assert (name, ours) == ("d2nwg.kernels.tokenize", os.path.realpath(f"{ROOT}/kernels"))
+    assert top.strip() == ("hf" if hf_kernels_installed() else "namespace"), top
+
+
+def test_transformers_imports_from_the_repository_root():
+    """transformers imports Hugging Face's `kernels`; the repository's kernels/ must not shadow
+    it (it did: ImportError: cannot import name 'CUDAProperties' from 'kernels')."""
+    pytest.importorskip("transformers")
+    code = (
+        "import transformers\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "import d2nwg.kernels.tokenize as k\n"
+        "LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,\n"
+        "    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))\n"
+        "print(k.__file__)\n"
+    )
+    # The root as the current directory (sys.path[0]); with the root on PYTHONPATH, as pytest
+    # runs, tests/test_hf.py imports transformers in the test process itself.
+    res = run_outside(code, ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == os.path.join(ROOT, "kernels", "tokenize.py")
 
 
 def build_dist(tmp_path, command: str, pattern: str):
-    """Build a distribution (``sdist`` / ``bdist_wheel``) of a copy of the tree without build
-    state (an old egg-info's SOURCES.txt would feed the file list); no compiler needed."""
-    skip = (".*", "*.egg-info", "build", "dist", "__pycache__", "*.so", "bench", "docs", "tests")
+    """Build a distribution (``sdist``, ``bdist_wheel``, ``editable_wheel``) of a copy of the
+    tree without build state (an old egg-info's SOURCES.txt would feed the file list); no
+    compiler needed."""
     tree = tmp_path / "tree"
-    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(*skip))
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(*SKIP))
     res = subprocess.run(
         [sys.executable, "setup.py", "-q", command, "--dist-dir", str(tmp_path)],
         cwd=tree,
@@ -57,7 +131,7 @@ def build_dist(tmp_path, command: str, pattern: str):
         text=True,
         timeout=300,
     )
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 0, res.stderr[-3000:]
     (archive,) = tmp_path.glob(pattern)
     return archive
 
@@ -74,8 +148,10 @@ def test_sdist_holds_every_extension_source(tmp_path):
 
 def test_wheel_holds_every_python_module(tmp_path):
     """Every module of the source tree lands in a built wheel (a subpackage missing from
-    setup.py's list would import from a checkout and fail after pip install)."""
-    with zipfile.ZipFile(build_dist(tmp_path, "bdist_wheel", "d2nwg-*.whl")) as z:
+    setup.py's list would import from a checkout and fail after pip install), and the
+    installed files import ``d2nwg.kernels`` with no top-level ``kernels`` of d2nwg's."""
+    wheel = build_dist(tmp_path, "bdist_wheel", "d2nwg-*.whl")
+    with zipfile.ZipFile(wheel) as z:
         shipped = {n for n in z.namelist() if n.endswith(".py")}
     expected = {
         os.path.relpath(os.path.join(d, f), ROOT).replace(os.sep, "/")
@@ -87,6 +163,33 @@ def test_wheel_holds_every_python_module(tmp_path):
     expected = {"d2nwg/" + p if p.startswith("kernels/") else p for p in expected}
     assert {"d2nwg/generator/facade.py", "d2nwg/kernels/tokenize.py"} <= expected
     assert expected - shipped == set()
+    assert not any(n.startswith("kernels/") for n in z.namelist())
+    # Installed: a pure-Python wheel is its files unpacked onto sys.path.
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    res = run_outside(WHICH_KERNELS, tmp_path, pythonpath=site)
+    check_kernels_run(res, os.fspath(site / "d2nwg" / "kernels"))
+
+
+def test_editable_install_imports_the_trees_kernels(tmp_path):
+    """An editable install (what ``make build`` does): setuptools' finder maps d2nwg.kernels
+    only to folders with an __init__.py, so d2nwg/_kernels_path.py registers the tree's
+    kernels/. The editable wheel is built and its .pth processed in a process of its own
+    (``-S``: this environment's own editable d2nwg stays out of it)."""
+    import sysconfig
+
+    wheel = build_dist(tmp_path, "editable_wheel", "d2nwg-*.whl")
+    tree = tmp_path / "tree"
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    prelude = (
+        f"import site, sys\nsite.addsitedir({os.fspath(site)!r})\n"
+        f"sys.path.append({sysconfig.get_paths()['purelib']!r})\n"
+    )
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    res = run_outside(prelude + WHICH_KERNELS, outside, args=["-S"])
+    check_kernels_run(res, os.fspath(tree / "kernels"))
 
 
 def test_info_lists_every_backend_with_a_reason(capsys):

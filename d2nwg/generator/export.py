@@ -41,9 +41,11 @@ def write_shards(
     shard_size: int,
     base: Base | None,
     ctx: DistContext,
+    extra_json: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Sample 0 of ``run`` into shards of ``directory``; this rank writes every
-    ``world``-th shard, rank 0 the index, last. Returns the index."""
+    ``world``-th shard, rank 0 the JSON files of ``extra_json`` (file name -> object, e.g. a
+    transformers ``config.json``) and then the index, last. Returns the index."""
     tok, win = synth.tokenizer, synth.windows
     shards = shard_layers(tok.layers, shard_size)
     names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
@@ -80,6 +82,8 @@ def write_shards(
     }
     ctx.barrier()
     if ctx.is_main:
+        for name, obj in (extra_json or {}).items():
+            save_json(os.path.join(directory, name), obj)
         save_json(os.path.join(directory, INDEX), index)
     ctx.barrier()
     return index

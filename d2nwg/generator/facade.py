@@ -11,7 +11,8 @@ module named after it.
 - :mod:`~d2nwg.generator.synthesis`: sampling windows, decoding, writing into models;
 - :mod:`~d2nwg.generator.export`: sharded safetensors directories;
 - :mod:`~d2nwg.generator.delta`: base models of delta generators;
-- :mod:`~d2nwg.generator.persistence`: the generator's directory.
+- :mod:`~d2nwg.generator.persistence`: the generator's directory;
+- :mod:`d2nwg.hf`: Hugging Face formats (PEFT adapter folders, transformers targets).
 
 Data flows one way: zoo -> WeightTokenizer -> ChunkVAE encoder -> latent diffusion
 -> ChunkVAE decoder -> detokenize.
@@ -65,12 +66,15 @@ class D2NWG:
         self.cond_rank = 0  # 3 for dataset conditions, 2 for text, 0 for none
         self.max_classes = 0  # condition slots the denoiser embeds (dataset conditions)
         self.history: dict[str, Any] = {}  # seconds per stage, steps_per_s, world_size
+        # the PEFT adapter config of a generator of adapters (from the zoo; save_peft)
+        self.adapter_config: dict | None = None
         self._bound: dict[tuple, WindowedDenoiser] = {}  # see Synthesizer.bound
 
     def _adopt(self, parts: Parts) -> D2NWG:
         self.config, self.tokenizer, self.windows = parts.config, parts.tokenizer, parts.windows
         self.vae, self.model, self.latent_scale = parts.vae, parts.model, parts.latent_scale
         self.cond_rank, self.max_classes = parts.cond_rank, parts.max_classes
+        self.adapter_config = parts.adapter_config
         self._bound.clear()
         return self
 
@@ -226,6 +230,7 @@ class D2NWG:
         shard_size: int = 2**31,
         base: StateDict | nn.Module | None = None,
         distributed: bool | None = None,
+        model_config: Any = None,
         **sampling: Any,
     ) -> dict[str, Any]:
         """Generate one set of weights (sample 0 of ``seed``) into safetensors shards of at
@@ -240,23 +245,59 @@ class D2NWG:
         Each file is written to a temporary name and renamed. One writing job at a time: a
         second one in the same directory gets :class:`~d2nwg.DirectoryLockedError`. Returns
         the index.
+
+        ``model_config``: a transformers ``PretrainedConfig`` (or a ``PreTrainedModel``, whose
+        config is taken): the layout is checked against its architecture first, and
+        ``config.json`` is written too, so ``AutoModelForCausalLM.from_pretrained(directory)``
+        loads the result (see :mod:`d2nwg.hf.transformers`).
         """
         synth = self._synthesizer()
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
             raise ConfigError(f"shard_size must be a number of bytes >= 1, got {shard_size!r}")
+        extra = None
+        if model_config is not None:
+            from d2nwg.hf import transformers as hf_transformers
+
+            extra = {"config.json": hf_transformers.target_config(self.tokenizer.layers,
+                                                                 model_config)}  # fmt: skip
         base = self._base(base)
         run = synth.start(condition, sampling, max_tasks=1)
         # None: whatever torchrun says (from_env is one process without WORLD_SIZE > 1)
         ctx = DistContext() if distributed is False else DistContext.from_env(run.device)
         directory = os.fspath(directory)
         with writer_lock(ctx, directory):
-            return export.write_shards(synth, run, directory, shard_size, base, ctx)
+            return export.write_shards(synth, run, directory, shard_size, base, ctx, extra)
+
+    def save_peft(
+        self,
+        directory: str | os.PathLike,
+        condition=None,
+        num_samples: int = 1,
+        *,
+        adapter_config: Mapping | None = None,
+        base: StateDict | nn.Module | None = None,
+        **sampling: Any,
+    ) -> list[str]:
+        """Generate ``num_samples`` adapters per task (as :meth:`generate`) and write each as
+        a PEFT adapter folder ``directory/sample_00000``, ... (``adapter_model.safetensors``
+        under PEFT's key names, then ``adapter_config.json``) that
+        ``PeftModel.from_pretrained(base_model, folder)`` loads. ``adapter_config``: the
+        config to write, by default the one the generator kept from its zoo
+        (:meth:`d2nwg.ModelZoo.from_peft`). One writer at a time, as for :meth:`save`.
+        Returns the folders (see :mod:`d2nwg.hf.peft`)."""
+        from d2nwg.hf import peft
+
+        config = peft.config_to_write(self.adapter_config, adapter_config)
+        sds = self.generate(condition, num_samples, base=base, **sampling)
+        with directory_lock(directory):
+            return peft.write_adapters(os.fspath(directory), sds, config)
 
     # ---- files ----------------------------------------------------------------------------
     def _parts(self) -> Parts:
         self._synthesizer()  # the same "not trained" error
         return Parts(self.config, self.tokenizer, self.windows, self.vae, self.model,
-                     self.latent_scale, self.cond_rank, self.max_classes)  # fmt: skip
+                     self.latent_scale, self.cond_rank, self.max_classes,
+                     self.adapter_config)  # fmt: skip
 
     def save(self, directory: str | os.PathLike) -> None:
         """``config.json`` plus safetensors files; each written atomically, config.json last.

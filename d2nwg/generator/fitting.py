@@ -74,7 +74,9 @@ def fit(
                       LossLog(out, ctx.is_main), progress, c.loop(), {"vae": vae})  # fmt: skip
     with writer_lock(ctx, out) if out is not None else contextlib.nullcontext():
         latent_scale, history = train(run, c, tok, windows, vae, model, tokens, raw, resume)
-    return Parts(c, tok, windows, vae, model, latent_scale, rank, max_classes), history
+    parts = Parts(c, tok, windows, vae, model, latent_scale, rank, max_classes,
+                  zoo.adapter_config)  # fmt: skip
+    return parts, history
 
 
 def train(

@@ -43,6 +43,7 @@ class Parts:
     latent_scale: float = 1.0
     cond_rank: int = 0  # 3 for dataset conditions, 2 for text, 0 for none
     max_classes: int = 0  # condition slots the denoiser embeds (dataset conditions)
+    adapter_config: dict | None = None  # the PEFT adapter config of a zoo of adapters
 
     def to(self, device: torch.device | str) -> Parts:
         """The networks on ``device``, in eval mode."""

@@ -1,6 +1,11 @@
 """The generator's directory: ``config.json`` (format, version, the resolved config, the latent
-scale, the condition's rank and class slots) and one safetensors file per component, saved and
-loaded by one loop over :data:`COMPONENTS` (diffusers' ``model_index.json`` idea)."""
+scale, the condition's rank and class slots, and the PEFT adapter config of a generator of
+adapters) and one safetensors file per component, saved and loaded by one loop over
+:data:`COMPONENTS` (diffusers' ``model_index.json`` idea).
+
+``adapter_config`` is optional (absent from generators of plain models and from those written
+before it existed), so the format stays version 1: every earlier directory loads, and an
+earlier d2nwg loads a generator of adapters (without the adapter config)."""
 
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ def save(parts: Parts, directory: str) -> None:
             "latent_scale": parts.latent_scale,
             "cond_rank": parts.cond_rank,
             "max_classes": parts.max_classes,
+            **({"adapter_config": parts.adapter_config} if parts.adapter_config else {}),
         },
     )
 
@@ -67,6 +73,9 @@ def load(directory: str, device: str | torch.device = "cpu") -> Parts:
         latent_scale = float(meta["latent_scale"])
         cond_rank = int(meta["cond_rank"])
         max_classes = int(meta["max_classes"])
+        adapter_config = meta.get("adapter_config")
+        if adapter_config is not None and not isinstance(adapter_config, dict):
+            raise TypeError(f"adapter_config is a {type(adapter_config).__name__}, not an object")
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise FileFormatError(f"{path}: {exc}") from exc
     if not (math.isfinite(latent_scale) and latent_scale > 0):
@@ -74,7 +83,7 @@ def load(directory: str, device: str | torch.device = "cpu") -> Parts:
     tok = WeightTokenizer.load(os.path.join(directory, TOKENIZER))
     vae, model = build_networks(config, len(tok.kind_names), max_classes)
     parts = Parts(config, tok, WindowLayout.from_tokenizer(tok, config.window), vae, model,
-                  latent_scale, cond_rank, max_classes)  # fmt: skip
+                  latent_scale, cond_rank, max_classes, adapter_config)  # fmt: skip
     for name, module_of in COMPONENTS.items():
         module = module_of(parts)
         if module is not None:
