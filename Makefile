@@ -8,11 +8,12 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test lint build bench gpu-suite wheel clean
 
-$(VENV)/.deps: pyproject.toml
+$(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" triton numpy safetensors einops tqdm ninja \
-		setuptools wheel pytest pytest-benchmark scikit-learn matplotlib hypothesis ruff
+		setuptools wheel pytest pytest-benchmark scikit-learn matplotlib hypothesis ruff \
+		diffusers
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*)
