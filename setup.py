@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0"
@@ -139,7 +139,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # kernels/ ships as d2nwg.kernels, never as a top-level `kernels` package.
-    packages=["d2nwg", "d2nwg.ops", "d2nwg.nn", "d2nwg.sampling", "d2nwg.demo", "d2nwg.kernels"],
+    # every package under d2nwg/ (a new one cannot be forgotten), and kernels/ as d2nwg.kernels
+    packages=[f"d2nwg.{p}" for p in find_packages("d2nwg")] + ["d2nwg", "d2nwg.kernels"],
     package_dir={"d2nwg": "d2nwg", "d2nwg.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -86,7 +86,7 @@ def timing_worker(tiny: bool, repeat: int) -> dict:
     out = {f"{m}_ms": statistics.median(t[1:]) for m, t in times.items()}
     with denoiser_timer(gen) as spent:
         streaming(gen, model)
-    run = gen._start(condition(), {})
+    run = gen.start_sampling(condition())
     rows = 2 * run.batch * gen.windows.size  # the denoiser's GEMM rows under guidance
     out |= dict(
         denoiser_flops=denoiser_flops(gen),

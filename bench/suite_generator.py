@@ -54,7 +54,7 @@ def plain_generate(
     device = next(den.parameters()).device
     den.attention_backend = "torch"
     try:
-        cond = gen.model.encode(gen._raw(condition)[0].to(device)).repeat_interleave(num_samples)
+        cond = gen.encode_condition(condition, device).repeat_interleave(num_samples)
         null = den.null_condition(num_samples, device)
         K = max(cond.tokens.shape[1], null.tokens.shape[1])
         both = torch.cat([cond.pack(K), null.pack(K)])

@@ -62,7 +62,11 @@ def _generator_info() -> str:
 
     import torch.distributed as dist
 
+    from d2nwg.files import LOCK_NAME
     from d2nwg.generator import BATCH_ELEMENTS, CONDITIONS, WINDOW_DRAWS
+    from d2nwg.training.distributed import TIMEOUT_ENV, collective_timeout
+
+    timeout = collective_timeout().total_seconds()
 
     def version(pkg: str) -> str:
         try:
@@ -88,7 +92,11 @@ def _generator_info() -> str:
             f"delta=True; default batch ~{BATCH_ELEMENTS['cpu']:.3g} decoded values on cpu, "
             f"{BATCH_ELEMENTS['cuda']:.3g} on cuda",
             "distributed training and sharded generation (torchrun): "
-            + (", ".join(backends) or "torch.distributed unavailable"),
+            + (", ".join(backends) or "torch.distributed unavailable")
+            + f"; elastic restarts with --resume auto; collective timeout {timeout:g} s "
+            f"({TIMEOUT_ENV})",
+            f"reliability: one writer per directory ({LOCK_NAME}); NaN/Inf losses stop fit, "
+            "NaN/Inf files are refused",
             f"demo: scikit-learn {version('scikit-learn')}, matplotlib {version('matplotlib')}",
         ]
     )
@@ -102,7 +110,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from d2nwg.demo.common import DemoOptions
 
     progress = not args.no_progress
-    run(DemoOptions(args.out, args.device, args.seed, args.quick, progress))
+    run(DemoOptions(args.out, args.device, args.seed, args.quick, progress, args.sampler,
+                    args.steps))  # fmt: skip
     return 0
 
 
@@ -190,9 +199,16 @@ def _int_at_least(minimum: int):
     return parse
 
 
+def _resume(text: str) -> str:
+    """An argparse type: ``--resume auto`` (``--resume`` alone is True)."""
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"--resume takes 'auto' or nothing, got {text!r}")
+    return text
+
+
 def _device(text: str) -> str:
     """An argparse type: a device the generator can use (checked by resolve_device)."""
-    from d2nwg.generator import resolve_device
+    from d2nwg.devices import resolve_device
 
     try:
         resolve_device(text)
@@ -255,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=at_least_0, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sampler = "the sampler of the candidates (default: the generator's)"
+    p.add_argument("--sampler", choices=d2nwg.SAMPLERS, help=sampler)
+    p.add_argument("--steps", type=at_least_1, help="its steps (default: the generator's)")
 
     p = _command(
         sub,
@@ -267,8 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zoo", required=True, help="a directory written by ModelZoo.save")
     p.add_argument("--config", help="a JSON file of D2NWGConfig fields (default: all defaults)")
     p.add_argument("--out", required=True)
-    resume = "continue from the newest checkpoint in --out"
-    p.add_argument("--resume", action="store_true", help=resume)
+    resume = (
+        "continue from the newest checkpoint in --out; '--resume auto': the same, or start "
+        "fresh when there is none (one command line for the first start and every restart "
+        "under torchrun --max-restarts)"
+    )
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="auto",
+                   type=_resume, help=resume)  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
 
     p = _command(

@@ -48,6 +48,15 @@ class FileWriteError(D2NWGError, OSError):
     hold); the message names the path, and no partial file is left behind."""
 
 
+class DirectoryLockedError(FileWriteError):
+    """Another writer holds the directory (see :func:`d2nwg.files.directory_lock`); the message
+    names the directory and the holder's pid and host."""
+
+
+class StaleLockWarning(UserWarning):
+    """A directory lock left by a writer that no longer runs was taken over."""
+
+
 class BackendUnavailableError(D2NWGError, RuntimeError):
     """No backend (or not the forced one) can run an op on the given inputs."""
 

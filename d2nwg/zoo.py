@@ -34,8 +34,9 @@ from d2nwg.errors import (
     NonFiniteError,
     ShapeError,
 )
+from d2nwg.files import all_finite as _all_finite
 from d2nwg.files import read_json, read_safetensors, save_json, save_safetensors
-from d2nwg.tokenizer import storage_key
+from d2nwg.tensors import StateDict, storage_key
 
 FORMAT = "d2nwg.ModelZoo"
 FORMAT_VERSION = 1
@@ -60,7 +61,6 @@ _DTYPES = {
     )
 }
 
-StateDict = dict[str, torch.Tensor]
 Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
@@ -93,14 +93,6 @@ class _OnDisk:
     condition: str | None
     meta: dict
     aliases: dict[str, str]  # tied name -> the stored name it shares storage with
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    if not (t.is_floating_point() or t.is_complex()):
-        return True
-    if t.element_size() == 1:  # isfinite is not implemented for float8
-        t = t.to(torch.float16)
-    return bool(torch.isfinite(t).all())
 
 
 def _check_state_dict(sd: Mapping[str, torch.Tensor], layout: Layout | None) -> None:

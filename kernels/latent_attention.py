@@ -29,10 +29,14 @@ import triton
 import triton.language as tl
 
 from d2nwg.backends import launch_device
+from d2nwg.ops.latent_attention_layout import (  # DTYPES, HEAD_DIMS: what the kernels take
+    DTYPES,  # noqa: F401
+    check_bwd_launch,
+    check_launch,
+)
+from d2nwg.ops.latent_attention_layout import TRITON_HEAD_DIMS as HEAD_DIMS  # noqa: F401
 
 LOG2E = 1.4426950408889634
-HEAD_DIMS = (16, 32, 64, 128)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _interpreted() -> bool:
@@ -314,8 +318,6 @@ def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, sm_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output ``[B, H, Lq, D]`` (laid out as [B, Lq, H, D] in memory) and base-2 LSE [B, H, Lq]."""
-    from d2nwg.ops.latent_attention_op import check_launch
-
     check_launch(q, k, v, mask, sm_scale)
     B, H, LQ, D = q.shape
     LK = k.shape[2]
@@ -369,8 +371,6 @@ def attention_bwd(
     sm_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``dq, dk, dv`` from the output gradient and the saved LSE."""
-    from d2nwg.ops.latent_attention_op import check_bwd_launch
-
     check_bwd_launch(do, q, k, v, o, lse, mask, sm_scale)
     B, H, LQ, D = q.shape
     LK = k.shape[2]

@@ -1,4 +1,5 @@
-"""Triton kernel of the fused sampler step (reference and checks: d2nwg/ops/sampler_step_op.py).
+"""Triton kernel of the fused sampler step (reference: d2nwg/ops/sampler_step_op.py; table
+columns and checks: d2nwg/ops/sampler_step_layout.py).
 
 One program handles a tile of BLOCK_B samples x BLOCK_N elements (one row segment of 1024 for
 large samples, several short rows otherwise): it reads the step index from device memory,
@@ -15,6 +16,8 @@ import triton
 import triton.language as tl
 
 from d2nwg.backends import launch_device
+from d2nwg.ops.sampler_step_layout import COLUMNS
+from d2nwg.ops.sampler_step_layout import check_step as _check
 
 BLOCK = 1024  # elements per program on a GPU (BLOCK_B rows x BLOCK_N columns)
 NUM_WARPS = 4
@@ -131,8 +134,6 @@ def sampler_step_triton(
     """Launch on contiguous inputs (see d2nwg.ops.sampler_step_op.sampler_step_). Reachable
     directly and as torch.ops.d2nwg.sampler_step_triton_, so it checks every shape, dtype,
     device and stride it relies on (the step index is clamped in the kernel)."""
-    from d2nwg.ops.sampler_step_op import COLUMNS, _check
-
     _check(x, model_out, table, step, noise, prev_x0, guided, prev2_x0, launch=True)
     B, N = x.shape
     if B == 0 or N == 0:

@@ -1,4 +1,5 @@
-"""Triton kernels of fused chunk tokenization (reference, checks: d2nwg/ops/tokenize_op.py).
+"""Triton kernels of fused chunk tokenization (reference, checks: d2nwg/ops/tokenize_op.py;
+the plan: d2nwg/ops/tokenize_layout.py).
 
 Multi-tensor: the N*S parameter tensors are reached through a table of their base addresses
 (an int64 tensor of ``data_ptr()`` values) that each program loads and casts with
@@ -32,6 +33,8 @@ import triton
 import triton.language as tl
 
 from d2nwg.backends import launch_device
+from d2nwg.errors import ConfigError, DeviceError, DTypeError, ShapeError
+from d2nwg.ops.tokenize_layout import ChunkPlan
 
 BLOCK_GPU = 4096  # elements per program on a GPU (8 warps: 16 elements per thread)
 BLOCK_CPU = 256  # under the interpreter: small enough that tests cross block edges
@@ -224,9 +227,6 @@ def _check_launch(rows: torch.Tensor, tensors: Sequence[torch.Tensor], plan, wha
     contiguous floating, ``N * S`` contiguous floating tensors on the rows' device, each with
     exactly the plan's element count for its segment (a smaller tensor would be read or
     written past its end)."""
-    from d2nwg.errors import ConfigError, DeviceError, DTypeError, ShapeError
-    from d2nwg.ops.tokenize_op import ChunkPlan
-
     if not isinstance(plan, ChunkPlan):  # a ChunkPlan checked its own tiling when it was made
         raise ConfigError(f"{what}: plan must be a ChunkPlan, got {type(plan).__name__}")
     if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.layout != torch.strided:

@@ -124,3 +124,17 @@ def test_cli_demo_lora_flag_runs_the_lora_demo(monkeypatch, tmp_path):
     monkeypatch.setattr(d2nwg.demo.lora, "run", calls.append)
     assert main(["demo", "--lora", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     assert calls == [DemoOptions(str(tmp_path), device="auto", seed=0, quick=True, progress=False)]
+    calls.clear()
+    argv = [
+        "demo",
+        "--lora",
+        "--quick",
+        "--out",
+        str(tmp_path),
+        "--sampler",
+        "ddim",
+        "--steps",
+        "7",
+    ]
+    assert main(argv) == 0
+    assert calls[0].sampling() == {"sampler": "ddim", "steps": 7}

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 
 import pytest
 import torch
@@ -39,30 +40,53 @@ def test_kernels_import_as_d2nwg_kernels_not_top_level(tmp_path):
     assert res.stdout.split() == ["None", "d2nwg.kernels.tokenize"]
 
 
-def test_sdist_holds_every_extension_source(tmp_path):
-    """A user building from the sdist needs the headers and CUDA sources too (setuptools adds
-    neither on its own: MANIFEST.in does)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # A copy without build state: an old egg-info's SOURCES.txt would feed the file list.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build_dist(tmp_path, command: str, pattern: str):
+    """Build a distribution (``sdist`` / ``bdist_wheel``) of a copy of the tree without build
+    state (an old egg-info's SOURCES.txt would feed the file list); no compiler needed."""
     skip = (".*", "*.egg-info", "build", "dist", "__pycache__", "*.so", "bench", "docs", "tests")
     tree = tmp_path / "tree"
-    shutil.copytree(root, tree, ignore=shutil.ignore_patterns(*skip))
-    env = {**os.environ, "D2NWG_NO_EXT": "1"}  # listing files needs no compiler
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(*skip))
     res = subprocess.run(
-        [sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path)],
+        [sys.executable, "setup.py", "-q", command, "--dist-dir", str(tmp_path)],
         cwd=tree,
-        env=env,
+        env={**os.environ, "D2NWG_NO_EXT": "1"},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert res.returncode == 0, res.stderr
-    (archive,) = tmp_path.glob("d2nwg-*.tar.gz")
-    with tarfile.open(archive) as tar:
+    (archive,) = tmp_path.glob(pattern)
+    return archive
+
+
+def test_sdist_holds_every_extension_source(tmp_path):
+    """A user building from the sdist needs the headers and CUDA sources too (setuptools adds
+    neither on its own: MANIFEST.in does)."""
+    with tarfile.open(build_dist(tmp_path, "sdist", "d2nwg-*.tar.gz")) as tar:
         shipped = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    sources = {f"csrc/{f}" for f in os.listdir(os.path.join(root, "csrc"))}
+    sources = {f"csrc/{f}" for f in os.listdir(os.path.join(ROOT, "csrc"))}
     assert {"csrc/ops.h", "csrc/tokenize_cuda.cu"} <= sources
     assert sources - shipped == set()
+
+
+def test_wheel_holds_every_python_module(tmp_path):
+    """Every module of the source tree lands in a built wheel (a subpackage missing from
+    setup.py's list would import from a checkout and fail after pip install)."""
+    with zipfile.ZipFile(build_dist(tmp_path, "bdist_wheel", "d2nwg-*.whl")) as z:
+        shipped = {n for n in z.namelist() if n.endswith(".py")}
+    expected = {
+        os.path.relpath(os.path.join(d, f), ROOT).replace(os.sep, "/")
+        for top in ("d2nwg", "kernels")
+        for d, _, files in os.walk(os.path.join(ROOT, top))
+        for f in files
+        if f.endswith(".py")
+    }
+    expected = {"d2nwg/" + p if p.startswith("kernels/") else p for p in expected}
+    assert {"d2nwg/generator/facade.py", "d2nwg/kernels/tokenize.py"} <= expected
+    assert expected - shipped == set()
 
 
 def test_info_lists_every_backend_with_a_reason(capsys):

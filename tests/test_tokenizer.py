@@ -433,3 +433,76 @@ def test_collections_of_state_dicts_and_patterns_are_checked():
     with pytest.raises(d2nwg.DTypeError, match="fit"):
         tok.fit(3)
     assert torch.equal(tok.fit(sd).mean, WeightTokenizer.from_state_dict(sd).fit([sd]).mean)
+
+
+# ---- the package split: names, the file format, plans built once ----
+def test_names_importable_from_the_tokenizer_package():
+    import d2nwg.tensors
+    import d2nwg.zoo
+
+    for name in ["WeightTokenizer", "LayerSpec", "normalization", "storage_key", "StateDict"]:
+        assert name in d2nwg.tokenizer.__all__ and hasattr(d2nwg.tokenizer, name), name
+    assert d2nwg.tokenizer.storage_key is d2nwg.tensors.storage_key
+    assert d2nwg.zoo.StateDict is d2nwg.tokenizer.StateDict is d2nwg.tensors.StateDict
+    assert d2nwg.tokenizer.FORMAT == "d2nwg.WeightTokenizer" and d2nwg.tokenizer.FORMAT_VERSION == 1
+    assert d2nwg.tokenizer.DEFAULT_EXCLUDE[0] == "*running_mean"
+    assert d2nwg.tokenizer.CENTER_THRESHOLD == 0.5
+    limits = ("MAX_CHUNK_SIZE", "MAX_NUM_TOKENS", "MAX_NUM_PARAMS", "MAX_LAYERS", "MAX_RANK")
+    expected = (2**20, 2**24, 2**36, 2**20, 64)
+    assert tuple(getattr(d2nwg.tokenizer, name) for name in limits) == expected
+
+
+def test_file_layout_text_is_pinned(tmp_path):
+    """The metadata a file holds, byte for byte: files written before and after agree."""
+    from safetensors import safe_open
+
+    w = torch.zeros(2, 3)
+    sd = {"emb": w, "n.bias": torch.zeros(1), "head": w, "bn.running_mean": torch.zeros(2)}
+    WeightTokenizer.from_state_dict(sd, chunk_size=4).save(tmp_path / "tok.safetensors")
+    with safe_open(str(tmp_path / "tok.safetensors"), framework="pt") as f:
+        text = f.metadata()["d2nwg"]
+        assert sorted(f.keys()) == ["mean", "std"]
+        assert f.get_tensor("std").dtype == torch.float64
+    assert text == (
+        '{"format": "d2nwg.WeightTokenizer", "version": 1, "chunk_size": 4, '
+        '"granularity": "layer", "normalize": "layer", "allow_nonfinite": false, '
+        '"ignored": ["bn.running_mean"], "layers": [{"name": "emb", "shape": [2, 3], '
+        '"dtype": "float32", "aliases": ["head"], "kind": "2d.emb"}, {"name": "n.bias", '
+        '"shape": [1], "dtype": "float32", "aliases": [], "kind": "1d.bias"}]}'
+    )
+
+
+def test_chunk_plan_built_once_per_fitted_state(gen, monkeypatch):
+    from d2nwg.tokenizer import weight_tokenizer
+
+    template = make_model(0).state_dict()
+    zoo = [random_sd(template, gen, mean=2.0) for _ in range(2)]
+    tok = WeightTokenizer.from_state_dict(template, chunk_size=8)
+    S = len(tok.layers)
+    identity = tok.plan
+    assert tok.plan is identity and identity.shift == (0.0,) * S
+    tok.fit(zoo)  # new statistics: a new plan
+    fitted = tok.plan
+    assert fitted is not identity and fitted.shift != identity.shift and tok.plan is fitted
+    tok.std = tok.std * 4  # assigned statistics: a new plan too
+    assert tok.plan.scale == tuple(4 * s for s in fitted.scale)
+    mean = tok.mean
+    tok.mean = torch.full_like(mean, 64.0)  # the mean alone
+    assert tok.plan.shift == (64.0,) * S
+    tok.mean = mean
+
+    calls = []
+    real = weight_tokenizer.normalization
+    monkeypatch.setattr(
+        weight_tokenizer, "normalization", lambda m, s: (calls.append(1), real(m, s))[1]
+    )
+    tok.std = tok.std / 4
+    tokens = tok.tokenize(zoo)
+    target = {k: torch.zeros_like(v) for k, v in template.items()}
+    dests = tok.destinations(target)
+    for a in range(tok.num_tokens):  # streaming: one token at a time
+        tok.write_range(dests, tokens[0, a : a + 1], a)
+    back = tok.detokenize(tokens)[0]
+    assert len(calls) == 1, "normalization is computed once per fitted state"
+    assert tok.plan == fitted
+    assert all(torch.equal(target[k], back[k]) for k in tok.layer_names)

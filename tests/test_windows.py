@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 import d2nwg
 from d2nwg.errors import ConfigError, KeyMismatchError, ShapeError
-from d2nwg.generator import D2NWG, WINDOW_DRAWS, ConditionalDenoiser, D2NWGConfig, _shard_layers
+from d2nwg.generator import D2NWG, WINDOW_DRAWS, ConditionalDenoiser, D2NWGConfig
+from d2nwg.generator.export import shard_layers
 from d2nwg.windows import WindowLayout, cut_windows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,9 +236,9 @@ def test_shards_reassemble_into_the_same_weights(fitted, tmp_path):
 
 def test_shard_layers_by_size():
     tok = d2nwg.WeightTokenizer.from_state_dict(target_weights(), chunk_size=16)
-    assert _shard_layers(tok.layers, 2400) == [[0], [1, 2], [3, 4]]
-    assert _shard_layers(tok.layers, 1) == [[0], [1], [2], [3], [4]]
-    assert _shard_layers(tok.layers, 10**9) == [[0, 1, 2, 3, 4]]
+    assert shard_layers(tok.layers, 2400) == [[0], [1, 2], [3, 4]]
+    assert shard_layers(tok.layers, 1) == [[0], [1], [2], [3], [4]]
+    assert shard_layers(tok.layers, 10**9) == [[0, 1, 2, 3, 4]]
 
 
 def test_generation_option_errors(fitted, tmp_path):

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
-from d2nwg.demo.common import DemoOptions, Stopwatch, fit_generator, write_report
+from d2nwg.demo.common import (
+    DemoOptions,
+    Stopwatch,
+    fit_generator,
+    sampling_used,
+    write_report,
+)
 from d2nwg.demo.digits import (
     Digits,
     accuracy,
@@ -99,15 +105,13 @@ def evaluate_split(
     s: DemoSettings,
     zoo_heads: tuple[torch.Tensor, torch.Tensor] | None,
     seed: int,
+    sampling: dict | None = None,
 ) -> dict:
     """Accuracy of every method on each task of one split, and the best generated heads."""
     g = torch.Generator().manual_seed(seed + 1)
-    conds = torch.stack([support_set(data, t, s.shots, g) for t in tasks])
+    generated = generate_candidates(gen, data, tasks, s, seed, g, sampling or {})
+    w, b, val, test = (generated[k] for k in ("w", "b", "val", "test"))
     K = s.candidates
-    w, b = _heads(gen.generate(conds, num_samples=K, seed=seed))
-    rep = [t for t in tasks for _ in range(K)]
-    val = accuracy(w, b, data, rep, "val").view(len(tasks), K)
-    test = accuracy(w, b, data, rep, "test").view(len(tasks), K)
     pick = val.argmax(1)
     if zoo_heads is None:  # a head trained on the task the way zoo heads are
         zw, zb = random_heads(len(tasks), data.feature_dim, g)
@@ -124,6 +128,26 @@ def evaluate_split(
             b.view(len(tasks), K, -1)[rows, pick],
         ),
     }
+
+
+def generate_candidates(
+    gen: D2NWG,
+    data: Digits,
+    tasks: list[tuple[int, ...]],
+    s: DemoSettings,
+    seed: int,
+    g: torch.Generator,
+    sampling: dict,
+) -> dict[str, torch.Tensor]:
+    """``s.candidates`` generated heads per task (support sets drawn from ``g``) and their
+    validation and test accuracy ``[tasks, K]``."""
+    conds = torch.stack([support_set(data, t, s.shots, g) for t in tasks])
+    K = s.candidates
+    w, b = _heads(gen.generate(conds, num_samples=K, seed=seed, **sampling))
+    rep = [t for t in tasks for _ in range(K)]
+    val = accuracy(w, b, data, rep, "val").view(len(tasks), K)
+    test = accuracy(w, b, data, rep, "test").view(len(tasks), K)
+    return {"w": w, "b": b, "val": val, "test": test}
 
 
 def finetune_comparison(
@@ -183,7 +207,7 @@ def run(options: DemoOptions | None = None, settings: DemoSettings | None = None
             heads = None
             if name == "seen":
                 heads = (seen_heads[0][: len(task_list)], seen_heads[1][: len(task_list)])
-            per_split[name] = evaluate_split(gen, data, task_list, s, heads, o.seed)
+            per_split[name] = evaluate_split(gen, data, task_list, s, heads, o.seed, o.sampling())
     with watch.stage("finetune"):
         unseen = per_split["unseen"]
         ft = finetune_comparison(
@@ -193,6 +217,8 @@ def run(options: DemoOptions | None = None, settings: DemoSettings | None = None
     results = {
         "world_size": ctx.world_size,
         "quick": o.quick,
+        "sampling": sampling_used(gen, o),
+        "methods": list(METHODS),  # the columns of the table and the bars of the plots
         "tasks": {k: [list(t) for t in v] for k, v in splits.items()},
         "accuracy": {k: {m: float(v[m].mean()) for m in METHODS} for k, v in per_split.items()},
         "per_task_accuracy": {k: {m: v[m].tolist() for m in METHODS} for k, v in per_split.items()},

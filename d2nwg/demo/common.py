@@ -27,6 +27,24 @@ class DemoOptions:
     seed: int = 0
     quick: bool = False  # the smaller preset, when no settings are given
     progress: bool = True  # progress bars while fitting
+    sampler: str | None = None  # how candidates are sampled (None: the generator's default)
+    steps: int | None = None
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampling options the demo passes to ``generate`` (only those set)."""
+        return {
+            k: v for k, v in (("sampler", self.sampler), ("steps", self.steps)) if v is not None
+        }
+
+
+def sampling_used(gen: D2NWG, options: DemoOptions) -> dict[str, Any]:
+    """What the candidates were sampled with (results.json's ``sampling``)."""
+    c = gen.config
+    return {
+        "sampler": options.sampler or c.sampler,
+        "steps": options.steps or c.sample_steps,
+        "guidance_scale": c.guidance_scale,
+    }
 
 
 class Stopwatch:

@@ -29,7 +29,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from d2nwg.demo.common import DemoOptions, Stopwatch, fit_generator, write_report
+from d2nwg.demo.common import (
+    DemoOptions,
+    Stopwatch,
+    fit_generator,
+    sampling_used,
+    write_report,
+)
 from d2nwg.demo.lm import (
     Adapter,
     LMConfig,
@@ -246,6 +252,7 @@ def evaluate_split(
     trained: Adapter,
     s: LoraSettings,
     seed: int,
+    sampling: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-task test losses ``[P]`` of every method, the true chain's (a floor), and the
     validation loss of every candidate ``[P, K]``."""
@@ -254,7 +261,8 @@ def evaluate_split(
     test = lang.sample(params, s.test_seqs, g)
     K, P = s.candidates, params.shape[0]
     cond = conditions(model, lang, params, s, seed=seed + 404)
-    cands = stack_adapters(gen.generate(list(cond), num_samples=K, seed=seed))  # [P*K, ...]
+    sds = gen.generate(list(cond), num_samples=K, seed=seed, **(sampling or {}))
+    cands = stack_adapters(sds)  # [P*K, ...]
     val_loss = lm_loss(model, val.repeat_interleave(K, 0), cands).view(P, K)
     pick = torch.arange(P) * K + val_loss.argmin(1)
     best = {k: v[pick] for k, v in cands.items()}
@@ -319,11 +327,12 @@ def _run(o: DemoOptions, s: LoraSettings) -> dict | None:
     }
     with watch.stage("evaluate"):
         per_split = {
-            name: evaluate_split(gen, model, lang, params, trained, s, o.seed)
+            name: evaluate_split(gen, model, lang, params, trained, s, o.seed, o.sampling())
             for name, (params, trained) in splits.items()
         }
     results = _results(s, o.quick, splits, per_split, zoo, gen, pre_losses, watch.total())
     results["tasks"]["seen_grid"] = tasks.seen.tolist()
+    results["sampling"] = sampling_used(gen, o)
     from d2nwg.demo.report import lora_plots, lora_table
 
     write_report(results, o.out, lora_table, lora_plots)
@@ -335,6 +344,7 @@ def _results(s, quick, splits, per_split, zoo, gen, pre_losses, seconds) -> dict
     loss = {k: {m: float(v[m].mean()) for m in keys} for k, v in per_split.items()}
     return {
         "quick": quick,
+        "methods": list(METHODS),  # the table's columns and the plot's bars (and the true chain)
         "loss": loss,
         "gap_closed": {
             k: gap_closed(v["base"], v["generated"], v["trained"]) for k, v in loss.items()

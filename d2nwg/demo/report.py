@@ -1,25 +1,27 @@
-"""The demo's printed table and PNG plots (matplotlib is optional: without it, no plots)."""
+"""The demo's printed table and PNG plots (matplotlib is optional: without it, no plots).
+
+The methods compared are those the demo lists in ``results["methods"]`` (``d2nwg.demo.METHODS``,
+``d2nwg.demo.lora.METHODS``): the demos import this module, never the other way round.
+"""
 
 from __future__ import annotations
 
 import os
 
-from d2nwg.demo import METHODS
-from d2nwg.demo.lora import METHODS as METHODS_LORA
-
 
 def table(results: dict) -> str:
     acc = results["accuracy"]
+    methods = results["methods"]
     lines = [
         f"{'split':8s} "
-        + " ".join(f"{m:>15s}" for m in METHODS)
+        + " ".join(f"{m:>15s}" for m in methods)
         + f" {'best/zoo':>9s} {'mean/zoo':>9s}"
     ]
     for split, row in acc.items():
         ratio = results["ratios_to_zoo"][split]
         lines.append(
             f"{split:8s} "
-            + " ".join(f"{row[m]:15.4f}" for m in METHODS)
+            + " ".join(f"{row[m]:15.4f}" for m in methods)
             + f" {ratio['generated_best']:9.3f} {ratio['generated_mean']:9.3f}"
         )
     ft = results["finetune"]["steps_to_target"]
@@ -43,10 +45,11 @@ def plots(results: dict, log: list[dict], out: str) -> list[str]:
         return []
     written = []
     acc = results["accuracy"]
+    methods = results["methods"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.2
-    for j, m in enumerate(METHODS):
-        xs = [i + (j - 1.5) * width for i in range(len(acc))]
+    for j, m in enumerate(methods):
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(acc))]
         ax.bar(xs, [acc[s][m] for s in acc], width, label=m)
     ax.set_xticks(range(len(acc)), list(acc))
     ax.set_ylabel("test accuracy")
@@ -112,7 +115,7 @@ def _save(fig, out: str, name: str) -> str:
 # ----------------------------------------------------------------------------------------
 def lora_table(results: dict) -> str:
     """Mean per-token test loss per split and method, and the gap closed."""
-    cols = (*METHODS_LORA, "true_chain")
+    cols = (*results["methods"], "true_chain")
     lines = [f"{'split':8s} " + " ".join(f"{m:>10s}" for m in cols) + f" {'gap closed':>11s}"]
     for split, row in results["loss"].items():
         lines.append(
@@ -137,8 +140,9 @@ def lora_plots(results: dict, log: list[dict], out: str) -> list[str]:
     loss = results["loss"]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     width = 0.25
-    for j, m in enumerate(METHODS_LORA):
-        xs = [i + (j - 1) * width for i in range(len(loss))]
+    methods = results["methods"]
+    for j, m in enumerate(methods):
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(loss))]
         ax.bar(xs, [loss[s][m] for s in loss], width, label=m)
     floor = [loss[s]["true_chain"] for s in loss]
     ax.scatter(range(len(loss)), floor, color="k", marker="_", s=400, label="true chain")

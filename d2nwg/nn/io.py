@@ -30,8 +30,9 @@ from d2nwg.errors import (
     DTypeError,
     FileFormatError,
     KeyMismatchError,
+    NonFiniteError,
 )
-from d2nwg.files import loads_json, read_safetensors, save_safetensors
+from d2nwg.files import all_finite, loads_json, read_safetensors, save_safetensors
 
 C = TypeVar("C", bound="JSONConfig")
 FORMAT = "d2nwg.module/1"
@@ -304,8 +305,20 @@ def load_module(
     Rebuilding first checks the config by type and size, then builds the module on the meta
     device and compares every shape with the file's before allocating it: a config asking for
     more than the file holds is refused, never attempted. Float tensors are loaded only into
-    float parameters; nothing is unpickled.
+    float parameters; nothing is unpickled. A floating tensor holding NaN or Inf raises
+    :class:`NonFiniteError` naming the file and the key, before any parameter is written.
+    A ``target`` that is neither a module nor a module class raises :class:`ConfigError`.
     """
+    if not (
+        isinstance(target, torch.nn.Module)
+        or (isinstance(target, type) and issubclass(target, torch.nn.Module))
+    ):
+        what = (
+            f"the class {target.__qualname__}"
+            if isinstance(target, type)
+            else f"{_short_repr(target)} of type {type(target).__name__}"
+        )
+        raise ConfigError(f"load_module: target must be an nn.Module or a subclass, got {what}")
     where = os.fspath(path)
     meta = read_metadata(path)
     stored = _tensor_shapes(where)
@@ -339,6 +352,9 @@ def load_module(
     own = module.state_dict()
     _check_state_shapes(where, own, stored, strict)
     _, state = read_safetensors(path, device=map_location)
+    for key, t in state.items():
+        if not all_finite(t):
+            raise NonFiniteError(f"{where}: {key} holds NaN or Inf")
     module.load_state_dict(state, strict=strict)
     return module
 
