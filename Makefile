@@ -9,13 +9,14 @@ PYTEST_ARGS ?=
 .PHONY: demo test lint build bench gpu-suite wheel clean
 
 # transformers and peft (the hf extra) too: tests/test_hf.py and the coexistence checks of
-# tests/test_package.py run with them rather than skipping.
+# tests/test_package.py run with them rather than skipping; diffusers: the few-step samplers'
+# oracle (tests/test_few_step_samplers.py).
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" triton numpy safetensors einops tqdm ninja \
 		setuptools wheel pytest pytest-benchmark scikit-learn matplotlib hypothesis ruff \
-		transformers peft
+		transformers peft diffusers
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*)

@@ -147,7 +147,7 @@ setup(
     install_requires=["torch>=2.4", "safetensors", "tqdm"],  # what d2nwg imports
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0", "diffusers"],
         "demo": ["scikit-learn", "matplotlib"],
         "xformers": ["xformers"],
         "plot": ["matplotlib"],

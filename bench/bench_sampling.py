@@ -22,6 +22,7 @@ from d2nwg.schedule import NoiseSchedule
 from d2nwg.timing import median_ms
 
 B, N, STEPS = 8, 64, 50
+FEW_STEPS = 10  # DPM-Solver++(3M) and UniPC are for few steps
 SCHED = NoiseSchedule.linear(1000)
 
 
@@ -98,6 +99,91 @@ def dpmpp_2m_baseline(model, x, schedule, steps=STEPS):
     return x
 
 
+def _vp_tables(schedule):
+    """float32 alpha, sigma, lambda per timestep, as diffusers keeps them."""
+    abar = schedule.alphas_cumprod.float()
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    return alpha, sigma, torch.log(alpha) - torch.log(sigma)
+
+
+def dpmpp_3m_baseline(model, x, schedule, steps=FEW_STEPS):
+    """DPMSolverMultistepScheduler(solver_order=3).step as a plain loop: first order, then
+    second, then third; the last step first order (to sigma = 0), the one before it second
+    under 15 steps."""
+    alpha, sigma, lam = _vp_tables(schedule)
+    ts = default_timesteps(schedule.T, steps)
+    ms = []
+    for i, t in enumerate(ts):
+        eps = model(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device), None)
+        x0 = (x - sigma[t] * eps) / alpha[t]
+        ms = (ms + [x0])[-3:]
+        if i + 1 == len(ts):
+            x = x0  # to sigma = 0
+            break
+        s = ts[i + 1]
+        h = lam[s] - lam[t]
+        order = 1 if i == 0 else 2 if i == 1 or (i == len(ts) - 2 and len(ts) < 15) else 3
+        x = (sigma[s] / sigma[t]) * x - (alpha[s] * (torch.exp(-h) - 1.0)) * x0
+        if order == 2:
+            r0 = (lam[t] - lam[ts[i - 1]]) / h
+            d1 = (1.0 / r0) * (x0 - ms[-2])
+            x = x - 0.5 * (alpha[s] * (torch.exp(-h) - 1.0)) * d1
+        elif order == 3:
+            r0 = (lam[t] - lam[ts[i - 1]]) / h
+            r1 = (lam[ts[i - 1]] - lam[ts[i - 2]]) / h
+            d1_0, d1_1 = (1.0 / r0) * (x0 - ms[-2]), (1.0 / r1) * (ms[-2] - ms[-3])
+            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+            d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
+            x = (
+                x
+                + (alpha[s] * ((torch.exp(-h) - 1.0) / h + 1.0)) * d1
+                - (alpha[s] * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5)) * d2
+            )
+    return x
+
+
+def unipc_baseline(model, x, schedule, steps=FEW_STEPS):
+    """UniPCMultistepScheduler(solver_order=2, solver_type="bh2").step as a plain loop: the
+    UniC corrector of x_t with the new prediction (coefficients from a 2x2 solve, as there),
+    then the UniP predictor from the corrected x_t (first order at the first and last step)."""
+    alpha, sigma, lam = _vp_tables(schedule)
+    ts = default_timesteps(schedule.T, steps)
+    one = torch.ones(())
+    ms, last, last_order = [], None, 1
+    for i, t in enumerate(ts):
+        eps = model(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device), None)
+        m = (x - sigma[t] * eps) / alpha[t]
+        if i > 0:  # UniC: x_t again from the last corrected sample, with m in the update
+            p = ts[i - 1]
+            h = lam[t] - lam[p]
+            b_h = torch.expm1(-h)
+            x_ = sigma[t] / sigma[p] * last - alpha[t] * b_h * ms[-1]
+            if last_order == 1:
+                x = x_ - alpha[t] * b_h * (0.5 * (m - ms[-1]))
+            else:
+                rk = (lam[ts[i - 2]] - lam[p]) / h
+                phi = b_h / -h - 1
+                b = torch.stack([phi / b_h, 2 * (phi / -h - 0.5) / b_h])
+                rhos = torch.linalg.solve(
+                    torch.stack([torch.stack([one, one]), torch.stack([rk, one])]), b
+                )
+                d1 = (ms[-2] - ms[-1]) / rk
+                x = x_ - alpha[t] * b_h * (rhos[0] * d1 + rhos[1] * (m - ms[-1]))
+        ms = (ms + [m])[-2:]
+        if i + 1 == len(ts):
+            x = m  # the predictor to sigma = 0 returns m
+            break
+        last, last_order = x, 1 if i == 0 else 2
+        s = ts[i + 1]
+        h = lam[s] - lam[t]
+        b_h = torch.expm1(-h)
+        x = sigma[s] / sigma[t] * x - alpha[s] * b_h * m
+        if last_order == 2:
+            rk = (lam[ts[i - 1]] - lam[t]) / h
+            x = x - alpha[s] * b_h * (0.5 * (ms[-2] - m) / rk)
+    return x
+
+
 def _cases():
     torch.manual_seed(0)
     model = TinyDenoiser().eval()
@@ -127,6 +213,16 @@ def _cases():
             "dpmpp_2m, 50 steps",
             lambda: sample(model, x_T, SCHED, sampler="dpmpp_2m", steps=STEPS),
             lambda: dpmpp_2m_baseline(model, x_T, SCHED),
+        ),
+        (
+            f"dpmpp_3m, {FEW_STEPS} steps",
+            lambda: sample(model, x_T, SCHED, sampler="dpmpp_3m", steps=FEW_STEPS),
+            lambda: dpmpp_3m_baseline(model, x_T, SCHED),
+        ),
+        (
+            f"unipc, {FEW_STEPS} steps",
+            lambda: sample(model, x_T, SCHED, sampler="unipc", steps=FEW_STEPS),
+            lambda: unipc_baseline(model, x_T, SCHED),
         ),
     ]
 
@@ -176,7 +272,9 @@ def _bench(benchmark, index: int, which: int):
 
 
 @pytest.mark.parametrize("impl", [0, 1], ids=["d2nwg", "diffusers_style"])
-@pytest.mark.parametrize("case", [0, 1, 2], ids=["ddim", "ddim_cfg", "dpmpp_2m"])
+@pytest.mark.parametrize(
+    "case", [0, 1, 2, 3, 4], ids=["ddim", "ddim_cfg", "dpmpp_2m", "dpmpp_3m", "unipc"]
+)
 def test_sampling(benchmark, case: int, impl: int):
     _bench(benchmark, case, impl)
 

@@ -8,10 +8,15 @@ Rows:
       - "clone (same bytes)": a clone() moving the same number of bytes, the limit of a
         memory-bound op; ratio = clone_ms / ms is the fraction of copy bandwidth reached
         (target >= 0.85).
-    Cases: fp32 with noise (DDPM / DDIM eta > 0), bf16 guided with the DPM-Solver++ buffer.
+    Cases: fp32 with noise (DDPM / DDIM eta > 0), bf16 guided with the DPM-Solver++(2M)
+    buffer, fp32 and bf16 guided with the two-step history of DPM-Solver++(3M) and UniPC.
+  * sample_backends, every sampler of d2nwg.SAMPLERS (guided, 10 steps, fp32) on each backend
+    of the fused step that runs on the device, checked against the same run on the torch
+    backend (rtol 1e-5) and timed against it.
   * sample, a small transformer denoiser (2 blocks, width 128, 64 latent tokens of 64 values,
     batch 16): cuda_graph=True against the same eager loop (target >= 3x) and against a
-    diffusers-style eager loop; checked: the replayed graph returns what the eager loop does.
+    diffusers-style eager loop (DDIM; DPM-Solver++(3M) and UniPC at 10 steps); checked: the
+    replayed graph returns what the eager loop does.
 
 ``tiny=True`` (CPU, Triton interpreted): small sizes, correctness first; the CUDA-graph rows
 are skipped.
@@ -30,18 +35,18 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from d2nwg.ops.sampler_step_op import SAMPLER_STEP_BACKENDS, K, sampler_step_, sampler_step_ref  # noqa: E402
-from d2nwg.sampling import sample  # noqa: E402
+from d2nwg.sampling import SAMPLERS, sample  # noqa: E402
 from d2nwg.schedule import NoiseSchedule  # noqa: E402
 from d2nwg.timing import median_ms  # noqa: E402
 
-OP_STEP, OP_SAMPLE = "sampler_step", "sample"
+OP_STEP, OP_SAMPLE, OP_BACKENDS = "sampler_step", "sample", "sample_backends"
 BW_TARGET, GRAPH_TARGET = 0.85, 3.0
 
 
 # ----------------------------------------------------------------------------------------
 # The step kernel.
 # ----------------------------------------------------------------------------------------
-def _step_inputs(B, N, dtype, guided, noise, prev, device, seed=0):
+def _step_inputs(B, N, dtype, guided, noise, prev, device, seed=0, prev2=False):
     g = torch.Generator(device=device).manual_seed(seed)
 
     def rnd(rows):
@@ -55,46 +60,64 @@ def _step_inputs(B, N, dtype, guided, noise, prev, device, seed=0):
         table=table,
         step=torch.tensor([S // 2], device=device),
         noise=rnd(B) if noise else None,
-        prev_x0=rnd(B) if prev else None,
+        prev_x0=rnd(B) if prev or prev2 else None,
+        prev2_x0=rnd(B) if prev2 else None,
         guided=guided,
+    )
+
+
+HISTORY = ("prev_x0", "prev2_x0")  # the in-place x0 history buffers, newest first
+
+
+def _history(inp) -> dict:
+    """Fresh copies of the step's history buffers (they are updated in place)."""
+    return {k: (inp[k].clone() if inp[k] is not None else None) for k in HISTORY}
+
+
+def _ref_step(inp, x, history, **kw) -> None:
+    """sampler_step_ref in place on x and ``history``, with the inputs of ``inp``."""
+    sampler_step_ref(
+        x,
+        inp["model_out"],
+        inp["table"],
+        inp["step"],
+        inp["noise"],
+        history["prev_x0"],
+        inp["guided"],
+        history["prev2_x0"],
+        **kw,
     )
 
 
 def _bytes_moved(inp) -> int:
     x = inp["x"]
-    reads = x.numel() + inp["model_out"].numel()
-    reads += x.numel() * ((inp["noise"] is not None) + (inp["prev_x0"] is not None))
-    writes = x.numel() * (1 + (inp["prev_x0"] is not None))
+    buffers = (inp["noise"] is not None) + sum(inp[k] is not None for k in HISTORY)
+    reads = x.numel() + inp["model_out"].numel() + x.numel() * buffers
+    writes = x.numel() * (1 + sum(inp[k] is not None for k in HISTORY))
     return (reads + writes) * x.element_size()
 
 
 def _check_step(backend, inp) -> str:
     x = inp["x"]
-    args = {k: v for k, v in inp.items() if k != "x"}
-    mine, p_mine = x.clone(), (args["prev_x0"].clone() if args["prev_x0"] is not None else None)
+    mine, h_mine = x.clone(), _history(inp)
     sampler_step_(
         mine,
-        args["model_out"],
-        args["table"],
-        args["step"],
-        noise=args["noise"],
-        prev_x0=p_mine,
-        guided=args["guided"],
+        inp["model_out"],
+        inp["table"],
+        inp["step"],
+        noise=inp["noise"],
+        guided=inp["guided"],
         backend=backend,
+        **h_mine,
     )
+    if inp["prev2_x0"] is not None and not torch.equal(h_mine["prev2_x0"], inp["prev_x0"]):
+        return "FAIL: prev2_x0 did not receive prev_x0's values"
+    outputs = [mine] + [h_mine[k] for k in HISTORY if h_mine[k] is not None]
     if x.dtype == torch.float32:
-        ref, p_ref = x.clone(), (args["prev_x0"].clone() if args["prev_x0"] is not None else None)
-        sampler_step_ref(
-            ref,
-            args["model_out"],
-            args["table"],
-            args["step"],
-            args["noise"],
-            p_ref,
-            args["guided"],
-        )
-        pairs = [(mine, ref)] + ([(p_mine, p_ref)] if p_ref is not None else [])
-        for a, b in pairs:
+        ref, h_ref = x.clone(), _history(inp)
+        _ref_step(inp, ref, h_ref)
+        refs = [ref] + [h_ref[k] for k in HISTORY if h_ref[k] is not None]
+        for a, b in zip(outputs, refs):
             err = ((a - b).abs() / (1e-5 * (1 + b.abs()))).max().item()
             if not err <= 1.0:
                 return f"FAIL: error {err:.2f}x the fp32 tolerance"
@@ -108,20 +131,13 @@ def _check_step(backend, inp) -> str:
         )
         for k, v in inp.items()
     }
-    r64, p64 = hi["x"].clone(), (hi["prev_x0"].clone() if hi["prev_x0"] is not None else None)
-    sampler_step_ref(r64, hi["model_out"], hi["table"], hi["step"], hi["noise"], p64, hi["guided"])
-    own, p_own = x.clone(), (args["prev_x0"].clone() if args["prev_x0"] is not None else None)
-    sampler_step_ref(
-        own,
-        args["model_out"],
-        args["table"],
-        args["step"],
-        args["noise"],
-        p_own,
-        args["guided"],
-        compute_dtype=x.dtype,
-    )
-    for a, o, r in [(mine, own, r64)] + ([(p_mine, p_own, p64)] if p64 is not None else []):
+    r64, h64 = hi["x"].clone(), _history(hi)
+    _ref_step(hi, r64, h64)
+    own, h_own = x.clone(), _history(inp)
+    _ref_step(inp, own, h_own, compute_dtype=x.dtype)
+    owns = [own] + [h_own[k] for k in HISTORY if h_own[k] is not None]
+    refs = [r64] + [h64[k] for k in HISTORY if h64[k] is not None]
+    for a, o, r in zip(outputs, owns, refs):
         err = (a.double() - r).abs().max().item()
         own_err = (o.double() - r).abs().max().item()
         if err > 2 * own_err + 1e-12:
@@ -131,28 +147,22 @@ def _check_step(backend, inp) -> str:
 
 def _step_rows(device: torch.device, tiny: bool) -> list[dict]:
     B, N = (4, 3000) if tiny else (32, 1 << 20)
-    cases = [
-        ("fp32, noise", torch.float32, False, True, False),
-        ("bf16, guided + DPM++ buffer", torch.bfloat16, True, False, True),
+    cases = [  # label, dtype, guided, noise, prev, prev2
+        ("fp32, noise", torch.float32, False, True, False, False),
+        ("bf16, guided + DPM++(2M) buffer", torch.bfloat16, True, False, True, False),
+        ("fp32, DPM++(3M) / UniPC two-step history", torch.float32, False, False, True, True),
+        ("bf16, guided + two-step history", torch.bfloat16, True, False, True, True),
     ]
     reps = dict(repeat=3, warmup=1) if tiny else dict(repeat=20, warmup=3)
     rows = []
-    for label, dtype, guided, noise, prev in cases:
-        inp = _step_inputs(B, N, dtype, guided, noise, prev, device)
+    for label, dtype, guided, noise, prev, prev2 in cases:
+        inp = _step_inputs(B, N, dtype, guided, noise, prev, device, prev2=prev2)
+        # The timed calls update inp in place, step after step: the checks get these inputs.
+        fresh = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
         nbytes = _bytes_moved(inp)
         case = f"{label}, x [{B}, {N}]"
         ref_ms = median_ms(
-            lambda: sampler_step_ref(
-                inp["x"],
-                inp["model_out"],
-                inp["table"],
-                inp["step"],
-                inp["noise"],
-                inp["prev_x0"],
-                inp["guided"],
-            ),
-            device,
-            **reps,
+            lambda: _ref_step(inp, inp["x"], {k: inp[k] for k in HISTORY}), device, **reps
         )
         blob = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)  # read + write = nbytes
         clone_ms = median_ms(lambda: blob.clone(), device, **reps)
@@ -168,7 +178,7 @@ def _step_rows(device: torch.device, tiny: bool) -> list[dict]:
                 )
                 continue
             try:
-                check = _check_step(b.name, inp)
+                check = _check_step(b.name, fresh)
             except Exception as exc:  # noqa: BLE001 - report, keep going
                 rows.append(
                     {
@@ -188,6 +198,7 @@ def _step_rows(device: torch.device, tiny: bool) -> list[dict]:
                     inp["step"],
                     noise=inp["noise"],
                     prev_x0=inp["prev_x0"],
+                    prev2_x0=inp["prev2_x0"],
                     guided=inp["guided"],
                     backend=name,
                     check=False,
@@ -221,6 +232,83 @@ def _step_rows(device: torch.device, tiny: bool) -> list[dict]:
                     "ratio": clone_ms / ms,
                     "bandwidth_GBs": bw,
                     "target": f">= {BW_TARGET} of copy bandwidth",
+                }
+            )
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
+# Every sampler on every backend of the fused step, against the torch backend.
+# ----------------------------------------------------------------------------------------
+def _sample_backend_rows(device: torch.device, tiny: bool) -> list[dict]:
+    """10 guided steps of each sampler with the exact noise predictor of Gaussian data
+    (elementwise, so the fused steps dominate), each backend against the torch backend."""
+    B, N = (3, 37) if tiny else (16, 1 << 16)
+    sched = NoiseSchedule.linear(1000)
+    abar = sched.alphas_cumprod.to(device)
+    cols = torch.arange(N, device=device) % 3
+    mu = torch.tensor([1.5, -1.0, 0.5], device=device, dtype=torch.float64)[cols]
+    sd = torch.tensor([0.7, 1.3, 2.0], device=device, dtype=torch.float64)[cols]
+
+    def model(x, t, cond):
+        a = abar[t].view(-1, 1)
+        eps = (1 - a).sqrt() * (x.double() - a.sqrt() * mu) / (a * sd**2 + 1 - a)
+        return (eps + 0.1 * cond.view(-1, 1)).to(x.dtype)
+
+    g = torch.Generator(device=device).manual_seed(3)
+    x_T = torch.randn(B, N, generator=g, device=device)
+    cond, uncond = torch.randn(B, generator=g, device=device), torch.zeros(1, device=device)
+    reps = dict(repeat=2, warmup=1) if tiny else dict(repeat=10, warmup=2)
+    rows = []
+    for sampler in SAMPLERS:
+        case = f"{sampler}, 10 steps, CFG 2.0, x [{B}, {N}], Gaussian predictor"
+
+        def run(backend, sampler=sampler):
+            gens = [torch.Generator(device=device).manual_seed(10 + i) for i in range(B)]
+            kw = dict(cond=cond, uncond=uncond, guidance_scale=2.0, generator=gens)
+            return sample(model, x_T, sched, sampler=sampler, steps=10, backend=backend, **kw)
+
+        with torch.no_grad():
+            want = run("torch")
+            torch_ms = median_ms(lambda: run("torch"), device, **reps)
+        for b in SAMPLER_STEP_BACKENDS:
+            if b.name == "torch":
+                continue
+            why = b.why_not(x_T)
+            if why is None and b.name == "triton" and device.type == "cpu" and not tiny:
+                why = "the Triton interpreter is only for tiny runs"
+            if why is not None:
+                rows.append(
+                    {"op": OP_BACKENDS, "case": case, "backend": b.name, "check": f"skip: {why}"}
+                )
+                continue
+            try:
+                with torch.no_grad():
+                    got = run(b.name)
+                    err = ((got - want).abs().max() / want.abs().max()).item()
+                    check = "pass" if err <= 1e-5 else f"FAIL: relative difference {err:.3g}"
+                    ms = median_ms(lambda name=b.name: run(name), device, **reps)
+            except Exception as exc:  # noqa: BLE001 - report, keep going
+                rows.append(
+                    {
+                        "op": OP_BACKENDS,
+                        "case": case,
+                        "backend": b.name,
+                        "check": f"FAIL: {type(exc).__name__}: {exc}",
+                    }
+                )
+                continue
+            rows.append(
+                {
+                    "op": OP_BACKENDS,
+                    "case": case,
+                    "backend": b.name,
+                    "check": check,
+                    "ms": ms,
+                    "baseline": "same run, torch backend",
+                    "baseline_ms": torch_ms,
+                    "ratio": torch_ms / ms,
+                    "target": None,
                 }
             )
     return rows
@@ -279,10 +367,15 @@ class SmallDenoiser(torch.nn.Module):
         return self.out(h)
 
 
-def _diffusers_style_ddim(model, x, schedule, steps, cond=None):
-    from bench_sampling import ddim_baseline
+def _diffusers_style(sampler: str):
+    """The plain-loop baseline of ``sampler`` (bench/bench_sampling.py), or None."""
+    import bench_sampling
 
-    return ddim_baseline(model, x, schedule, steps=steps, cond=cond)
+    return {
+        "ddim": bench_sampling.ddim_baseline,
+        "dpmpp_3m": bench_sampling.dpmpp_3m_baseline,
+        "unipc": bench_sampling.unipc_baseline,
+    }.get(sampler)
 
 
 def _sample_rows(device: torch.device, tiny: bool) -> list[dict]:
@@ -301,16 +394,20 @@ def _sample_rows(device: torch.device, tiny: bool) -> list[dict]:
             "dpmpp_2m, 25 steps, CFG 4.0",
             dict(sampler="dpmpp_2m", steps=25, cond=cond, uncond=uncond, guidance_scale=4.0),
         ),
+        ("dpmpp_3m, 10 steps", dict(sampler="dpmpp_3m", steps=10)),
+        ("unipc, 10 steps", dict(sampler="unipc", steps=10)),
     ]
     rows = []
     for label, kw in cases:
         case = f"{label}, x [{B}, {L}, {C}], transformer"
+        baseline = _diffusers_style(kw["sampler"])
         with torch.no_grad():
             eager = sample(model, x_T, sched, **kw)
             eager_ms = median_ms(lambda: sample(model, x_T, sched, **kw), device, **reps)
-            if kw["sampler"] == "ddim":
+            if baseline is not None:
+                extra = {"cond": kw["cond"]} if "cond" in kw else {}
                 base_ms = median_ms(
-                    lambda: _diffusers_style_ddim(model, x_T, sched, kw["steps"], cond=cond),
+                    lambda: baseline(model, x_T, sched, steps=kw["steps"], **extra),
                     device,
                     **reps,
                 )
@@ -368,7 +465,7 @@ def _sample_rows(device: torch.device, tiny: bool) -> list[dict]:
                 "target": f">= {GRAPH_TARGET}x",
             }
         )
-        if kw["sampler"] == "ddim":
+        if baseline is not None:
             rows.append(
                 {
                     "op": OP_SAMPLE,
@@ -399,7 +496,9 @@ def _sample_rows(device: torch.device, tiny: bool) -> list[dict]:
 
 
 def run(device: torch.device, tiny: bool) -> list[dict]:
-    return _step_rows(device, tiny) + _sample_rows(device, tiny)
+    return (
+        _step_rows(device, tiny) + _sample_backend_rows(device, tiny) + _sample_rows(device, tiny)
+    )
 
 
 if __name__ == "__main__":

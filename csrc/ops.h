@@ -47,14 +47,17 @@ void detokenize_cuda(const at::Tensor& tokens, at::TensorList dests,
 void check_sampler_step_args(const at::Tensor& x, const at::Tensor& model_out,
                              const at::Tensor& table, const at::Tensor& step,
                              const std::optional<at::Tensor>& noise,
-                             const std::optional<at::Tensor>& prev_x0, bool guided);
+                             const std::optional<at::Tensor>& prev_x0, bool guided,
+                             const std::optional<at::Tensor>& prev2_x0);
 void sampler_step_cpu(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& table,
                       const at::Tensor& step, const std::optional<at::Tensor>& noise,
-                      const std::optional<at::Tensor>& prev_x0, bool guided);
+                      const std::optional<at::Tensor>& prev_x0, bool guided,
+                      const std::optional<at::Tensor>& prev2_x0);
 #ifdef D2NWG_WITH_CUDA
 void sampler_step_cuda(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& table,
                        const at::Tensor& step, const std::optional<at::Tensor>& noise,
-                       const std::optional<at::Tensor>& prev_x0, bool guided);
+                       const std::optional<at::Tensor>& prev_x0, bool guided,
+                       const std::optional<at::Tensor>& prev2_x0);
 #endif
 
 }  // namespace d2nwg

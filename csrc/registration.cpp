@@ -16,9 +16,11 @@ TORCH_LIBRARY(d2nwg, m) {
   m.def("detokenize_(Tensor tokens, Tensor(a!)[] dests, int[] offsets, float[] unshift, "
         "float[] scale) -> ()");
   // x[B, N] <- one fused diffusion sampler step (guidance mix, prediction conversion, update,
-  // noise); prev_x0 <- this step's x0. Coefficients: table[step] ([S, K] or [S, B, K], columns in sampler_step_layout.h).
+  // noise); prev2_x0 <- prev_x0 <- this step's x0. Coefficients: table[step] ([S, K] or
+  // [S, B, K], columns in sampler_step_layout.h). prev2_x0 last, with a default, so that
+  // calls written before it existed still bind.
   m.def("sampler_step_(Tensor(a!) x, Tensor model_out, Tensor table, Tensor step, "
-        "Tensor? noise, Tensor(b!)? prev_x0, bool guided) -> ()");
+        "Tensor? noise, Tensor(b!)? prev_x0, bool guided, Tensor(c!)? prev2_x0=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(d2nwg, CPU, m) {

@@ -4,7 +4,8 @@ columns and checks: d2nwg/ops/sampler_step_layout.py).
 One program handles a tile of BLOCK_B samples x BLOCK_N elements (one row segment of 1024 for
 large samples, several short rows otherwise): it reads the step index from device memory,
 loads its samples' coefficient rows, then streams x, the model output (both halves when
-guided), noise and the previous x0 once and writes x (and x0) once.
+guided), noise and the previous x0 (and the one before it) once and writes x (and the history)
+once.
 Fixed block size, no autotuning; runs under TRITON_INTERPRET=1 on CPU.
 """
 
@@ -33,6 +34,7 @@ def _sampler_step_kernel(
     step_ptr,
     z_ptr,
     prev_ptr,
+    prev2_ptr,
     B,
     N,
     n_col_blocks,
@@ -42,6 +44,7 @@ def _sampler_step_kernel(
     GUIDED: tl.constexpr,
     HAS_NOISE: tl.constexpr,
     HAS_PREV: tl.constexpr,
+    HAS_PREV2: tl.constexpr,  # only with HAS_PREV
     ACC: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -56,6 +59,7 @@ def _sampler_step_kernel(
     COL_CE: tl.constexpr,
     COL_CP: tl.constexpr,
     COL_CZ: tl.constexpr,
+    COL_CP2: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rb = pid // n_col_blocks
@@ -94,8 +98,13 @@ def _sampler_step_kernel(
     nxt = c_cx * x + c_c0 * x0 + c_ce * eps  # the sampler's update
     if HAS_PREV:
         c_cp = tl.load(crow + COL_CP, mask=row_ok, other=0.0).to(acc_t)[:, None]
-        prev = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(acc_t)
-        nxt = nxt + c_cp * prev
+        prev_raw = tl.load(prev_ptr + offs, mask=mask, other=0.0)
+        nxt = nxt + c_cp * prev_raw.to(acc_t)
+        if HAS_PREV2:
+            c_cp2 = tl.load(crow + COL_CP2, mask=row_ok, other=0.0).to(acc_t)[:, None]
+            prev2 = tl.load(prev2_ptr + offs, mask=mask, other=0.0).to(acc_t)
+            nxt = nxt + c_cp2 * prev2
+            tl.store(prev2_ptr + offs, prev_raw, mask=mask)  # the history moves back one step
         tl.store(prev_ptr + offs, x0.to(prev_ptr.dtype.element_ty), mask=mask)
     if HAS_NOISE:
         c_cz = tl.load(crow + COL_CZ, mask=row_ok, other=0.0).to(acc_t)[:, None]
@@ -120,11 +129,12 @@ def sampler_step_triton(
     noise: torch.Tensor | None,
     prev_x0: torch.Tensor | None,
     guided: bool,
+    prev2_x0: torch.Tensor | None = None,
 ) -> None:
     """Launch on contiguous inputs (see d2nwg.ops.sampler_step_op.sampler_step_). Reachable
     directly and as torch.ops.d2nwg.sampler_step_triton_, so it checks every shape, dtype,
     device and stride it relies on (the step index is clamped in the kernel)."""
-    _check(x, model_out, table, step, noise, prev_x0, guided, launch=True)
+    _check(x, model_out, table, step, noise, prev_x0, guided, prev2_x0, launch=True)
     B, N = x.shape
     if B == 0 or N == 0:
         return
@@ -140,6 +150,7 @@ def sampler_step_triton(
             step,
             noise if noise is not None else x,
             prev_x0 if prev_x0 is not None else x,
+            prev2_x0 if prev2_x0 is not None else x,
             B,
             N,
             n_col_blocks,
@@ -149,6 +160,7 @@ def sampler_step_triton(
             GUIDED=bool(guided),
             HAS_NOISE=noise is not None,
             HAS_PREV=prev_x0 is not None,
+            HAS_PREV2=prev2_x0 is not None,
             ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
             BLOCK_B=block_b,
             BLOCK_N=block_n,

@@ -126,11 +126,12 @@ def cases() -> list[dict]:
                     out.append(dict(kernel="attn_bwd_preprocess", arch=arch, d=d, dtype=dt))
 
     # Sampler step: x dtype (pointer types; ACC is float64 for float64 x) x table dtype x mode
-    # (guided; noise for DDPM / DDIM eta > 0; the previous x0 for DPM-Solver++) x tile
-    # (BLOCK_B x BLOCK_N from ``tile``: long rows, short rows, one-element rows).
+    # (guided; noise for DDPM / DDIM eta > 0; the previous x0 for DPM-Solver++(2M); the two
+    # previous x0 for DPM-Solver++(3M) and UniPC) x tile (BLOCK_B x BLOCK_N from ``tile``:
+    # long rows, short rows, one-element rows).
     xs = [_dt_name(d) for d in ss_ops.X_DTYPES]
     tabs = [_dt_name(d) for d in ss_ops.TABLE_DTYPES]
-    modes = [(g, e) for g in (False, True) for e in ("none", "noise", "prev")]
+    modes = [(g, e) for g in (False, True) for e in ("none", "noise", "prev", "prev2")]
     big, short, single = (64, 100_000), (8, 50), (1000, 1)
 
     def sample_table(x):  # the table d2nwg.sample builds
@@ -139,11 +140,12 @@ def cases() -> list[dict]:
     ss_plan = {  # arch -> [(x, table, guided, extra input, (B, N))]
         90: [(x, sample_table(x), g, e, big) for x in xs for g, e in modes]
         + [("fp32", "fp64", True, "prev", big), ("fp64", "fp32", False, "noise", big)]
-        + [("fp32", "fp32", True, "noise", short), ("fp64", "fp64", True, "noise", single)],
+        + [("fp32", "fp32", True, "noise", short), ("fp64", "fp64", True, "noise", single)]
+        + [("bf16", "fp32", False, "prev2", short)],
         80: [
             (x, sample_table(x), g, e, big)
             for x in xs
-            for g, e in ((False, "noise"), (True, "prev"))
+            for g, e in ((False, "noise"), (True, "prev"), (False, "prev2"))
         ]
         + [("bf16", "fp32", True, "prev", short), ("fp16", "fp32", True, "none", single)],
     }
@@ -399,6 +401,7 @@ def _sampler_job(c: dict):
         step_ptr=Ptr("i64"),
         z_ptr=Ptr(x),
         prev_ptr=Ptr(x),
+        prev2_ptr=Ptr(x),
         B=B,
         N=N,
         n_col_blocks=n_col_blocks,
@@ -409,7 +412,8 @@ def _sampler_job(c: dict):
     consts = dict(
         GUIDED=c["guided"],
         HAS_NOISE=c["extra"] == "noise",
-        HAS_PREV=c["extra"] == "prev",
+        HAS_PREV=c["extra"] in ("prev", "prev2"),
+        HAS_PREV2=c["extra"] == "prev2",
         ACC=tl.float64 if x == "fp64" else tl.float32,
         BLOCK_B=block_b,
         BLOCK_N=block_n,

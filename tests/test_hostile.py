@@ -422,25 +422,25 @@ def _plan():
         (lambda: ChunkPlan((5, 3), (0, 8), (8, 2**64), (0.0, 0.0), (1.0, 1.0), 3, 4), ConfigError),
         (
             lambda: sampler_step(
-                [[0.0]], torch.zeros(1, 1), torch.zeros(1, 10), torch.zeros(1, dtype=torch.long)
+                [[0.0]], torch.zeros(1, 1), torch.zeros(1, 11), torch.zeros(1, dtype=torch.long)
             ),
             DTypeError,
         ),
         (
             lambda: sampler_step(
-                torch.zeros(1, 1), 0.0, torch.zeros(1, 10), torch.zeros(1, dtype=torch.long)
+                torch.zeros(1, 1), 0.0, torch.zeros(1, 11), torch.zeros(1, dtype=torch.long)
             ),
             DTypeError,
         ),
         (
-            lambda: sampler_step(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 10), 0),
+            lambda: sampler_step(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 11), 0),
             DTypeError,
         ),
         (
             lambda: sampler_step(
                 torch.zeros(1, 1),
                 torch.zeros(1, 1),
-                torch.zeros(1, 10),
+                torch.zeros(1, 11),
                 torch.zeros(1, dtype=torch.long),
                 noise=1.0,
             ),
@@ -450,7 +450,7 @@ def _plan():
             lambda: sampler_step(
                 torch.zeros(1, 1),
                 torch.zeros(1, 1),
-                torch.zeros(1, 10),
+                torch.zeros(1, 11),
                 torch.zeros(1, dtype=torch.long),
                 guided=1,
             ),

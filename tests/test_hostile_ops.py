@@ -133,7 +133,7 @@ def test_compiled_tokenize_rejects_spans_that_do_not_tile():
 def test_compiled_sampler_step_rejects_bad_shapes_and_clamps_steps():
     results = run_cases("""
     op = torch.ops.d2nwg.sampler_step_
-    x, out, tab = torch.zeros(2, 5), torch.zeros(2, 5), torch.zeros(3, 10)
+    x, out, tab = torch.zeros(2, 5), torch.zeros(2, 5), torch.zeros(3, 11)
     step = torch.zeros(1, dtype=torch.long)
     case("valid", op, x, out, tab, step, None, None, False)
     case("valid_guided", op, x, torch.zeros(4, 5), tab, step, None, None, True)
@@ -147,21 +147,30 @@ def test_compiled_sampler_step_rejects_bad_shapes_and_clamps_steps():
     case("x_1d", op, torch.zeros(10), torch.zeros(10), tab, step, None, None, False)
     case("x_noncontig", op, torch.zeros(5, 2).t(), out, tab, step, None, None, False)
     case("table_0d", op, x, out, torch.tensor(1.0), step, None, None, False)
-    case("table_empty", op, x, out, torch.zeros(0, 10), step, None, None, False)
-    case("table_cols", op, x, out, torch.zeros(3, 9), step, None, None, False)
-    case("table_batch", op, x, out, torch.zeros(3, 3, 10), step, None, None, False)
-    case("table_noncontig", op, x, out, torch.zeros(10, 3).t(), step, None, None, False)
-    case("table_half", op, x, out, torch.zeros(3, 10, dtype=torch.half), step, None, None, False)
+    case("table_empty", op, x, out, torch.zeros(0, 11), step, None, None, False)
+    case("table_cols", op, x, out, torch.zeros(3, 10), step, None, None, False)
+    case("table_batch", op, x, out, torch.zeros(3, 3, 11), step, None, None, False)
+    case("table_noncontig", op, x, out, torch.zeros(11, 3).t(), step, None, None, False)
+    case("table_half", op, x, out, torch.zeros(3, 11, dtype=torch.half), step, None, None, False)
     case("step_int32", op, x, out, tab, torch.zeros(1, dtype=torch.int32), None, None, False)
     case("step_two", op, x, out, tab, torch.zeros(2, dtype=torch.long), None, None, False)
     case("step_empty", op, x, out, tab, torch.zeros(0, dtype=torch.long), None, None, False)
     case("noise_shape", op, x, out, tab, step, torch.zeros(2, 4), None, False)
     case("noise_dtype", op, x, out, tab, step, torch.zeros(2, 5, dtype=torch.double), None, False)
     case("prev_shape", op, x, out, tab, step, None, torch.zeros(1, 5), False)
+    case("valid_prev2", op, x, out, tab, step, None, torch.zeros(2, 5), False, torch.zeros(2, 5))
+    case("prev2_alone", op, x, out, tab, step, None, None, False, torch.zeros(2, 5))
+    case("prev2_shape", op, x, out, tab, step, None, torch.zeros(2, 5), False, torch.zeros(1, 5))
+    case("prev2_dtype", op, x, out, tab, step, None, torch.zeros(2, 5), False,
+         torch.zeros(2, 5, dtype=torch.double))
+    case("prev2_noncontig", op, x, out, tab, step, None, torch.zeros(2, 5), False,
+         torch.zeros(5, 2).t())
+    p = torch.zeros(2, 5)
+    case("prev2_is_prev", op, x, out, tab, step, None, p, False, p)
     case("out_dtype", op, x, torch.zeros(2, 5, dtype=torch.half), tab, step, None, None, False)
     case("x_int", op, torch.zeros(2, 5, dtype=torch.int32), torch.zeros(2, 5, dtype=torch.int32),
          tab, step, None, None, False)
-    case("any_table_meta", op, x, out, torch.zeros(3, 10, device="meta"), step, None, None, False)
+    case("any_table_meta", op, x, out, torch.zeros(3, 11, device="meta"), step, None, None, False)
     """)
     assert_rejected(results)
 
@@ -195,16 +204,23 @@ def test_triton_ops_check_every_launch():
          [1.0] * 2, 4, 4)
 
     st = torch.ops.d2nwg.sampler_step_triton_
-    x, out, tab = torch.zeros(2, 5), torch.zeros(2, 5), torch.zeros(3, 10)
+    x, out, tab = torch.zeros(2, 5), torch.zeros(2, 5), torch.zeros(3, 11)
     step = torch.zeros(1, dtype=torch.long)
     case("valid_step", st, x, out, tab, step, None, None, False)
     case("valid_step_clamped", st, x, out, tab, torch.tensor([2**63 - 1]), None, None, False)
     case("step_guided_rows", st, x, out, tab, step, None, None, True)
     case("step_rows", st, x, torch.zeros(1, 5), tab, step, None, None, False)
-    case("step_table_batch", st, x, out, torch.zeros(3, 1, 10), step, None, None, False)
-    case("step_table_noncontig", st, x, out, torch.zeros(10, 3).t(), step, None, None, False)
+    case("step_table_batch", st, x, out, torch.zeros(3, 1, 11), step, None, None, False)
+    case("step_table_noncontig", st, x, out, torch.zeros(11, 3).t(), step, None, None, False)
     case("step_noise", st, x, out, tab, step, torch.zeros(1, 5), None, False)
     case("step_prev_noncontig", st, x, out, tab, step, None, torch.zeros(5, 2).t(), False)
+    case("valid_step_prev2", st, x, out, tab, step, None, torch.zeros(2, 5), False,
+         torch.zeros(2, 5))
+    case("step_prev2_alone", st, x, out, tab, step, None, None, False, torch.zeros(2, 5))
+    case("step_prev2_short", st, x, out, tab, step, None, torch.zeros(2, 5), False,
+         torch.zeros(1, 5))
+    case("step_prev2_noncontig", st, x, out, tab, step, None, torch.zeros(2, 5), False,
+         torch.zeros(5, 2).t())
     case("step_empty", st, x, out, tab, torch.zeros(0, dtype=torch.long), None, None, False)
 
     fwd = torch.ops.d2nwg.attention_fwd_triton

@@ -89,8 +89,9 @@ def _check_distribution(y, x_T, model, *, deterministic):
 
 
 # Step counts where discretization error is below the sampling error of 4 x 6144 / 3 samples
-# per group (DDIM is first order: its std error is about 1.6 sd / steps on this schedule).
-CASES = [("ddim", 400), ("dpmpp_2m", 60)]
+# per group (DDIM is first order: its std error is about 1.6 sd / steps on this schedule; the
+# rest is mostly the last step's jump to sigma = 0 from t = 1000 / steps - 1).
+CASES = [("ddim", 400), ("dpmpp_2m", 60), ("dpmpp_3m", 60), ("unipc", 25)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -202,7 +203,7 @@ def test_ddim_eta_one_is_ddpm():
     torch.testing.assert_close(y1, y2, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc"])
 @pytest.mark.parametrize("prediction_type", ["v", "sample"])
 def test_prediction_types_agree(sampler, prediction_type):
     x_T = torch.randn(3, 30, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
@@ -237,7 +238,7 @@ def test_guidance_equals_premixed_predictor(backend):
     x_T = torch.randn(B, N, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
     cond = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     uncond = torch.zeros(1, dtype=torch.float64)
-    for sampler in ("ddim", "dpmpp_2m"):
+    for sampler in ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc"):
         calls.clear()
         y = sample(
             model,
@@ -269,7 +270,7 @@ def test_guidance_equals_premixed_predictor(backend):
         assert float(y.abs().min()) > 0 and float(y_plain.abs().max()) > 0.5
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc"])
 def test_one_model_call_per_step(sampler):
     model = Gaussian(8)
     sample(model, torch.randn(2, 8), SCHED, sampler=sampler, steps=7)
@@ -318,9 +319,10 @@ def test_default_timesteps_and_tables():
             assert len(ts) == steps and ts[0] == T - 1 and ts[-1] >= 0
             assert all(a > b for a, b in zip(ts, ts[1:]))
     # every sampler's last step returns x0: CX = 0, C0 = 1, no noise (epsilon: AX = 1/alpha)
-    for sampler in ("ddpm", "ddim", "dpmpp_2m"):
+    for sampler in ("ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc"):
         tab = build_table(SCHED, [999, 500, 20], sampler, "epsilon", eta=0.0)
         assert tab[-1, 5] == 0 and tab[-1, 6] == 1 and tab[-1, 7] == 0 and tab[-1, 9] == 0
+        assert tab[-1, 8] == 0 and tab[-1, 10] == 0  # no history (CP, CP2) at the last step
 
 
 def test_shapes_dtypes_and_cuda_graph_flag_on_cpu():
@@ -384,7 +386,10 @@ def test_bad_input_names_the_argument():
         assert isinstance(info.value, D2NWGError), change
 
 
-@pytest.mark.parametrize("sampler, guided", [("ddpm", False), ("dpmpp_2m", True), ("ddim", True)])
+@pytest.mark.parametrize(
+    "sampler, guided",
+    [("ddpm", False), ("dpmpp_2m", True), ("ddim", True), ("dpmpp_3m", False), ("unipc", True)],
+)
 def test_graph_body_matches_eager(sampler, guided):
     """The loop that cuda_graph=True captures (static buffers, pre-drawn noise, owned tables)
     run eagerly on CPU gives what the eager loop gives (the capture itself needs a GPU)."""
@@ -519,7 +524,7 @@ class _Net(torch.nn.Module):
         return self.base(x, t, None) * self.scale + 0.1 * cond.view(-1, 1)
 
 
-def _graph_run(model, x_T, cond, seed, graph):
+def _graph_run(model, x_T, cond, seed, graph, sampler="ddpm"):
     from d2nwg.sampling.api import prepare as _prepare
     from d2nwg.sampling.cuda_graph import run_with_graph as _with_graph
     from d2nwg.sampling.loop import run_eager as _eager
@@ -529,7 +534,7 @@ def _graph_run(model, x_T, cond, seed, graph):
         model,
         x_T,
         SCHED,
-        "ddpm",
+        sampler,
         6,
         None,
         0.0,
@@ -575,6 +580,22 @@ def test_graph_wrapper_replays_new_inputs_with_per_sample_generators(monkeypatch
         assert fake.graphs[1].replays == 1
     assert fake.current is fake.main
     del old
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_3m", "unipc"])
+def test_graph_wrapper_replays_the_multistep_samplers(sampler, monkeypatch):
+    """The multistep samplers under cuda_graph=True (capture mocked on CPU): the captured
+    loop owns its x0 history buffers (one or two, cleared at every replay), and replays with
+    new inputs give the eager answer."""
+    fake = _FakeCuda(monkeypatch)
+    net = _Net(12, fake)
+    g = torch.Generator().manual_seed(8)
+    for i in range(3):
+        x_T = torch.randn(2, 12, generator=g, dtype=torch.float64)
+        cond = torch.randn(2, generator=g, dtype=torch.float64)
+        got = _graph_run(net, x_T, cond, 0, graph=True, sampler=sampler)
+        assert torch.equal(got, _graph_run(net, x_T, cond, 0, graph=False, sampler=sampler)), i
+    assert len(fake.graphs) == 1 and fake.graphs[0].replays == 2
 
 
 def test_graph_wrapper_falls_back_once_and_restores_the_stream(monkeypatch):

@@ -21,6 +21,7 @@ from d2nwg.backends import triton_reason
 from d2nwg.nn.conditioners import Condition
 from d2nwg.nn.denoiser import LatentDenoiser, LatentDenoiserConfig
 from d2nwg.ops import ChunkPlan, detokenize, latent_attention, sampler_step, sampler_step_
+from d2nwg.ops.sampler_step_op import K
 
 # (d2nwg.ops re-exports functions named like these modules: import the modules themselves.)
 tokenize_ops = importlib.import_module("d2nwg.ops.tokenize_op")
@@ -81,7 +82,8 @@ def test_tokenize_detokenize(backend, gen, device):
 
 
 # ----------------------------------------------------------------------------------------
-# Sampler step: out-of-place (guided, noise, previous x0) then in place; bit-equal to eager.
+# Sampler step: out-of-place (guided, noise, previous x0) then in place, plain and with the
+# two-step history (DPM-Solver++(3M), UniPC); bit-equal to eager.
 # ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["torch", "cpp", "cuda", "triton"])
 def test_sampler_step(backend, gen, device):
@@ -91,23 +93,29 @@ def test_sampler_step(backend, gen, device):
     def rnd(*shape):
         return torch.randn(*shape, generator=gen).to(dev)
 
-    x, out, z, prev = rnd(B, N), rnd(2 * B, N), rnd(B, N), rnd(B, N)
-    table, shared = rnd(S, B, 10), rnd(S, 10)  # per-sample and shared coefficients
+    x, out, z, prev, prev2 = rnd(B, N), rnd(2 * B, N), rnd(B, N), rnd(B, N), rnd(B, N)
+    table, shared = rnd(S, B, K), rnd(S, K)  # per-sample and shared coefficients
     step = torch.tensor([3], device=dev)
 
-    def two_steps(x, out, table, shared, step, z, prev):
+    def three_steps(x, out, table, shared, step, z, prev, prev2):
         y = sampler_step(x, out, table, step, noise=z, prev_x0=prev, guided=True, backend=backend)
-        return sampler_step_(y, out[:B], shared, step - 1, backend=backend)
+        y = sampler_step_(y, out[:B], shared, step - 1, backend=backend)
+        return sampler_step_(
+            y, out, shared, step - 2, prev_x0=prev, prev2_x0=prev2, guided=True, backend=backend
+        )
 
-    prev_want, prev_got = prev.clone(), prev.clone()
-    want = two_steps(x, out, table, shared, step, z, prev_want)
-    fn = compiled(two_steps)
-    got = fn(x, out, table, shared, step, z, prev_got)
-    assert torch.equal(got, want) and torch.equal(prev_got, prev_want)
-    assert not torch.equal(prev_got, prev)  # the previous x0 was updated in place
+    want_hist = (prev.clone(), prev2.clone())
+    got_hist = (prev.clone(), prev2.clone())
+    want = three_steps(x, out, table, shared, step, z, *want_hist)
+    fn = compiled(three_steps)
+    got = fn(x, out, table, shared, step, z, *got_hist)
+    assert torch.equal(got, want)
+    assert all(torch.equal(g, w) for g, w in zip(got_hist, want_hist))
+    assert not torch.equal(got_hist[0], prev)  # the previous x0 was updated in place
+    assert not torch.equal(got_hist[1], prev2)  # and the one before it
     if dev.type == "cpu":  # the eager range check of step becomes an assert in the graph
         with pytest.raises(RuntimeError, match="out of range"):
-            fn(x, out, table, shared, torch.tensor([S], device=dev), z, prev.clone())
+            fn(x, out, table, shared, torch.tensor([S], device=dev), z, prev.clone(), prev2)
 
 
 # ----------------------------------------------------------------------------------------
@@ -222,11 +230,24 @@ def test_triton_custom_ops_opcheck(gen, device):
             (
                 rnd(2, 7),
                 rnd(4, 7),
-                rnd(5, 10),
+                rnd(5, K),
                 torch.tensor([2], device=dev),
                 rnd(2, 7),
                 rnd(2, 7),
                 True,
+            ),
+        ),
+        (  # with the second history buffer
+            ops.sampler_step_triton_,
+            (
+                rnd(2, 7),
+                rnd(2, 7),
+                rnd(5, K),
+                torch.tensor([1], device=dev),
+                None,
+                rnd(2, 7),
+                False,
+                rnd(2, 7),
             ),
         ),
         (

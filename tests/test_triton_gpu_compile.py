@@ -10,7 +10,7 @@ and how arguments are specialized).
 ``triton.jit`` returns an interpreter object when ``TRITON_INTERPRET=1`` (set by conftest.py on
 CPU machines), so the compilation runs once per session in a subprocess with the interpreter
 off and a fresh Triton cache (every case really compiles), two cases at a time; each case is
-then its own test item (160 cases: kernels x configurations x arch). Takes 40 s on two idle
+then its own test item (173 cases: kernels x configurations x arch). Takes 40 s on two idle
 cores, up to about 90 s when they are busy.
 
 Asserted per case: a cubin is produced; its shared memory fits the arch (227 KiB opt-in on
@@ -117,7 +117,7 @@ def test_case_list_matches_launchers(compiled):
         for c in CASES
         if c["kernel"] == "sampler_step" and c["arch"] == 90
     }
-    assert len(sm90_modes) == 4 * 2 * 3  # every x dtype x guided x (none, noise, prev)
+    assert len(sm90_modes) == 4 * 2 * 4  # every x dtype x guided x (none, noise, prev, prev2)
     # sm_80 lets bf16 stand for fp16 in attention: valid while their block configs agree.
     assert compiled["same_16bit_configs"], (
         "the attention launchers now pick different GPU blocks for bf16 and fp16: add fp16 "

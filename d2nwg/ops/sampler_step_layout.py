@@ -13,21 +13,33 @@ from d2nwg.errors import DeviceError, DTypeError, ShapeError, shape_of
 # Columns of a coefficient table row: the one definition for Python and Triton (the kernel
 # gets them as constexprs COL_<name>). csrc/sampler_step_layout.h holds the same for C++ and
 # CUDA; tests/test_sampler_step.py checks that the two agree.
-COLUMNS = ("G", "AX", "AO", "EX", "EO", "CX", "C0", "CE", "CP", "CZ")
-G, AX, AO, EX, EO, CX, C0, CE, CP, CZ = range(len(COLUMNS))
+# CP2 (the weight of the second history buffer) came last, so the older columns kept their
+# indices.
+COLUMNS = ("G", "AX", "AO", "EX", "EO", "CX", "C0", "CE", "CP", "CZ", "CP2")
+G, AX, AO, EX, EO, CX, C0, CE, CP, CZ, CP2 = range(len(COLUMNS))
 K = len(COLUMNS)
 X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TABLE_DTYPES = (torch.float32, torch.float64)
 STEP_DTYPES = (torch.int64,)
 
 
-def check_step(x, model_out, table, step, noise, prev_x0, guided, *, launch: bool = False) -> None:
+def check_step(
+    x, model_out, table, step, noise, prev_x0, guided, prev2_x0=None, *, launch: bool = False
+) -> None:
     """Validate the inputs of one step. ``launch``: the checks of a kernel launch (the Triton
     op is reachable directly): every tensor contiguous, no host read of ``step`` (kernels
     clamp it)."""
-    tensors = dict(x=x, model_out=model_out, table=table, step=step, noise=noise, prev_x0=prev_x0)
+    tensors = dict(
+        x=x,
+        model_out=model_out,
+        table=table,
+        step=step,
+        noise=noise,
+        prev_x0=prev_x0,
+        prev2_x0=prev2_x0,
+    )
     for name, t in tensors.items():
-        if t is None and name in ("noise", "prev_x0"):
+        if t is None and name in ("noise", "prev_x0", "prev2_x0"):
             continue
         if not isinstance(t, torch.Tensor):
             raise DTypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -64,13 +76,24 @@ def check_step(x, model_out, table, step, noise, prev_x0, guided, *, launch: boo
         raise DTypeError(f"step must be a one-element int64 tensor, got dtype {step.dtype}")
     if step.numel() != 1:
         raise ShapeError(f"step must be a one-element int64 tensor, got {step.numel()} elements")
-    for name, t in (("noise", noise), ("prev_x0", prev_x0)):
+    for name, t in (("noise", noise), ("prev_x0", prev_x0), ("prev2_x0", prev2_x0)):
         if t is None:
             continue
         if tuple(t.shape) != (B, N):
             raise ShapeError(f"{name} has shape {tuple(t.shape)}, expected {(B, N)}")
         if t.dtype != x.dtype:
             raise DTypeError(f"{name} has dtype {t.dtype}, x has {x.dtype}")
+    if prev2_x0 is not None:
+        if prev_x0 is None:
+            raise ShapeError("prev2_x0 needs prev_x0 (it receives prev_x0's values)")
+        same = prev2_x0 is prev_x0 or (
+            not torch.compiler.is_compiling()  # (a fake tensor has no data pointer)
+            and prev2_x0.numel() > 0
+            and prev2_x0.device.type != "meta"
+            and prev2_x0.data_ptr() == prev_x0.data_ptr()
+        )
+        if same:
+            raise ShapeError("prev2_x0 and prev_x0 must be two different buffers")
     for name, t in tensors.items():
         if t is not None and t.device != x.device:
             raise DeviceError(f"{name} is on {t.device}, x on {x.device}")

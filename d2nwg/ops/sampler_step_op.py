@@ -9,17 +9,21 @@ sample, table ``[S, B, K]``), every backend computes, elementwise and in this or
          = model_out[b]              otherwise
     x0   = c[AX] * x + c[AO] * o     the prediction converted to data   (x_0-hat)
     eps  = c[EX] * x + c[EO] * o     the prediction converted to noise  (eps-hat)
-    next = c[CX] * x + c[C0] * x0 + c[CE] * eps  [+ c[CP] * prev]  [+ c[CZ] * noise]
-    x    <- next                     (in place)
-    prev <- x0                       (when a previous-x0 buffer is given: DPM-Solver++(2M))
+    next = c[CX] * x + c[C0] * x0 + c[CE] * eps  [+ c[CP] * prev]  [+ c[CP2] * prev2]
+                                                 [+ c[CZ] * noise]
+    x     <- next                    (in place)
+    prev2 <- prev                    (when a second history buffer is given: DPM-Solver++(3M),
+    prev  <- x0                       UniPC; with one buffer, DPM-Solver++(2M): prev <- x0)
 
-The bracketed terms are present only when ``prev_x0`` / ``noise`` are given. Arithmetic runs
-in float32 (float64 for float64 ``x``); the result is rounded once to ``x.dtype``. The
-samplers (DDPM, DDIM, DPM-Solver++) differ only in their tables, built by
-:mod:`d2nwg.sampling`. Files of this op: this one (reference, checks, dispatch, public
-functions), ``sampler_step_layout.py`` (the table's columns and the input checks, shared with
-the kernel), ``kernels/sampler_step.py`` (Triton), ``csrc/sampler_step_cpu.cpp`` and
-``csrc/sampler_step_cuda.cu`` (registered in ``csrc/registration.cpp``).
+The bracketed terms are present only when ``prev_x0`` / ``prev2_x0`` / ``noise`` are given
+(``prev2_x0`` only with ``prev_x0``: the two hold the data predictions of the last two steps,
+newest first). Arithmetic runs in float32 (float64 for float64 ``x``); the result is rounded
+once to ``x.dtype``. The samplers (DDPM, DDIM, DPM-Solver++(2M) and (3M), UniPC) differ only
+in their tables, built by :mod:`d2nwg.sampling`. Files of this op: this one (reference,
+dispatch, public functions), ``sampler_step_layout.py`` (the table's columns and the input
+checks, shared with the kernel), ``kernels/sampler_step.py`` (Triton),
+``csrc/sampler_step_cpu.cpp`` and ``csrc/sampler_step_cuda.cu`` (registered in
+``csrc/registration.cpp``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from d2nwg.ops.sampler_step_layout import (  # noqa: F401
     CE,
     COLUMNS,
     CP,
+    CP2,
     CX,
     CZ,
     EO,
@@ -63,9 +68,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def sampler_step_ref(
     x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor, step: torch.Tensor,
     noise: torch.Tensor | None = None, prev_x0: torch.Tensor | None = None, guided: bool = False,
-    compute_dtype: torch.dtype | None = None,
+    prev2_x0: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None,
 ) -> None:  # fmt: skip
-    """In place on ``x`` [B, N] (and ``prev_x0``); see the module docstring.
+    """In place on ``x`` [B, N] (and ``prev_x0``, ``prev2_x0``); see the module docstring.
 
     ``compute_dtype`` (tests only) overrides the float32/float64 arithmetic, e.g. to measure
     PyTorch's own error when it computes in bfloat16.
@@ -87,9 +92,13 @@ def sampler_step_ref(
     nxt = col[CX] * xa + col[C0] * x0 + col[CE] * eps
     if prev_x0 is not None:
         nxt = nxt + col[CP] * prev_x0.to(acc)
+    if prev2_x0 is not None:
+        nxt = nxt + col[CP2] * prev2_x0.to(acc)
     if noise is not None:
         nxt = nxt + col[CZ] * noise.to(acc)
     x.copy_(nxt)
+    if prev2_x0 is not None:
+        prev2_x0.copy_(prev_x0)
     if prev_x0 is not None:
         prev_x0.copy_(x0)
 
@@ -97,31 +106,36 @@ def sampler_step_ref(
 # ----------------------------------------------------------------------------------------
 # Compiled backends (csrc/): registered as torch.ops.d2nwg.sampler_step_.
 # ----------------------------------------------------------------------------------------
-def _compiled(x, model_out, table, step, noise, prev_x0, guided) -> None:
-    torch.ops.d2nwg.sampler_step_.default(x, model_out, table, step, noise, prev_x0, guided)
+def _compiled(x, model_out, table, step, noise, prev_x0, guided, prev2_x0=None) -> None:
+    torch.ops.d2nwg.sampler_step_.default(
+        x, model_out, table, step, noise, prev_x0, guided, prev2_x0
+    )
 
 
 # Triton (kernels/sampler_step.py), registered as torch.ops.d2nwg.sampler_step_triton_ with the
 # compiled op's schema: torch.compile then sees an opaque in-place op instead of the launcher.
 @torch.library.custom_op(
     "d2nwg::sampler_step_triton_",
-    mutates_args=("x", "prev_x0"),
+    mutates_args=("x", "prev_x0", "prev2_x0"),
     schema="(Tensor(a!) x, Tensor model_out, Tensor table, Tensor step, "
-    "Tensor? noise, Tensor(b!)? prev_x0, bool guided) -> ()",
+    "Tensor? noise, Tensor(b!)? prev_x0, bool guided, Tensor(c!)? prev2_x0=None) -> ()",
 )
-def _triton_op(x, model_out, table, step, noise, prev_x0, guided) -> None:
+def _triton_op(x, model_out, table, step, noise, prev_x0, guided, prev2_x0=None) -> None:
     from d2nwg.kernels.sampler_step import sampler_step_triton
 
-    sampler_step_triton(x, model_out, table, step, noise, prev_x0, guided)  # checks its inputs
+    # (checks its inputs)
+    sampler_step_triton(x, model_out, table, step, noise, prev_x0, guided, prev2_x0)
 
 
 @_triton_op.register_fake
-def _triton_fake(x, model_out, table, step, noise, prev_x0, guided) -> None:
+def _triton_fake(x, model_out, table, step, noise, prev_x0, guided, prev2_x0=None) -> None:
     return None
 
 
-def _triton(x, model_out, table, step, noise, prev_x0, guided) -> None:
-    torch.ops.d2nwg.sampler_step_triton_.default(x, model_out, table, step, noise, prev_x0, guided)
+def _triton(x, model_out, table, step, noise, prev_x0, guided, prev2_x0=None) -> None:
+    torch.ops.d2nwg.sampler_step_triton_.default(
+        x, model_out, table, step, noise, prev_x0, guided, prev2_x0
+    )
 
 
 def _triton_why_not(x, *_) -> str | None:
@@ -143,7 +157,7 @@ if _ext._C is not None and hasattr(torch.ops.d2nwg, "sampler_step_"):
     try:  # lets torch.compile trace through the in-place op (it returns nothing)
 
         @torch.library.register_fake("d2nwg::sampler_step_")
-        def _fake(x, model_out, table, step, noise, prev_x0, guided):
+        def _fake(x, model_out, table, step, noise, prev_x0, guided, prev2_x0=None):
             return None
     except (RuntimeError, AttributeError):  # already registered (module reloaded) or old torch
         pass
@@ -160,6 +174,7 @@ def sampler_step_(
     *,
     noise: torch.Tensor | None = None,
     prev_x0: torch.Tensor | None = None,
+    prev2_x0: torch.Tensor | None = None,
     guided: bool = False,
     backend: str | None = None,
     check: bool = True,
@@ -176,7 +191,10 @@ def sampler_step_(
             not range-checked (that would synchronize); kernels clamp it to ``[0, S)``.
         noise: standard normal noise ``[B, N]`` scaled by column CZ, or None.
         prev_x0: the previous data prediction ``[B, N]``, read (column CP) then overwritten
-            with this step's x0 (DPM-Solver++(2M)); or None.
+            with this step's x0 (DPM-Solver++(2M), (3M), UniPC); or None.
+        prev2_x0: the data prediction before that ``[B, N]``, read (column CP2) then
+            overwritten with ``prev_x0``'s values (DPM-Solver++(3M), UniPC); or None. Needs
+            ``prev_x0``.
         guided: mix classifier-free guidance from the two halves of ``model_out``.
         backend: force "torch", "cpp", "cuda" or "triton" (else ``D2NWG_BACKEND`` / best).
         check: validate the inputs (the sampler loop validates once, then passes False).
@@ -186,15 +204,16 @@ def sampler_step_(
     if isinstance(noise, torch.Tensor) and noise.dim() != 2 and noise.numel() == x.numel():
         noise = noise.reshape(x.shape)
     if check:
-        _check(x, model_out, table, step, noise, prev_x0, guided)
+        _check(x, model_out, table, step, noise, prev_x0, guided, prev2_x0)
         model_out = model_out.contiguous()
         table = table.contiguous()
         noise = noise.contiguous() if noise is not None else None
-        if prev_x0 is not None and not prev_x0.is_contiguous():
-            raise ShapeError("prev_x0 must be contiguous (it is updated in place)")
+        for name, t in (("prev_x0", prev_x0), ("prev2_x0", prev2_x0)):
+            if t is not None and not t.is_contiguous():
+                raise ShapeError(f"{name} must be contiguous (it is updated in place)")
     if x.numel() == 0:
         return x
-    args = (x, model_out, table, step, noise, prev_x0, guided)
+    args = (x, model_out, table, step, noise, prev_x0, guided, prev2_x0)
     select("sampler_step", SAMPLER_STEP_BACKENDS, *args, backend=backend).run(*args)
     return x
 
@@ -203,7 +222,7 @@ def sampler_step(
     x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor, step: torch.Tensor, **options
 ) -> torch.Tensor:
     """Out-of-place :func:`sampler_step_` (the same arguments and keywords): returns the next
-    sample; ``prev_x0`` is still updated in place when given."""
+    sample; ``prev_x0`` and ``prev2_x0`` are still updated in place when given."""
     if not isinstance(x, torch.Tensor):
         raise DTypeError(f"x must be a tensor, got {type(x).__name__}")
     out = x.clone(memory_format=torch.contiguous_format)

@@ -1,11 +1,11 @@
-"""Diffusion samplers (DDPM, DDIM, DPM-Solver++(2M)) on the fused step op.
+"""Diffusion samplers (DDPM, DDIM, DPM-Solver++(2M) and (3M), UniPC) on the fused step op.
 
 ``sample(model, x_T, schedule, sampler=..., steps=...)`` runs the reverse process from
 ``x_T`` and returns the final sample x_0. Each step is one model call and one fused kernel
 (:func:`d2nwg.ops.sampler_step_`): the samplers differ only in the per-step coefficients,
 computed once, in float64, into a device table read at a device-side step index. After the
 last timestep every sampler lands on alpha_bar = 1 (sigma = 0): its last step returns the
-data prediction (DDIM, DPM-Solver++) or the posterior mean with zero variance (DDPM).
+data prediction (DDIM, DPM-Solver++, UniPC) or the posterior mean with zero variance (DDPM).
 
 One job per file:
 

@@ -43,8 +43,9 @@ def sample(
             ``[B]`` of training timesteps (``[2B]``, cond rows then uncond rows, under guidance).
         x_T: the starting noise ``[B, ...]`` (float32, float16, bfloat16 or float64).
         schedule: the training :class:`~d2nwg.schedule.NoiseSchedule`.
-        sampler: one of :data:`d2nwg.SAMPLERS`: ``"ddpm"`` (ancestral), ``"ddim"`` or
-            ``"dpmpp_2m"`` (DPM-Solver++(2M)).
+        sampler: one of :data:`d2nwg.SAMPLERS`: ``"ddpm"`` (ancestral), ``"ddim"``,
+            ``"dpmpp_2m"`` (DPM-Solver++(2M)), and for few steps ``"dpmpp_3m"``
+            (DPM-Solver++(3M)) or ``"unipc"`` (UniPC-2, B(h) = e^h - 1).
         steps: number of steps, ``1 <= steps <= T``; timesteps ``round(T - i * T / steps) - 1``.
         timesteps: explicit strictly descending timesteps in ``[0, T)``; overrides ``steps``.
         eta: DDIM's stochasticity (0 = deterministic, 1 = DDPM-like); DDIM only.
@@ -119,6 +120,7 @@ def prepare(
         step_idx=tables.step_idx,
         noise_steps=tables.noise_steps,
         use_prev=tables.use_prev,
+        use_prev2=tables.use_prev2,
         run=_noop,
         draw=noise_drawer(generator, tuple(x.shape), x.dtype, device),
     )
@@ -132,6 +134,7 @@ def prepare(
         x if any(plan.noise_steps) else None,
         x if plan.use_prev else None,
         guided,
+        x if plan.use_prev2 else None,
         backend=backend,
     )
     if N > 0:

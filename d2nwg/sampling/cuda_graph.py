@@ -37,6 +37,7 @@ class Captured:
         n_noise = sum(plan.noise_steps)
         self.noise = torch.empty((n_noise,) + tuple(x.shape), dtype=x.dtype, device=x.device)
         self.prev = torch.zeros_like(x) if plan.use_prev else None
+        self.prev2 = torch.zeros_like(x) if plan.use_prev2 else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.state: tuple = ()  # _state_signature at capture
 
@@ -52,13 +53,15 @@ class Captured:
 
     def body(self, plan: Plan) -> None:
         self.x.copy_(self.x_T)
-        if self.prev is not None:
-            self.prev.zero_()
+        for history in (self.prev, self.prev2):
+            if history is not None:
+                history.zero_()
         slot = {k: i for i, k in enumerate(k for k in range(plan.S) if plan.noise_steps[k])}
         run_steps(
             self.plan_view(plan),
             self.x,
             self.prev,
+            self.prev2,
             self.cond,
             lambda k: self.noise[slot[k]] if k in slot else None,
         )
@@ -86,6 +89,7 @@ def _graph_key(plan: Plan, x: torch.Tensor, cond_in: Any) -> tuple:
         plan.guided,
         plan.noise_steps,
         plan.use_prev,
+        plan.use_prev2,
         plan.table.dtype,
         plan.run,
         cond_sig,

@@ -29,7 +29,8 @@ class Plan:
     t_table: torch.Tensor  # [S, B or 2B] int64: the model's t at each step
     step_idx: torch.Tensor  # [S] int64: arange (the device-side step index)
     noise_steps: tuple[bool, ...]  # whether step k adds noise
-    use_prev: bool  # DPM-Solver++(2M): keep the previous x0
+    use_prev: bool  # multistep samplers: keep the previous x0
+    use_prev2: bool  # DPM-Solver++(3M), UniPC: and the one before it
     run: Callable  # the selected backend of the fused step
     draw: Callable[[], torch.Tensor]  # one step's noise [B, N]
 
@@ -55,10 +56,12 @@ def run_steps(
     plan: Plan,
     x: torch.Tensor,
     prev: torch.Tensor | None,
+    prev2: torch.Tensor | None,
     cond_in: Any,
     noise: Callable[[int], torch.Tensor | None],
 ) -> None:
-    """S steps in place on x [B, N]: one model call and one fused kernel per step.
+    """S steps in place on x [B, N] (and the x0 history prev, prev2): one model call and one
+    fused kernel per step.
 
     Per step this does only the model call (on a cat of x with itself under guidance) and the
     fused op: the timesteps and step indices are views made once, the state is updated in
@@ -78,13 +81,14 @@ def run_steps(
             out = out.to(dtype)
         if not out.is_contiguous():
             out = out.contiguous()
-        run(x, out, table, s_views[k], noise(k), prev, guided)
+        run(x, out, table, s_views[k], noise(k), prev, guided, prev2)
 
 
 def run_eager(plan: Plan, x: torch.Tensor, cond_in: Any) -> torch.Tensor:
     """The loop without a CUDA graph: noise drawn step by step; returns ``x``."""
     prev = torch.zeros_like(x) if plan.use_prev else None
-    run_steps(plan, x, prev, cond_in, lambda k: plan.draw() if plan.noise_steps[k] else None)
+    prev2 = torch.zeros_like(x) if plan.use_prev2 else None
+    run_steps(plan, x, prev, prev2, cond_in, lambda k: plan.draw() if plan.noise_steps[k] else None)
     return x
 
 

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from d2nwg.ops.sampler_step_op import CP, CZ, G, K
+from d2nwg.ops.sampler_step_op import CP, CP2, CZ, G, K
 from d2nwg.sampling.samplers import REGISTRY, prediction_coefficients
 from d2nwg.schedule import NoiseSchedule
 
@@ -46,7 +46,8 @@ class DeviceTables(NamedTuple):
     t_table: torch.Tensor  # [S, rows] int64: the model's t at each step
     step_idx: torch.Tensor  # [S] int64: arange (the device-side step index)
     noise_steps: tuple[bool, ...]  # whether step k adds noise
-    use_prev: bool  # whether any step reads the previous x0 (DPM-Solver++(2M))
+    use_prev: bool  # whether the run keeps the previous x0 (multistep samplers)
+    use_prev2: bool  # whether it keeps the one before too (DPM-Solver++(3M), UniPC)
 
 
 CACHE_SIZE = 32  # entries per schedule
@@ -74,12 +75,14 @@ def device_tables(
         return hit
     table64 = build_table(schedule, ts, sampler, prediction_type, eta, guidance_scale)
     S = len(ts)
+    use_prev2 = bool((table64[:, CP2] != 0).any())
     entry = DeviceTables(
         table64.to(device=device, dtype=dtype),
         torch.tensor(ts, dtype=torch.int64).view(S, 1).expand(S, rows).contiguous().to(device),
         torch.arange(S, dtype=torch.int64, device=device),
         tuple(bool(v != 0) for v in table64[:, CZ].tolist()),
-        bool((table64[:, CP] != 0).any()),
+        use_prev2 or bool((table64[:, CP] != 0).any()),  # prev2 is fed from prev
+        use_prev2,
     )
     if len(cache) >= CACHE_SIZE:
         cache.pop(next(iter(cache)))
