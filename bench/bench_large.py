@@ -39,9 +39,16 @@ from suite_large import (  # noqa: E402
     target_model,
 )
 
+from d2nwg.generator import D2NWGConfig  # noqa: E402
 from d2nwg.timing import median_ms  # noqa: E402
 
 METHODS = {"plain": plain_way, "streaming": streaming}
+# Generation at the library's sampling defaults, before and after they were chosen from the
+# quality-against-steps curve (docs/steps/): streaming, the rest of the reference unchanged.
+DEFAULTS = {
+    "old_default": {"sampler": "dpmpp_2m", "steps": 25},
+    "new_default": {"sampler": D2NWGConfig.sampler, "steps": D2NWGConfig.sample_steps},
+}
 
 
 def _kib(field: str) -> int:
@@ -83,6 +90,10 @@ def timing_worker(tiny: bool, repeat: int) -> dict:
     for _ in range(repeat + 1):
         for method, fn in METHODS.items():
             times[method].append(median_ms(lambda: fn(gen, model), "cpu", repeat=1, warmup=0))
+    for _ in range(repeat + 1):
+        for name, sampling in DEFAULTS.items():
+            run = lambda: streaming(gen, model, **sampling)
+            times.setdefault(name, []).append(median_ms(run, "cpu", repeat=1, warmup=0))
     out = {f"{m}_ms": statistics.median(t[1:]) for m, t in times.items()}
     with denoiser_timer(gen) as spent:
         streaming(gen, model)
@@ -152,6 +163,12 @@ def main() -> None:
           f"width {result['matmul_gflops']:.1f} GFLOP/s: {result['flops_fraction']:.0%} "
           f"(target >= 50%)")  # fmt: skip
     print(f"the two methods wrote the same weights: {result['same_weights']}")
+    for name, sampling in DEFAULTS.items():
+        ms = t[f"{name}_ms"]
+        print(f"{name} ({sampling['sampler']}, {sampling['steps']} steps): {ms / 1e3:.2f} s, "
+              f"{t['params'] / (ms / 1e3) / 1e6:.2f}M params/s")  # fmt: skip
+    result["default_speedup"] = t["old_default_ms"] / t["new_default_ms"]
+    print(f"new default / old default throughput: {result['default_speedup']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -63,7 +63,7 @@ def _generator_info() -> str:
     import torch.distributed as dist
 
     from d2nwg.files import LOCK_NAME
-    from d2nwg.generator import BATCH_ELEMENTS, CONDITIONS, WINDOW_DRAWS
+    from d2nwg.generator import BATCH_ELEMENTS, CONDITIONS, WINDOW_DRAWS, D2NWGConfig
     from d2nwg.training.distributed import TIMEOUT_ENV, collective_timeout
 
     timeout = collective_timeout().total_seconds()
@@ -85,7 +85,9 @@ def _generator_info() -> str:
     return "\n".join(
         [
             f"generator: d2nwg.D2NWG, conditions {', '.join(CONDITIONS)}; samplers "
-            f"{', '.join(d2nwg.SAMPLERS)}; prediction types {', '.join(d2nwg.PREDICTION_TYPES)}",
+            f"{', '.join(d2nwg.SAMPLERS)} (default {D2NWGConfig.sampler}, "
+            f"{D2NWGConfig.sample_steps} steps); prediction types "
+            f"{', '.join(d2nwg.PREDICTION_TYPES)}",
             "large models: D2NWGConfig(window=W) windows (training draws up to "
             f"{WINDOW_DRAWS} per model a step, or window_batch pairs), streaming generate_into "
             "(batch_windows), generate_to_directory shards + index, include/exclude, "

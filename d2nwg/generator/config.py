@@ -74,9 +74,11 @@ class D2NWGConfig(JSONConfig):
     log_every: int = 25
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    # sampling defaults (what the demo shows to work best)
-    sampler: str = "dpmpp_2m"
-    sample_steps: int = 25
+    # sampling defaults, chosen from the quality-against-steps curve (docs/steps/): UniPC at
+    # 10 steps is within 0.005 of DPM-Solver++(2M) at 25 on every split of the digits demo
+    # (within 0.002), at 2.5x fewer denoiser passes
+    sampler: str = "unipc"
+    sample_steps: int = 10
     guidance_scale: float = 2.0
 
     def __post_init__(self) -> None:
