@@ -125,9 +125,9 @@ def run(
         zoo = make_zoo(
             case["shapes"], models=16 if tiny else 64, classes=5, features=case["features"]
         )
-        cfg = D2NWGConfig(
-            vae_steps=steps, diffusion_steps=steps, log_every=max(1, steps // 4), device=device
-        )
+        # plain_generate is a DPM-Solver++(2M) loop: the generator samples the same way
+        cfg = D2NWGConfig(vae_steps=steps, diffusion_steps=steps, log_every=max(1, steps // 4),
+                          device=device, sampler="dpmpp_2m", sample_steps=25)  # fmt: skip
         gen = D2NWG(cfg).fit(zoo, progress=False)
         for stage, rate in gen.history["steps_per_s"].items():
             rows.append(
