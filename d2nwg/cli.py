@@ -99,6 +99,8 @@ def _generator_info() -> str:
             f"({TIMEOUT_ENV})",
             f"reliability: one writer per directory ({LOCK_NAME}); NaN/Inf losses stop fit, "
             "NaN/Inf files are refused",
+            "text conditions: any encoder's [L, E] rows (one slot per row), or "
+            "d2nwg.text.hashed_ngrams (no download); d2nwg demo --condition text",
             f"demo: scikit-learn {version('scikit-learn')}, matplotlib {version('matplotlib')}",
             _hf_info(),
         ]
