@@ -99,6 +99,8 @@ def _generator_info() -> str:
             f"({TIMEOUT_ENV})",
             f"reliability: one writer per directory ({LOCK_NAME}); NaN/Inf losses stop fit, "
             "NaN/Inf files are refused",
+            "text conditions: any encoder's [L, E] rows (one slot per row), or "
+            "d2nwg.text.hashed_ngrams (no download); d2nwg demo --condition text",
             f"demo: scikit-learn {version('scikit-learn')}, matplotlib {version('matplotlib')}",
             _hf_info(),
         ]
@@ -119,6 +121,11 @@ def _hf_info() -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.lora and args.condition != "dataset":
+        raise d2nwg.ConfigError(
+            "--condition text is for the digits demo (the LoRA demo's conditions "
+            "are example sequences)"
+        )
     if args.lora:
         from d2nwg.demo.lora import run
     else:
@@ -127,7 +134,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     progress = not args.no_progress
     run(DemoOptions(args.out, args.device, args.seed, args.quick, progress, args.sampler,
-                    args.steps))  # fmt: skip
+                    args.steps, args.condition))  # fmt: skip
     return 0
 
 
@@ -298,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     sampler = "the sampler of the candidates (default: the generator's)"
     p.add_argument("--sampler", choices=d2nwg.SAMPLERS, help=sampler)
     p.add_argument("--steps", type=at_least_1, help="its steps (default: the generator's)")
+    condition = (
+        "what a digit task is described by: 'dataset' (support-set features, the default) or "
+        "'text' (its class names in label order, hashed character n-grams; no novel split)"
+    )
+    p.add_argument("--condition", choices=("dataset", "text"), default="dataset", help=condition)
 
     p = _command(
         sub,

@@ -15,11 +15,21 @@
 5. Fine-tuning from the best generated head and from a random head: steps until 95% of the
    zoo head's accuracy.
 
+With ``DemoOptions(condition="text")`` (``d2nwg demo --condition text``) a task's condition is
+the names of its classes in label order ("zero one three five eight"), one token per word,
+embedded by the fixed hashed n-gram featurizer :func:`d2nwg.text.hashed_ngrams` (no download).
+Then: no rotated copies (``symmetries`` is 0: a rotated head would carry the same words, so the
+zoo would hold several different heads for one condition, and the rotation can't be read from
+text), and no novel split (the word "nine" appears in no zoo condition, so its hashed vector
+has no learned meaning: no text generator could write its row). The zoo heads and the zoo and
+random baselines are the very heads of the dataset demo (the same random streams).
+
 Writes ``results.json``, the generator (``generator/``), plots and prints a table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,20 +42,25 @@ from d2nwg.demo.common import (
     write_report,
 )
 from d2nwg.demo.digits import (
+    TEXT_DIM,
     Digits,
     accuracy,
     feature_symmetry,
     load_digits,
     make_tasks,
+    name_condition,
     random_heads,
     support_set,
     train_heads,
 )
+from d2nwg.errors import ConfigError
 from d2nwg.generator import D2NWG
 from d2nwg.zoo import ModelZoo
 
 METHODS = ("generated_best", "generated_mean", "zoo", "random")
 SPLITS = ("seen", "unseen", "novel")
+DEMO_CONDITIONS = ("dataset", "text")  # of a task: support-set features, or its class names
+TEXT_SPLITS = ("seen", "unseen")  # no novel split: a word no zoo condition holds means nothing
 
 
 @dataclass
@@ -54,7 +69,7 @@ class DemoSettings:
     unseen: int = 20
     novel: int = 20
     seeds: int = 3  # zoo heads per seen task
-    symmetries: int = 3  # rotated copies of each zoo head (besides the head itself)
+    symmetries: int = 3  # rotated copies of each zoo head (besides the head itself; text: 0)
     shots: int = 20  # support examples per class (the condition)
     head_steps: int = 100  # fine-tuning steps of a zoo head
     candidates: int = 20  # generated heads per task
@@ -74,16 +89,24 @@ class DemoSettings:
 
 
 def build_zoo(
-    data: Digits, tasks: list[tuple[int, ...]], s: DemoSettings, seed: int
+    data: Digits,
+    tasks: list[tuple[int, ...]],
+    s: DemoSettings,
+    seed: int,
+    condition: str = "dataset",
 ) -> tuple[ModelZoo, torch.Tensor]:
-    """One head per (task, seed), all trained at once; returns the zoo and their test accuracy."""
+    """One head per (task, seed), all trained at once; returns the zoo and their test accuracy.
+    ``condition``: "dataset" (support sets) or "text" (class names; ``s.symmetries`` must be
+    0 then)."""
+    if condition == "text" and s.symmetries:
+        raise ConfigError("a text zoo has no rotated copies: the words can't say the rotation")
     g = torch.Generator().manual_seed(seed)
     zoo_tasks = [t for t in tasks for _ in range(s.seeds)]
     w, b = random_heads(len(zoo_tasks), data.feature_dim, g)
     w, b, _ = train_heads(data, zoo_tasks, w, b, s.head_steps)
     zoo = ModelZoo()
     for i, task in enumerate(zoo_tasks):
-        cond = support_set(data, task, s.shots, g)
+        cond = name_condition(task) if condition == "text" else support_set(data, task, s.shots, g)
         meta = {"task": list(task), "seed": i % s.seeds}
         zoo.add({"weight": w[i], "bias": b[i]}, condition=cond, meta=meta)
         for k in range(s.symmetries):
@@ -106,10 +129,11 @@ def evaluate_split(
     zoo_heads: tuple[torch.Tensor, torch.Tensor] | None,
     seed: int,
     sampling: dict | None = None,
+    condition: str = "dataset",
 ) -> dict:
     """Accuracy of every method on each task of one split, and the best generated heads."""
     g = torch.Generator().manual_seed(seed + 1)
-    generated = generate_candidates(gen, data, tasks, s, seed, g, sampling or {})
+    generated = generate_candidates(gen, data, tasks, s, seed, g, sampling or {}, condition)
     w, b, val, test = (generated[k] for k in ("w", "b", "val", "test"))
     K = s.candidates
     pick = val.argmax(1)
@@ -138,10 +162,15 @@ def generate_candidates(
     seed: int,
     g: torch.Generator,
     sampling: dict,
+    condition: str = "dataset",
 ) -> dict[str, torch.Tensor]:
-    """``s.candidates`` generated heads per task (support sets drawn from ``g``) and their
-    validation and test accuracy ``[tasks, K]``."""
+    """``s.candidates`` generated heads per task (support sets drawn from ``g``, or the
+    tasks' class names with ``condition="text"``) and their validation and test accuracy
+    ``[tasks, K]``."""
+    # drawn for text too, so that g's later draws (the baselines) are the dataset demo's
     conds = torch.stack([support_set(data, t, s.shots, g) for t in tasks])
+    if condition == "text":
+        conds = torch.stack([name_condition(t) for t in tasks])
     K = s.candidates
     w, b = _heads(gen.generate(conds, num_samples=K, seed=seed, **sampling))
     rep = [t for t in tasks for _ in range(K)]
@@ -178,12 +207,19 @@ def finetune_comparison(
 def run(options: DemoOptions | None = None, settings: DemoSettings | None = None) -> dict | None:
     """The whole demo; returns the results (None on ranks other than 0 under torchrun)."""
     o = options or DemoOptions()
+    if o.condition not in DEMO_CONDITIONS:
+        raise ConfigError(
+            f"the digits demo's condition is one of {DEMO_CONDITIONS}, not {o.condition!r}"
+        )
+    text = o.condition == "text"
     s = settings or (DemoSettings.quick() if o.quick else DemoSettings())
+    if text:  # rotated copies would pair one condition with several heads (see the docstring)
+        s = dataclasses.replace(s, symmetries=0)
     watch = Stopwatch()
     with watch.stage("data_and_zoo"):
         data = load_digits(o.seed)
         tasks = make_tasks(s.seen, s.unseen, s.novel, seed=o.seed)
-        zoo, zoo_acc = build_zoo(data, tasks.seen, s, o.seed)
+        zoo, zoo_acc = build_zoo(data, tasks.seen, s, o.seed, o.condition)
 
     # A head row is one 64-value token; rotated rows span all 64 directions, so the VAE keeps
     # a 64-wide latent (no compression) instead of the default C / 4.
@@ -200,6 +236,8 @@ def run(options: DemoOptions | None = None, settings: DemoSettings | None = None
         return None
 
     splits = {"seen": tasks.seen[: max(s.unseen, 10)], "unseen": tasks.unseen, "novel": tasks.novel}
+    if text:
+        splits = {k: splits[k] for k in TEXT_SPLITS}
     with watch.stage("evaluate"):
         seen_heads = zoo_heads_of(zoo)
         per_split = {}
@@ -207,7 +245,9 @@ def run(options: DemoOptions | None = None, settings: DemoSettings | None = None
             heads = None
             if name == "seen":
                 heads = (seen_heads[0][: len(task_list)], seen_heads[1][: len(task_list)])
-            per_split[name] = evaluate_split(gen, data, task_list, s, heads, o.seed, o.sampling())
+            per_split[name] = evaluate_split(
+                gen, data, task_list, s, heads, o.seed, o.sampling(), o.condition
+            )
     with watch.stage("finetune"):
         unseen = per_split["unseen"]
         ft = finetune_comparison(
@@ -217,6 +257,7 @@ def run(options: DemoOptions | None = None, settings: DemoSettings | None = None
     results = {
         "world_size": ctx.world_size,
         "quick": o.quick,
+        "condition": o.condition,
         "sampling": sampling_used(gen, o),
         "methods": list(METHODS),  # the columns of the table and the bars of the plots
         "tasks": {k: [list(t) for t in v] for k, v in splits.items()},
@@ -231,6 +272,13 @@ def run(options: DemoOptions | None = None, settings: DemoSettings | None = None
         "generator": {"config": gen.config.to_dict(), "parameters": _count(gen)},
         "seconds": watch.total(),
     }
+    if text:
+        results["text"] = {
+            "featurizer": f"d2nwg.text.hashed_ngrams(class names, dim={TEXT_DIM})",
+            "symmetries": 0,
+            "no_novel_split": "a word that no zoo condition holds (nine) has a hashed vector "
+            "the generator never learned to read; a featurizer without meaning can't generalize",
+        }
     results["ratios_to_zoo"] = {
         k: {m: v[m] / v["zoo"] for m in ("generated_best", "generated_mean")}
         for k, v in results["accuracy"].items()

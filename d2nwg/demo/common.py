@@ -29,6 +29,7 @@ class DemoOptions:
     progress: bool = True  # progress bars while fitting
     sampler: str | None = None  # how candidates are sampled (None: the generator's default)
     steps: int | None = None
+    condition: str = "dataset"  # the digits demo: "dataset" (support sets) or "text" (names)
 
     def sampling(self) -> dict[str, Any]:
         """The sampling options the demo passes to ``generate`` (only those set)."""
@@ -74,11 +75,11 @@ def fit_generator(
     diffusion_steps: int,
     **config: Any,
 ) -> tuple[D2NWG, DistContext]:
-    """Fit a dataset-conditioned generator on ``zoo`` (logs and checkpoints in ``out/train``),
-    note each stage's seconds, and save it to ``out/generator`` on rank 0. ``config``: the
-    demo's other :class:`D2NWGConfig` fields."""
+    """Fit a generator conditioned on ``options.condition`` on ``zoo`` (logs and checkpoints
+    in ``out/train``), note each stage's seconds, and save it to ``out/generator`` on rank 0.
+    ``config``: the demo's other :class:`D2NWGConfig` fields."""
     cfg = D2NWGConfig(
-        condition="dataset",
+        condition=options.condition,
         vae_steps=vae_steps,
         diffusion_steps=diffusion_steps,
         checkpoint_every=max(vae_steps, diffusion_steps),  # one checkpoint, at the end

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 WAYS = 5
+# The text condition of a task: the names of its classes in label order, one token per word.
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+TEXT_DIM = 256  # width of the hashed n-gram featurizer's vectors (d2nwg.text.hashed_ngrams)
 
 
 @dataclass
@@ -119,6 +122,14 @@ def support_set(
         pick = idx[torch.randperm(idx.numel(), generator=generator)[:shots]]
         rows.append(data.features["train"][pick])
     return torch.stack(rows)
+
+
+def name_condition(task: tuple[int, ...]) -> torch.Tensor:
+    """The text condition of a task, ``[5, TEXT_DIM]``: its class names in label order (e.g.
+    "zero one three five eight"), embedded by the fixed featurizer, one token per word."""
+    from d2nwg.text import hashed_ngrams
+
+    return hashed_ngrams([DIGIT_NAMES[d] for d in task], dim=TEXT_DIM)
 
 
 # ----------------------------------------------------------------------------------------

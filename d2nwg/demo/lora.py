@@ -284,6 +284,8 @@ def gap_closed(base: float, generated: float, trained: float) -> float:
 def run(options: DemoOptions | None = None, settings: LoraSettings | None = None) -> dict | None:
     """The whole LoRA demo; returns the results (None on ranks other than 0 under torchrun)."""
     o = options or DemoOptions()
+    if o.condition != "dataset":
+        raise ConfigError(f"the LoRA demo's conditions are example sequences, not {o.condition!r}")
     s = settings or (LoraSettings.quick() if o.quick else LoraSettings())
     threads = torch.get_num_threads()
     torch.set_num_threads(s.threads or threads)

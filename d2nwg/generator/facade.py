@@ -64,7 +64,7 @@ class D2NWG:
         self.model: ConditionalDenoiser | None = None
         self.latent_scale = 1.0
         self.cond_rank = 0  # 3 for dataset conditions, 2 for text, 0 for none
-        self.max_classes = 0  # condition slots the denoiser embeds (dataset conditions)
+        self.max_classes = 0  # condition slots the denoiser embeds (classes or text tokens)
         self.history: dict[str, Any] = {}  # seconds per stage, steps_per_s, world_size
         # the PEFT adapter config of a generator of adapters (from the zoo; save_peft)
         self.adapter_config: dict | None = None
@@ -114,17 +114,20 @@ class D2NWG:
         template: StateDict,
         config: D2NWGConfig | None = None,
         cond_features: int = 0,
-        max_classes: int = 1,
+        max_classes: int | None = None,
     ) -> D2NWG:
         """A generator for ``template``'s architecture (meta tensors will do) with freshly
         initialized networks and identity normalization: what :meth:`fit` would train. For
         benchmarks and tests of generation's speed and memory, whose cost does not depend on
-        the weights; its samples are not meaningful weights."""
+        the weights; its samples are not meaningful weights. ``max_classes``: the denoiser's
+        condition slots (default: 1 for a dataset generator, none for text)."""
         config = config or D2NWGConfig()
         if config.condition != "none" and cond_features < 1:
             raise ConfigError(f"a {config.condition!r} generator needs cond_features >= 1")
         rank = CONDITION_RANKS[config.condition]
-        max_classes = max_classes if rank == 3 else 0
+        if max_classes is None:  # dataset: 1 slot; text: none (slots cost nothing to speak of)
+            max_classes = 1 if rank == 3 else 0
+        max_classes = max_classes if rank in (2, 3) else 0
         c, tok, windows = resolve_for(config, template, cond_features)
         vae, model = build_networks(c, len(tok.kind_names), max_classes)
         parts = Parts(c, tok, windows, vae, model, 1.0, rank, max_classes)

@@ -67,7 +67,8 @@ def fit(
     raw, max_classes = None, 0
     if c.condition != "none":
         raw = RawConditions.stack([item.condition for item in share], rank, c.cond_features)
-        max_classes = ctx.max(raw.x.shape[1]) if rank == 3 else 0
+        # condition slots: the most classes (dataset) or tokens (text) of any zoo condition
+        max_classes = ctx.max(raw.x.shape[1])
     vae, model = build_networks(c, len(tok.kind_names), max_classes)
 
     run = TrainingRun(device, ctx, Checkpoints(out) if out is not None else None,

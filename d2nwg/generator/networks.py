@@ -42,7 +42,7 @@ class Parts:
     model: ConditionalDenoiser
     latent_scale: float = 1.0
     cond_rank: int = 0  # 3 for dataset conditions, 2 for text, 0 for none
-    max_classes: int = 0  # condition slots the denoiser embeds (dataset conditions)
+    max_classes: int = 0  # condition slots the denoiser embeds: dataset classes, text words
     adapter_config: dict | None = None  # the PEFT adapter config of a zoo of adapters
 
     def to(self, device: torch.device | str) -> Parts:
@@ -56,7 +56,13 @@ def build_networks(
     c: D2NWGConfig, num_layer_kinds: int, max_classes: int
 ) -> tuple[ChunkVAE, ConditionalDenoiser]:
     """The networks of a resolved config; ``max_classes``: the condition slots of a dataset
-    generator (the zoo's largest class count)."""
+    generator (the zoo's largest class count) or of a text generator (its longest condition,
+    in tokens; 0, as text generators saved before slots were given to text, builds none).
+
+    Slot k's learned embedding is added to condition token k before cross-attention: it is
+    how the denoiser ties class k's token (or word k) to output unit k. Text needs it because
+    :class:`TextConditioner` embeds each token alone, with no position: without slots the
+    words "zero one" and "one zero" would be the same condition."""
     vae = ChunkVAE(
         ChunkVAEConfig(
             chunk_size=c.chunk_size,
@@ -75,8 +81,8 @@ def build_networks(
             depth=c.depth,
             num_heads=c.num_heads,
             cond_dim=c.cond_dim if conditional else 0,
-            # the zoo's largest class count (the null token sits in slot 0 too)
-            max_cond_slots=max(1, max_classes) if c.condition == "dataset" else 0,
+            # the zoo's largest class count or text length (the null token sits in slot 0 too)
+            max_cond_slots=cond_slots(c.condition, max_classes),
             num_layer_kinds=num_layer_kinds,
             prediction_type=c.prediction_type,
             timestep_freq_dim=min(256, c.hidden_dim),
@@ -84,6 +90,15 @@ def build_networks(
         seed=network_seed(c.seed, 1),
     )
     return vae, ConditionalDenoiser(den, build_encoder(c))
+
+
+def cond_slots(condition: str, max_classes: int) -> int:
+    """The denoiser's condition slots: dataset generators always have them (at least 1), text
+    generators fitted since they were given slots have one per token of their longest zoo
+    condition (older ones saved ``max_classes`` 0 and keep none), others none."""
+    if condition == "dataset":
+        return max(1, max_classes)
+    return max_classes if condition == "text" else 0
 
 
 def build_encoder(c: D2NWGConfig) -> nn.Module | None:
