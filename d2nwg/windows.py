@@ -1,16 +1,22 @@
 """Windows: a large model's token sequence, cut into pieces the denoiser sees one at a time.
 
-A window holds W consecutive tokens of the tokenizer's sequence. A layer of at least W tokens
-is cut into ``ceil(n / W)`` windows of its own (the last one short); smaller layers are packed
-whole, in order, into shared windows while they fit. So a window never spans two layers
-unless those layers are smaller than a window, every token lies in exactly one window, and
-the windows of consecutive indices cover consecutive tokens (a batch of windows is one
-token range, which streaming generation writes in one call). Short windows are padded at
-the end; ``mask`` says which slots are real.
+Two layouts, both of W-token windows over the tokenizer's sequence of T tokens:
 
-Each window carries its tokens' layout (layer index, chunk offset and layer kind, from
-:class:`d2nwg.WeightTokenizer`), so the denoiser knows where in the model it sits. A
-sequence of at most W tokens is one window without padding: the model-level generator.
+- **Overlapping** (``stride < W``, what ``D2NWGConfig.resolve`` picks: ``stride = W // 2``).
+  Windows start every ``stride`` tokens (the last one ends at T) and span layers freely: every
+  token carries its own (layer, chunk) position and layer kind. Sampling keeps the latent
+  sequence of the whole model ``[B, T, d]`` and at every sampler step denoises all windows
+  and averages each token's predictions over the windows holding it (MultiDiffusion), so
+  neighbouring windows agree on the tokens they share and, step by step, on the whole model.
+  Training draws windows at every offset (:meth:`WindowLayout.for_training`).
+- **Aligned** (``stride`` 0 or at least W: windows that do not overlap). A layer of at least W
+  tokens is cut into ``ceil(n / W)`` windows of its own (the last one short); smaller layers
+  are packed whole, in order, into shared windows while they fit. Every token lies in exactly
+  one window, which is sampled on its own. Short windows are padded at the end; ``mask``
+  says which slots are real.
+
+A sequence of at most W tokens is one window without padding (the model-level generator),
+whatever the stride.
 """
 
 from __future__ import annotations
@@ -20,6 +26,18 @@ from dataclasses import dataclass, field
 import torch
 
 from d2nwg.errors import ConfigError
+
+
+def slide_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges of ``window`` tokens every ``stride`` tokens over
+    ``num_tokens`` (the last one moved back to end at ``num_tokens``; one range when the
+    sequence fits a window)."""
+    if num_tokens <= window:
+        return [(0, num_tokens)]
+    starts = list(range(0, num_tokens - window + 1, stride))
+    if starts[-1] + window < num_tokens:
+        starts.append(num_tokens - window)
+    return [(a, a + window) for a in starts]
 
 
 def cut_windows(runs: list[tuple[int, int]], window: int) -> list[tuple[int, int]]:
@@ -50,28 +68,51 @@ class WindowLayout:
 
     Attributes:
         size: W, token slots per window.
+        stride: tokens between window starts when the windows overlap (``< size``); 0 for
+            the aligned layout (windows that do not overlap).
         spans: ``[start, stop)`` tokens of each window.
         index: ``[NW, W]`` long, the token in each slot (T, the token count, for padding).
         mask: ``[NW, W]`` bool, True for real slots.
         positions: ``[NW, W, 2]`` long, (layer index, chunk index) of each slot (0 for padding).
         kinds: ``[NW, W]`` long, layer kind of each slot (0 for padding).
+        cover: ``[T, K]`` long, for each token the flat slots ``window * W + slot`` that hold
+            it (K: the most windows any token lies in; ``NW * W``, a zero slot, fills the rest).
+        cover_weight: ``[T, K]`` float32, each slot's share of the token's average (rows sum
+            to 1; 0 for fillers).
     """
 
     size: int
+    stride: int
     spans: tuple[tuple[int, int], ...]
     index: torch.Tensor = field(repr=False)
     mask: torch.Tensor = field(repr=False)
     positions: torch.Tensor = field(repr=False)
     kinds: torch.Tensor = field(repr=False)
+    cover: torch.Tensor = field(repr=False)
+    cover_weight: torch.Tensor = field(repr=False)
+    num_tokens: int = field(repr=False)
+    tokenizer: object = field(repr=False, compare=False)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, window: int = 0) -> WindowLayout:
-        """Windows of ``window`` tokens (0, or at least the sequence: one window of it all)."""
-        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-            raise ConfigError(f"window must be an int >= 0, got {window!r}")
+    def from_tokenizer(cls, tokenizer, window: int = 0, stride: int = 0) -> WindowLayout:
+        """Windows of ``window`` tokens (0, or at least the sequence: one window of it all);
+        ``stride`` in ``[1, window)``: overlapping windows that start every ``stride`` tokens,
+        else (0, or at least ``window``) the aligned layout."""
+        for name, v in (("window", window), ("stride", stride)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{name} must be an int >= 0, got {v!r}")
         T = tokenizer.num_tokens
         W = T if window == 0 or window >= T else window
-        spans = tuple(cut_windows(tokenizer.token_runs, W))
+        stride = stride if 0 < stride < W else 0
+        if stride:
+            spans = slide_windows(T, W, stride)
+        else:
+            spans = cut_windows(tokenizer.token_runs, W)
+        return cls._build(tokenizer, W, stride, tuple(spans))
+
+    @classmethod
+    def _build(cls, tokenizer, W: int, stride: int, spans: tuple) -> WindowLayout:
+        T = tokenizer.num_tokens
         starts = torch.tensor([a for a, _ in spans], dtype=torch.long)
         lengths = torch.tensor([b - a for a, b in spans], dtype=torch.long)
         slot = torch.arange(W, dtype=torch.long)
@@ -81,16 +122,40 @@ class WindowLayout:
         )
         pos = torch.cat([tokenizer.positions, tokenizer.positions.new_zeros(1, 2)])
         kinds = torch.cat([tokenizer.kinds, tokenizer.kinds.new_zeros(1)])
-        return cls(W, spans, index, mask, pos[index], kinds[index])
+        cover, weight = _cover(index, mask, T)
+        return cls(W, stride, spans, index, mask, pos[index], kinds[index], cover, weight, T,
+                   tokenizer)  # fmt: skip
 
     @property
     def num_windows(self) -> int:
         return len(self.spans)
 
     @property
+    def overlapping(self) -> bool:
+        return self.stride > 0
+
+    @property
     def padded(self) -> bool:
         """Whether any window has padding slots (the denoiser then needs the mask)."""
         return not bool(self.mask.all())
+
+    def for_training(self) -> WindowLayout:
+        """The windows diffusion training draws from: for overlapping windows, one at every
+        offset (stride 1), so the denoiser sees every alignment sampling can give it; else
+        these windows."""
+        if not self.overlapping:
+            return self
+        return self._build(self.tokenizer, self.size, 1,
+                           tuple(slide_windows(self.num_tokens, self.size, 1)))  # fmt: skip
+
+    def noise_blocks(self) -> list[tuple[int, int]]:
+        """``[start, stop)`` token blocks that each draw their starting noise from a generator
+        of their own: the windows when aligned (so a window's noise is what it was when
+        windows were sampled one by one), else W consecutive tokens from token 0."""
+        if not self.overlapping:
+            return list(self.spans)
+        T, W = self.num_tokens, self.size
+        return [(a, min(a + W, T)) for a in range(0, T, W)]
 
     def denoiser_layout(self) -> dict[str, torch.Tensor | None]:
         """Every window's layout keywords of :class:`d2nwg.LatentDenoiser`, ``[NW, W, ...]``:
@@ -98,12 +163,61 @@ class WindowLayout:
         mask = self.mask if self.padded else None
         return {"positions": self.positions, "layer_kinds": self.kinds, "mask": mask}
 
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The windows ``[B, NW, W, d]`` of latent sequences ``x [B, T, d]`` (padding: 0)."""
+        padded = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2])], 1)
+        return padded[:, self.index.to(x.device)]
+
+    def blend(self, pred: torch.Tensor) -> torch.Tensor:
+        """Each token's average over the windows that hold it: ``[B, T, d]`` from per-window
+        predictions ``[B, NW, W, d]``. A token of one window gets that window's value
+        exactly; the sum runs over a fixed slot order, so it does not depend on how the
+        windows were batched."""
+        B, d = pred.shape[0], pred.shape[-1]
+        flat = torch.cat([pred.reshape(B, -1, d), pred.new_zeros(B, 1, d)], 1)
+        cover = self.cover.to(pred.device)
+        if cover.shape[1] == 1:
+            return flat[:, cover[:, 0]]
+        weight = self.cover_weight.to(pred.device, pred.dtype)
+        return (flat[:, cover] * weight[None, :, :, None]).sum(2)
+
+    def token_batches(self, start: int, stop: int, batch: int) -> list[tuple[int, int]]:
+        """Tokens ``[start, stop)`` in consecutive ranges of at most ``batch`` windows'
+        tokens: what streaming decodes and writes at once. Aligned windows stay whole (a
+        batch is a run of consecutive windows); overlapping ones cut at multiples of
+        ``batch * W`` from token 0, the same cuts whatever range is asked."""
+        if self.overlapping:
+            step = batch * self.size
+            cuts = range((start // step + 1) * step, stop, step)
+            edges = [start, *cuts, stop]
+            return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+        first, end = self.covering(start, stop)
+        out = []
+        for w in range(first, end, batch):
+            a, b = self.spans[w][0], self.spans[min(w + batch, end) - 1][1]
+            out.append((max(a, start), min(b, stop)))
+        return out
+
     def covering(self, start: int, stop: int) -> tuple[int, int]:
         """Windows ``[first, stop)`` that hold any token of ``[start, stop)``."""
         first = next(w for w, (_, b) in enumerate(self.spans) if b > start)
         last = max(w for w, (a, _) in enumerate(self.spans) if a < stop)
         return first, last + 1
 
-    def batches(self, first: int, stop: int, batch: int) -> list[tuple[int, int]]:
-        """Windows ``[first, stop)`` in consecutive batches of at most ``batch``."""
-        return [(w, min(w + batch, stop)) for w in range(first, stop, batch)]
+
+def _cover(index: torch.Tensor, mask: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For :class:`WindowLayout`: each token's flat slots ``[T, K]`` (ascending window
+    order; ``NW * W`` fills) and their uniform weights ``[T, K]``."""
+    NW, W = index.shape
+    flat = torch.arange(NW * W, dtype=torch.long)[mask.flatten()]
+    token = index.flatten()[mask.flatten()]
+    order = torch.argsort(token * (NW * W) + flat)  # by token, then by window
+    token, flat = token[order], flat[order]
+    count = torch.bincount(token, minlength=T)
+    K = int(count.max()) if count.numel() else 1
+    rank = torch.arange(token.numel()) - (torch.cumsum(count, 0) - count)[token]
+    cover = torch.full((T, K), NW * W, dtype=torch.long)
+    cover[token, rank] = flat
+    weight = torch.zeros(T, K, dtype=torch.float32)
+    weight[token, rank] = 1.0 / count[token].float()
+    return cover, weight

@@ -47,6 +47,7 @@ def write_shards(
     ``world``-th shard, rank 0 the JSON files of ``extra_json`` (file name -> object, e.g. a
     transformers ``config.json``) and then the index, last. Returns the index."""
     tok, win = synth.tokenizer, synth.windows
+    synth.resident(run, ctx)  # every rank takes part in sampling the model's latents
     shards = shard_layers(tok.layers, shard_size)
     names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     for k, layers in enumerate(shards):
@@ -60,10 +61,8 @@ def write_shards(
             for spec in specs
         }
         start, stop = tok.token_range(layers)
-        if stop > start:
-            first, end = win.covering(start, stop)
-            for a, b in win.batches(first, end, run.batch):
-                synth.write_windows(run, tensors, a, b)
+        for a, b in win.token_batches(start, stop, run.batch) if stop > start else ():
+            synth.write_tokens(run, tensors, a, b)
         save_safetensors(
             {n: t.cpu() for n, t in tensors.items()},
             os.path.join(directory, names[k]),

@@ -221,7 +221,7 @@ class D2NWG:
         run = synth.start(condition, sampling, max_tasks=1)
         dests = self.tokenizer.destinations(model)
         ctx = DistContext.from_env(run.device) if distributed else DistContext()
-        synth.stream_into(run, dests, ctx.rank, ctx.world_size)
+        synth.stream_into(run, dests, ctx)
         self.tokenizer.copy_aliases(dests)
         return model
 

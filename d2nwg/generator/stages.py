@@ -95,7 +95,7 @@ def train_diffusion(
     """Stage 2 on the scaled latents ``[M, T, d]`` and their raw conditions: random (model,
     window) pairs, timesteps and noise; condition dropout for classifier-free guidance; an EMA
     of the weights, which ``model`` holds at the end (what the generator samples with)."""
-    device, win = run.device, windows
+    device, win = run.device, windows.for_training()
     schedule = c.noise_schedule().to(device)
     M, d = latents.shape[0], latents.shape[2]
     # A zero latent after the last token: where the windows' padding slots point.

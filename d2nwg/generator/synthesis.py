@@ -1,11 +1,14 @@
-"""Synthesis: latent windows sampled from a condition (guidance, the sampler call), decoded by
-the VAE, and written into state dicts, a live model or shards.
+"""Synthesis: latent sequences sampled from a condition (guidance, the sampler call), decoded
+by the VAE, and written into state dicts, a live model or shards.
 
 A :class:`Synthesizer` holds a trained generator's parts; :meth:`Synthesizer.start` checks the
-sampling options and encodes the condition once (a :class:`SampleRun`), then each batch of
-(task, sample, window) jobs is one sampler run over the batch (:meth:`sample_windows`). Every
-window's noise comes from its own generator ``noise_seed(seed, sample, window)``, so a window is
-the same whatever else shares its batch, its process or the number of samples asked for.
+sampling options and encodes the condition once (a :class:`SampleRun`). The sampler's state is
+the latent sequence of whole models ``[B, T, d]`` (C/d times smaller than their weights); at
+every step :class:`WindowedDenoiser` cuts it into the layout's windows, denoises them in
+batches and gives each token the average of its windows' predictions (one window per token
+when they do not overlap). Each block of tokens draws its starting noise from its own
+generator ``noise_seed(seed, sample, block)``, so a sample is the same whatever else shares
+its sampler run. Decoding and writing stream: a batch of tokens at a time.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from d2nwg.sampling import sample
 from d2nwg.schedule import NoiseSchedule
 from d2nwg.seeds import noise_seed
 from d2nwg.tokenizer import WeightTokenizer
+from d2nwg.training import DistContext
 from d2nwg.windows import WindowLayout
 
 
@@ -37,8 +41,8 @@ class SamplingOptions:
     ``seed``: sample i of a seed is the same whatever ``num_samples`` is; ``sampler``,
     ``steps``, ``guidance_scale`` (classifier-free guidance), ``eta`` (DDIM); ``device``;
     ``cuda_graph`` (capture the sampler loop once, replay it for every batch);
-    ``batch_windows``: windows per sampler run (None: about ``BATCH_ELEMENTS`` decoded values
-    on the device).
+    ``batch_windows``: windows per denoiser call, and streaming's tokens per write in windows
+    (None: about ``BATCH_ELEMENTS`` decoded values on the device).
     """
 
     seed: int = 0
@@ -75,41 +79,81 @@ class SampleRun:
     uncond: Condition | None  # the null condition, under guidance
     guidance_scale: float
     schedule: NoiseSchedule
-    batch: int  # windows per sampler run
+    batch: int  # windows per denoiser call (twice that under guidance: both halves)
+    latents: torch.Tensor | None = None  # sample 0 of task 0 [T, d], once streaming samples it
 
 
 class WindowedDenoiser:
-    """The denoiser called as :func:`d2nwg.sample` calls a model, ``model(x, t, cond)``, on a
-    batch of ``rows`` windows whose layout (positions, kinds, padding mask) sits in static
-    buffers: :meth:`load` refills them for the next batch, so a CUDA graph captured on this
-    object replays for every batch. Under guidance the batch comes twice (cond rows, then
-    uncond rows), and so does the layout."""
+    """The denoiser called as :func:`d2nwg.sample` calls a model, ``model(x, t, cond)``, on
+    latent sequences ``x [r, T, d]`` (under guidance the cond rows, then the uncond rows):
+    every window of every row is denoised, ``batch`` windows per denoiser call, and the
+    windows' predictions are averaged per token (:meth:`WindowLayout.blend`). Every tensor it
+    indexes with is built once per row count, so a CUDA graph captured on it replays.
 
-    def __init__(self, den: LatentDenoiser, win: WindowLayout, rows: int, device: torch.device):
-        self.den = den
+    The prediction is averaged in whatever space the denoiser predicts (epsilon, v or x0):
+    the windows of a token all see the same ``x_t`` there, and each space is an affine
+    function of another at fixed ``x_t``, so the three averages are the same update.
+
+    ``ctx`` with several ranks: rank k computes every world-th batch, the others' slots are
+    zero, and one all-reduce per step sums them, which is exact (each slot has one nonzero
+    term), so every rank holds the bits one process computes.
+    """
+
+    def __init__(
+        self,
+        den: LatentDenoiser,
+        win: WindowLayout,
+        batch: int,
+        device: torch.device,
+        ctx: DistContext | None = None,
+    ):
+        self.den, self.win, self.batch = den, win, batch
+        self.ctx = ctx or DistContext()
         self.layout = {
-            k: None if v is None else v.new_zeros(2, rows, *v.shape[1:], device=device)
-            for k, v in win.denoiser_layout().items()
+            k: None if v is None else v.to(device) for k, v in win.denoiser_layout().items()
         }
+        self.jobs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows -> (row, window)
 
-    def load(self, win: WindowLayout, windows: torch.Tensor) -> None:
-        for k, src in win.denoiser_layout().items():
-            if src is not None:
-                self.layout[k].copy_(src[windows].expand_as(self.layout[k]))
+    def _jobs(self, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if rows not in self.jobs:
+            NW = self.win.num_windows
+            row = torch.arange(rows, device=device).repeat_interleave(NW)
+            self.jobs[rows] = (row, torch.arange(NW, device=device).repeat(rows))
+        return self.jobs[rows]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-        layout = {
-            k: None if v is None else v.flatten(0, 1)[: x.shape[0]] for k, v in self.layout.items()
-        }
-        with bf16_autocast(x.is_cuda, cache_enabled=False):  # as in training
-            return self.den(x, t, cond, **layout).to(x.dtype)
+        win, ctx = self.win, self.ctx
+        windows = win.gather(x).flatten(0, 1)  # [r * NW, W, d]
+        row, which = self._jobs(x.shape[0], x.device)
+        out = torch.zeros_like(windows) if ctx.world_size > 1 else torch.empty_like(windows)
+        for k, a in enumerate(range(0, windows.shape[0], self.batch)):
+            if k % ctx.world_size != ctx.rank:
+                continue
+            b = min(a + self.batch, windows.shape[0])
+            rows, w = row[a:b], which[a:b]
+            layout = {n: None if v is None else v[w] for n, v in self.layout.items()}
+            with bf16_autocast(x.is_cuda, cache_enabled=False):  # as in training
+                out[a:b] = self.den(windows[a:b], t[rows], _rows(cond, rows), **layout)
+        if ctx.world_size > 1:
+            ctx.all_reduce_(out)
+        return win.blend(out.view(x.shape[0], win.num_windows, win.size, -1))
+
+
+def _rows(cond: Any, rows: torch.Tensor) -> Any:
+    """The condition of each job: ``cond``'s rows ``rows`` (a Condition, a packed tensor or
+    None)."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond.index_select(0, rows)
+    return cond.index_select(rows)
 
 
 @dataclass
 class Synthesizer:
     """A trained generator's parts, as sampling and decoding use them. ``bound``: the
-    windowed denoisers already built, per (device, rows), shared across calls so that CUDA
-    graphs captured on one replay for every later batch of that shape."""
+    windowed denoisers already built, per (device, batch, ranks), shared across calls so that
+    CUDA graphs captured on one replay for every later sampler run of that shape."""
 
     config: D2NWGConfig
     tokenizer: WeightTokenizer
@@ -155,23 +199,32 @@ class Synthesizer:
             batch=opts.batch_windows or max(1, BATCH_ELEMENTS[device.type] // (W * C)),
         )
 
+    def start_noise(self, run: SampleRun, samples: list[int]) -> tuple[torch.Tensor, list]:
+        """The starting latents ``[n, T, d]`` of these samples and one generator per sample
+        for the sampler's later noise. Block k of the layout's noise blocks draws from
+        ``noise_seed(seed, sample, k)``; the sampler's noise continues block 0's stream."""
+        win, d = self.windows, self.config.latent_dim
+        x_T = torch.empty(len(samples), win.num_tokens, d)
+        gens = []
+        for n, i in enumerate(samples):
+            for k, (a, b) in enumerate(win.noise_blocks()):
+                g = torch.Generator().manual_seed(noise_seed(run.opts.seed, i, k))
+                x_T[n, a:b] = torch.randn(win.size, d, generator=g)[: b - a]
+                if k == 0:
+                    gens.append(g)
+        return x_T, gens
+
     @torch.no_grad()
-    def sample_windows(self, run: SampleRun, jobs: torch.Tensor) -> torch.Tensor:
-        """Decoded tokens ``[r, C]`` of the real slots of ``jobs [n, 3]`` = (task, sample,
-        window) rows, job by job: one sampler run over the batch, then the VAE decodes the
-        real latents only. The noise of (sample i, window w) comes from its own generator, so
-        a window is the same whatever else shares its batch or process."""
-        c, win, opts = self.config, self.windows, run.opts
-        tasks, samples, windows = jobs.unbind(1)
-        gens = [
-            torch.Generator().manual_seed(noise_seed(opts.seed, i, w))
-            for i, w in zip(samples.tolist(), windows.tolist())
-        ]
-        x_T = torch.stack([torch.randn(win.size, c.latent_dim, generator=g) for g in gens])
-        model = self.windowed(run.device, len(gens))
-        model.load(win, windows)
-        z = sample(
-            model,
+    def sample_latents(
+        self, run: SampleRun, jobs: torch.Tensor, ctx: DistContext | None = None
+    ) -> torch.Tensor:
+        """Sampled latent sequences ``[n, T, d]`` (in the diffusion's scale) of ``jobs [n, 2]``
+        = (task, sample) rows: one sampler run over all of them."""
+        c, opts = self.config, run.opts
+        tasks, samples = jobs.unbind(1)
+        x_T, gens = self.start_noise(run, samples.tolist())
+        return sample(
+            self.windowed(run, ctx),
             x_T.to(run.device),
             run.schedule,
             sampler=opts.sampler or c.sampler,
@@ -184,54 +237,61 @@ class Synthesizer:
             prediction_type=c.prediction_type,
             cuda_graph=opts.cuda_graph,
         )
-        real = win.mask[windows]
-        z = z.flatten(0, 1) if bool(real.all()) else z[real.to(run.device)]
-        return self.vae.decode(z / self.latent_scale, max_batch=65536)
 
-    def windowed(self, device: torch.device, rows: int) -> WindowedDenoiser:
-        """One bound denoiser per (device, batch): CUDA graphs of it replay across batches."""
-        key = (device, rows)
+    def windowed(self, run: SampleRun, ctx: DistContext | None = None) -> WindowedDenoiser:
+        """One bound denoiser per (device, batch, ranks): CUDA graphs of it replay."""
+        ctx = ctx or DistContext()
+        batch = run.batch * (1 if run.uncond is None else 2)  # both halves in one call
+        key = (run.device, batch, ctx.rank, ctx.world_size)
         if key not in self.bound:
-            self.bound[key] = WindowedDenoiser(self.model.denoiser, self.windows, rows, device)
+            den = self.model.denoiser
+            self.bound[key] = WindowedDenoiser(den, self.windows, batch, run.device, ctx)
         return self.bound[key]
 
-    def write_windows(
-        self, run: SampleRun, dests: Mapping[str, torch.Tensor], first: int, stop: int
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Chunk tokens ``[..., C]`` of sampled latents ``[..., d]``."""
+        return self.vae.decode(z / self.latent_scale, max_batch=65536)
+
+    def resident(self, run: SampleRun, ctx: DistContext | None = None) -> torch.Tensor:
+        """The latent sequence ``[T, d]`` of sample 0 of task 0, sampled on first use and kept
+        on ``run``: what streaming decodes and writes, a batch of tokens at a time. Under
+        ``ctx`` with several ranks every rank must call this (the sampler's steps are shared
+        out, see :class:`WindowedDenoiser`)."""
+        if run.latents is None:
+            run.latents = self.sample_latents(run, torch.zeros(1, 2, dtype=torch.long), ctx)[0]
+        return run.latents
+
+    def write_tokens(
+        self, run: SampleRun, dests: Mapping[str, torch.Tensor], start: int, stop: int
     ) -> None:
-        """Sample windows ``first .. stop - 1`` of sample 0 of task 0 and write them (added,
+        """Decode tokens ``start .. stop - 1`` of the resident sample and write them (added,
         for a delta generator) into ``dests``: one batch of streaming generation."""
-        w = torch.arange(first, stop)
-        jobs = torch.stack([torch.zeros_like(w), torch.zeros_like(w), w], 1)
-        tokens = self.sample_windows(run, jobs)  # the windows' tokens, in token order
-        start = self.windows.spans[first][0]
+        tokens = self.decode(self.resident(run)[start:stop])
         self.tokenizer.write_range(dests, tokens, start, accumulate=self.config.delta)
 
     @torch.no_grad()
     def tokens(self, run: SampleRun, num_samples: int) -> torch.Tensor:
         """Generated chunk tokens ``[tasks * num_samples, T, C]`` (task-major order): sampled
         latents decoded by the VAE, ready for the tokenizer's detokenize (residuals from the
-        base, for a delta generator)."""
-        win, T = self.windows, self.tokenizer.num_tokens
-        B = run.tasks * num_samples
-        grid = torch.cartesian_prod(
-            torch.arange(run.tasks), torch.arange(num_samples), torch.arange(win.num_windows)
-        ).reshape(-1, 3)  # task-major, then sample, then window
-        out = torch.empty(B, T, self.config.chunk_size, device=run.device)
-        for j in range(0, grid.shape[0], run.batch):
-            jobs = grid[j : j + run.batch]
-            rows = (jobs[:, 0] * num_samples + jobs[:, 1])[:, None].expand(-1, win.size)
-            real = win.mask[jobs[:, 2]]
-            index = win.index[jobs[:, 2]][real]
-            out[rows[real].to(run.device), index.to(run.device)] = self.sample_windows(run, jobs)
+        base, for a delta generator). A sampler run holds about ``run.batch`` windows."""
+        win = self.windows
+        grid = torch.cartesian_prod(torch.arange(run.tasks), torch.arange(num_samples))
+        grid = grid.reshape(-1, 2)  # task-major, then sample
+        out = torch.empty(grid.shape[0], win.num_tokens, self.config.chunk_size, device=run.device)
+        rows = max(1, run.batch // win.num_windows)
+        for j in range(0, grid.shape[0], rows):
+            out[j : j + rows] = self.decode(self.sample_latents(run, grid[j : j + rows]))
         return out
 
     def stream_into(
-        self, run: SampleRun, dests: Mapping[str, torch.Tensor], rank: int = 0, world: int = 1
+        self, run: SampleRun, dests: Mapping[str, torch.Tensor], ctx: DistContext | None = None
     ) -> None:
-        """Sample 0 of task 0, batch of windows by batch, written into ``dests``; with
-        ``world`` > 1, this rank writes every ``world``-th batch (the batches are cut the same
-        way whatever the world size)."""
-        batches = self.windows.batches(0, self.windows.num_windows, run.batch)
-        for k, (first, stop) in enumerate(batches):
-            if k % world == rank:
-                self.write_windows(run, dests, first, stop)
+        """Sample 0 of task 0 written into ``dests``, a batch of ``run.batch`` windows' tokens
+        at a time; with several ranks in ``ctx``, they share the sampling and each writes
+        every world-th batch (cut the same way whatever the world size)."""
+        ctx = ctx or DistContext()
+        self.resident(run, ctx)
+        batches = self.windows.token_batches(0, self.windows.num_tokens, run.batch)
+        for k, (start, stop) in enumerate(batches):
+            if k % ctx.world_size == ctx.rank:
+                self.write_tokens(run, dests, start, stop)
