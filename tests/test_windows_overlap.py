@@ -1,0 +1,145 @@
+"""Overlapping windows: the sliding layout, the per-token average of the windows' predictions,
+and the denoiser over whole latent sequences (one window of it all is the whole sequence)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import d2nwg
+from d2nwg.errors import ConfigError
+from d2nwg.generator import D2NWG, D2NWGConfig
+from d2nwg.generator.synthesis import WindowedDenoiser
+from d2nwg.windows import WindowLayout, slide_windows
+
+# Layers of 15, 2, 2, 8 and 1 tokens of 64 values (28 tokens).
+SHAPES = {
+    "fc1.weight": (24, 40),
+    "fc1.bias": (96,),
+    "norm.weight": (96,),
+    "fc2.weight": (5, 96),
+    "fc2.bias": (5,),
+}
+TINY = dict(
+    condition="none", chunk_size=64, vae_steps=20, diffusion_steps=20, batch_size=8,
+    vae_batch=64, hidden_dim=32, depth=1, latent_dim=8, vae_hidden_dim=32, timesteps=100,
+    sample_steps=5, checkpoint_every=1000, log_every=50,
+)  # fmt: skip
+
+
+def weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+
+
+def random_tokenizer(g: torch.Generator) -> d2nwg.WeightTokenizer:
+    C = int(torch.randint(1, 9, (1,), generator=g))
+    sd = {
+        f"l{i}.weight": torch.zeros(int(torch.randint(0, 40, (1,), generator=g)))
+        for i in range(int(torch.randint(1, 8, (1,), generator=g)))
+    }
+    sd["last"] = torch.zeros(3)  # at least one non-empty layer
+    return d2nwg.WeightTokenizer.from_state_dict(sd, chunk_size=C)
+
+
+def test_slide_windows_by_hand():
+    assert slide_windows(28, 6, 3) == [(a, a + 6) for a in range(0, 22, 3)] + [(22, 28)]
+    assert slide_windows(10, 4, 4) == [(0, 4), (4, 8), (6, 10)]  # the last ends at T
+    assert slide_windows(6, 2, 1) == [(0, 2), (1, 3), (2, 4), (3, 5), (4, 6)]
+    assert slide_windows(5, 6, 3) == [(0, 5)]  # fits one window
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_overlapping_windows_cover_every_token_and_average_it(seed):
+    g = torch.Generator().manual_seed(seed)
+    tok = random_tokenizer(g)
+    T = tok.num_tokens
+    W = int(torch.randint(2, 9, (1,), generator=g))
+    stride = int(torch.randint(1, W, (1,), generator=g))
+    win = WindowLayout.from_tokenizer(tok, W, stride)
+    if T <= W:
+        assert win.num_windows == 1 and win.spans == ((0, T),)
+        return
+    assert win.overlapping and not win.padded and win.spans == tuple(slide_windows(T, W, stride))
+    assert torch.equal(win.positions, tok.positions[win.index])
+    assert torch.equal(win.kinds, tok.kinds[win.index])
+    # each token's cover slots hold that token, and its weights sum to 1
+    flat_index = torch.cat([win.index.flatten(), torch.tensor([-1])])
+    real = win.cover_weight > 0
+    tokens = torch.arange(T)[:, None].expand_as(win.cover)
+    assert torch.equal(flat_index[win.cover][real], tokens[real])
+    torch.testing.assert_close(win.cover_weight.sum(1), torch.ones(T))
+    # blend: each token the mean of the values its windows gave it (here: the window's index)
+    pred = torch.arange(win.num_windows, dtype=torch.float64)[None, :, None, None]
+    pred = pred.expand(2, -1, W, 3)
+    want = torch.tensor(
+        [
+            sum(w for w, (a, b) in enumerate(win.spans) if a <= t < b)
+            / sum(1 for a, b in win.spans if a <= t < b)
+            for t in range(T)
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(win.blend(pred), want[None, :, None].expand(2, T, 3))
+    x = torch.randn(2, T, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(win.blend(win.gather(x)), x)  # copies average to themselves
+    # training sees every offset
+    train = win.for_training()
+    assert train.spans == tuple((a, a + W) for a in range(T - W + 1))
+
+
+def test_aligned_windows_blend_exactly():
+    tok = d2nwg.WeightTokenizer.from_state_dict(weights(), chunk_size=64)
+    win = WindowLayout.from_tokenizer(tok, 6, stride=6)  # stride >= W: aligned, padded
+    assert not win.overlapping and win.padded and win.for_training() is win
+    x = torch.randn(3, tok.num_tokens, 4)
+    assert torch.equal(win.blend(win.gather(x)), x)
+    assert win.noise_blocks() == list(win.spans)
+    with pytest.raises(ConfigError, match="stride"):
+        WindowLayout.from_tokenizer(tok, 6, stride=-1)
+
+
+def test_token_batches_cut_the_same_way_whatever_the_range():
+    tok = d2nwg.WeightTokenizer.from_state_dict(weights(), chunk_size=64)
+    win = WindowLayout.from_tokenizer(tok, 6, 3)
+    assert win.token_batches(0, 28, 2) == [(0, 12), (12, 24), (24, 28)]
+    assert win.token_batches(5, 20, 2) == [(5, 12), (12, 20)]
+    aligned = WindowLayout.from_tokenizer(tok, 6, 6)  # whole windows of the aligned layout
+    assert aligned.token_batches(0, 28, 3) == [(0, 15), (15, 27), (27, 28)]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 100])
+def test_one_window_of_the_whole_sequence_is_the_denoiser_itself(batch):
+    """A window that holds the whole sequence (W >= T), overlapping or not, is the denoiser on
+    the whole sequence, bit for bit, however the rows are batched."""
+    gen = D2NWG.untrained(weights(), D2NWGConfig(**TINY))
+    den, tok = gen.model.denoiser.eval(), gen.tokenizer
+    T, d = tok.num_tokens, gen.config.latent_dim
+    x, t = torch.randn(4, T, d), torch.tensor([0, 10, 50, 99])
+    with torch.no_grad():
+        whole = torch.cat(
+            [
+                den(x[i : i + 1], t[i : i + 1], positions=tok.positions, layer_kinds=tok.kinds)
+                for i in range(4)
+            ]
+        )
+        for window, stride in ((T, 1), (2 * T, 3), (0, 0)):
+            win = WindowLayout.from_tokenizer(tok, window, stride)
+            out = WindowedDenoiser(den, win, batch, torch.device("cpu"))(x, t, None)
+            torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-6)
+            if batch == 1:  # the same denoiser calls, row by row
+                assert torch.equal(out, whole)
+
+
+def test_a_window_over_the_whole_sequence_generates_what_no_windows_do():
+    """window >= T with a stride trains and samples exactly as the model-level generator."""
+    g = torch.Generator().manual_seed(1)
+    zoo = d2nwg.ModelZoo()
+    for _ in range(8):
+        zoo.add({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in weights().items()})
+    whole = D2NWG(D2NWGConfig(**TINY)).fit(zoo, progress=False)
+    windowed = D2NWG(D2NWGConfig(**TINY, window=40, window_stride=1)).fit(zoo, progress=False)
+    assert windowed.windows.num_windows == 1 and windowed.config.window_stride == 1
+    a = whole.generate_tokens(num_samples=3, seed=4)
+    b = windowed.generate_tokens(num_samples=3, seed=4)
+    assert torch.equal(a, b)
