@@ -165,21 +165,35 @@ class WindowLayout:
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """The windows ``[B, NW, W, d]`` of latent sequences ``x [B, T, d]`` (padding: 0)."""
-        padded = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2])], 1)
-        return padded[:, self.index.to(x.device)]
+        if self.padded:
+            x = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2])], 1)
+        return x[:, self.index.to(x.device)]
 
-    def blend(self, pred: torch.Tensor) -> torch.Tensor:
+    def blend_plan(self, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+        """What :meth:`blend` indexes with, on ``device``: for each k < K, the tokens that lie
+        in more than k windows, the flat slot of their k-th window and its weight."""
+        plan = []
+        for k in range(self.cover.shape[1]):
+            tokens = torch.nonzero(self.cover_weight[:, k] > 0).squeeze(1)
+            parts = (tokens, self.cover[tokens, k], self.cover_weight[tokens, k])
+            plan.append(tuple(p.to(device) for p in parts))
+        return plan
+
+    def blend(self, pred: torch.Tensor, plan: list | None = None) -> torch.Tensor:
         """Each token's average over the windows that hold it: ``[B, T, d]`` from per-window
-        predictions ``[B, NW, W, d]``. A token of one window gets that window's value
-        exactly; the sum runs over a fixed slot order, so it does not depend on how the
-        windows were batched."""
+        predictions ``[B, NW, W, d]`` (``plan``: :meth:`blend_plan` on their device, made
+        once by a caller that blends every step). A token of one window gets that window's
+        value exactly; the terms are added in window order, so the result does not depend on
+        how the windows were batched."""
         B, d = pred.shape[0], pred.shape[-1]
-        flat = torch.cat([pred.reshape(B, -1, d), pred.new_zeros(B, 1, d)], 1)
-        cover = self.cover.to(pred.device)
-        if cover.shape[1] == 1:
-            return flat[:, cover[:, 0]]
-        weight = self.cover_weight.to(pred.device, pred.dtype)
-        return (flat[:, cover] * weight[None, :, :, None]).sum(2)
+        flat = pred.reshape(B, -1, d)
+        (_, slot, weight), *rest = plan or self.blend_plan(pred.device)
+        out = flat[:, slot]  # every token lies in a window: rank 0 is every token, in order
+        if rest:
+            out *= weight.to(out.dtype)[:, None]
+        for tokens, slot, weight in rest:
+            out[:, tokens] += flat[:, slot] * weight.to(out.dtype)[:, None]
+        return out
 
     def token_batches(self, start: int, stop: int, batch: int) -> list[tuple[int, int]]:
         """Tokens ``[start, stop)`` in consecutive ranges of at most ``batch`` windows'

@@ -113,6 +113,7 @@ class WindowedDenoiser:
             k: None if v is None else v.to(device) for k, v in win.denoiser_layout().items()
         }
         self.jobs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows -> (row, window)
+        self.plan = win.blend_plan(device)
 
     def _jobs(self, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if rows not in self.jobs:
@@ -136,7 +137,7 @@ class WindowedDenoiser:
                 out[a:b] = self.den(windows[a:b], t[rows], _rows(cond, rows), **layout)
         if ctx.world_size > 1:
             ctx.all_reduce_(out)
-        return win.blend(out.view(x.shape[0], win.num_windows, win.size, -1))
+        return win.blend(out.view(x.shape[0], win.num_windows, win.size, -1), self.plan)
 
 
 def _rows(cond: Any, rows: torch.Tensor) -> Any:
