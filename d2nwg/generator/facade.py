@@ -210,12 +210,14 @@ class D2NWG:
     ):
         """Generate one set of weights (sample 0 of ``seed``, as :meth:`generate` gives it)
         and stream it into ``model`` (a module or a state dict with the zoo's names) in place:
-        a batch of ``batch_windows`` windows is sampled, decoded, de-normalized and written
-        straight into the parameters, then the next, so the extra memory is one batch's,
-        whatever the model's size. Tensors outside the generator's layout (``include`` /
-        ``exclude``) are left untouched; a delta generator adds to what ``model`` holds (its
-        base weights). ``distributed=True`` (under ``torchrun``): each rank writes its share
-        of the batches (the same values one process writes there). Returns ``model``.
+        the model's latent sequence is sampled (C/d times smaller than its weights), then a
+        batch of ``batch_windows`` windows' tokens is decoded, de-normalized and written
+        straight into the parameters, then the next, so the extra memory is the latent
+        state's and one batch's, whatever the model's size. Tensors outside the generator's
+        layout (``include`` / ``exclude``) are left untouched; a delta generator adds to what
+        ``model`` holds (its base weights). ``distributed=True`` (under ``torchrun``): each
+        rank writes its share of the batches and the ranks share the sampler's steps (the
+        same values one process writes there). Returns ``model``.
         """
         synth = self._synthesizer()
         run = synth.start(condition, sampling, max_tasks=1)
@@ -241,7 +243,8 @@ class D2NWG:
         the layout Hugging Face uses for large checkpoints: ``model-00001-of-0000N.safetensors``
         and ``model.safetensors.index.json`` (``weight_map``: name -> file; tied names are
         stored once, their aliases listed in the index's metadata). Streams: memory holds one
-        shard and one batch of windows, so a model larger than memory can be generated.
+        shard, one batch of windows and the latent state, so a model larger than memory can be
+        generated.
 
         Under ``torchrun`` (or ``distributed=True``) each rank generates and writes its share
         of the shards, bit for bit what one process writes; rank 0 writes the index last.
