@@ -191,8 +191,8 @@ class WindowLayout:
         out = flat[:, slot]  # every token lies in a window: rank 0 is every token, in order
         if rest:
             out *= weight.to(out.dtype)[:, None]
-        for tokens, slot, weight in rest:
-            out[:, tokens] += flat[:, slot] * weight.to(out.dtype)[:, None]
+        for tokens, slot, weight in rest:  # unique tokens: the same sum on any device
+            out.index_add_(1, tokens, flat[:, slot] * weight.to(out.dtype)[:, None])
         return out
 
     def token_batches(self, start: int, stop: int, batch: int) -> list[tuple[int, int]]:

@@ -114,6 +114,7 @@ class WindowedDenoiser:
         }
         self.jobs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows -> (row, window)
         self.plan = win.blend_plan(device)
+        self.index = win.index.to(device)
 
     def _jobs(self, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if rows not in self.jobs:
@@ -124,20 +125,23 @@ class WindowedDenoiser:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         win, ctx = self.win, self.ctx
-        windows = win.gather(x).flatten(0, 1)  # [r * NW, W, d]
-        row, which = self._jobs(x.shape[0], x.device)
-        out = torch.zeros_like(windows) if ctx.world_size > 1 else torch.empty_like(windows)
-        for k, a in enumerate(range(0, windows.shape[0], self.batch)):
+        r, NW, W, d = x.shape[0], win.num_windows, win.size, x.shape[2]
+        if win.padded:  # padding slots read a zero token after the last one
+            x = torch.cat([x, x.new_zeros(r, 1, d)], 1)
+        row, which = self._jobs(r, x.device)
+        out = x.new_zeros(r * NW, W, d) if ctx.world_size > 1 else x.new_empty(r * NW, W, d)
+        for k, a in enumerate(range(0, r * NW, self.batch)):
             if k % ctx.world_size != ctx.rank:
                 continue
-            b = min(a + self.batch, windows.shape[0])
+            b = min(a + self.batch, r * NW)
             rows, w = row[a:b], which[a:b]
+            windows = x[rows[:, None], self.index[w]]  # gathered a batch at a time: memory
             layout = {n: None if v is None else v[w] for n, v in self.layout.items()}
             with bf16_autocast(x.is_cuda, cache_enabled=False):  # as in training
-                out[a:b] = self.den(windows[a:b], t[rows], _rows(cond, rows), **layout)
+                out[a:b] = self.den(windows, t[rows], _rows(cond, rows), **layout)
         if ctx.world_size > 1:
             ctx.all_reduce_(out)
-        return win.blend(out.view(x.shape[0], win.num_windows, win.size, -1), self.plan)
+        return win.blend(out.view(r, NW, W, d), self.plan)
 
 
 def _rows(cond: Any, rows: torch.Tensor) -> Any:
