@@ -179,6 +179,17 @@ class WindowLayout:
             plan.append(tuple(p.to(device) for p in parts))
         return plan
 
+    def slot_ranks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per slot ``[NW, W]``: which of its token's windows this one is (0 for the first,
+        -1 for padding) and its weight in the token's average (0 for padding)."""
+        NW, W = self.index.shape
+        rank = torch.full((NW * W + 1,), -1, dtype=torch.long)
+        weight = torch.zeros(NW * W + 1)
+        K = self.cover.shape[1]
+        rank[self.cover] = torch.arange(K).expand_as(self.cover)
+        weight[self.cover] = self.cover_weight
+        return rank[:-1].view(NW, W), weight[:-1].view(NW, W)
+
     def blend(self, pred: torch.Tensor, plan: list | None = None) -> torch.Tensor:
         """Each token's average over the windows that hold it: ``[B, T, d]`` from per-window
         predictions ``[B, NW, W, d]`` (``plan``: :meth:`blend_plan` on their device, made

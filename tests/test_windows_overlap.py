@@ -143,3 +143,32 @@ def test_a_window_over_the_whole_sequence_generates_what_no_windows_do():
     a = whole.generate_tokens(num_samples=3, seed=4)
     b = windowed.generate_tokens(num_samples=3, seed=4)
     assert torch.equal(a, b)
+
+
+class ElementwiseDenoiser:
+    """A stand-in denoiser whose output at a slot depends only on that slot (no BLAS), so
+    any batching of windows must give the same bits; its output also depends on where the
+    window sits (positions), so windows sharing a token predict different values there."""
+
+    def __call__(self, x, t, cond, *, positions, layer_kinds, mask=None):
+        return torch.sin(x * 3 + positions[..., 1:2] * 0.7 + t[:, None, None] * 0.01)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_windows_are_averaged_the_same_whatever_the_batches(stride):
+    tok = d2nwg.WeightTokenizer.from_state_dict(weights(), chunk_size=64)
+    win = WindowLayout.from_tokenizer(tok, 4, stride)
+    den, cpu = ElementwiseDenoiser(), torch.device("cpu")
+    x = torch.randn(3, tok.num_tokens, 5, generator=torch.Generator().manual_seed(stride))
+    t = torch.tensor([3, 40, 99])
+    windows = win.gather(x)  # [3, NW, W, d]
+    pred = den(
+        windows.flatten(0, 1),
+        t.repeat_interleave(win.num_windows),
+        None,
+        positions=win.positions.repeat(3, 1, 1),
+        layer_kinds=None,
+    )
+    want = win.blend(pred.view_as(windows))
+    for batch in (1, 5, 3 * win.num_windows):
+        assert torch.equal(WindowedDenoiser(den, win, batch, cpu)(x, t, None), want), batch

@@ -86,17 +86,20 @@ class SampleRun:
 class WindowedDenoiser:
     """The denoiser called as :func:`d2nwg.sample` calls a model, ``model(x, t, cond)``, on
     latent sequences ``x [r, T, d]`` (under guidance the cond rows, then the uncond rows):
-    every window of every row is denoised, ``batch`` windows per denoiser call, and the
-    windows' predictions are averaged per token (:meth:`WindowLayout.blend`). Every tensor it
-    indexes with is built once per row count, so a CUDA graph captured on it replays.
+    every window of every row is denoised, ``batch`` windows per denoiser call, and each
+    token gets the average of its windows' predictions. Every tensor it indexes with is
+    built once per row count, so a CUDA graph captured on it replays.
 
     The prediction is averaged in whatever space the denoiser predicts (epsilon, v or x0):
     the windows of a token all see the same ``x_t`` there, and each space is an affine
     function of another at fixed ``x_t``, so the three averages are the same update.
 
-    ``ctx`` with several ranks: rank k computes every world-th batch, the others' slots are
-    zero, and one all-reduce per step sums them, which is exact (each slot has one nonzero
-    term), so every rank holds the bits one process computes.
+    One process adds each batch's predictions into the ``[r, T, d]`` answer as they come
+    (no buffer of every window's prediction): a token's first window assigns, the later ones
+    add, in window order, so the sum is :meth:`WindowLayout.blend`'s whatever the batches.
+    With several ranks in ``ctx``, rank k computes every world-th batch into a zeroed buffer
+    of every window's slots, one all-reduce per step sums them, which is exact (each slot
+    has one nonzero term), and every rank blends: the bits one process computes.
     """
 
     def __init__(
@@ -107,41 +110,86 @@ class WindowedDenoiser:
         device: torch.device,
         ctx: DistContext | None = None,
     ):
-        self.den, self.win, self.batch = den, win, batch
+        self.den, self.win, self.batch, self.device = den, win, batch, device
         self.ctx = ctx or DistContext()
         self.layout = {
             k: None if v is None else v.to(device) for k, v in win.denoiser_layout().items()
         }
-        self.jobs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows -> (row, window)
-        self.plan = win.blend_plan(device)
         self.index = win.index.to(device)
+        self.blend_plan = win.blend_plan(device)
+        self.plans: dict[int, list[Batch]] = {}  # rows -> the batches of a call
 
-    def _jobs(self, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if rows not in self.jobs:
-            NW = self.win.num_windows
-            row = torch.arange(rows, device=device).repeat_interleave(NW)
-            self.jobs[rows] = (row, torch.arange(NW, device=device).repeat(rows))
-        return self.jobs[rows]
+    def batches(self, rows: int) -> list[Batch]:
+        """The denoiser calls of a call on ``rows`` sequences (built once per row count)."""
+        if rows not in self.plans:
+            self.plans[rows] = plan_batches(self.win, rows, self.batch, self.device)
+        return self.plans[rows]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         win, ctx = self.win, self.ctx
         r, NW, W, d = x.shape[0], win.num_windows, win.size, x.shape[2]
         if win.padded:  # padding slots read a zero token after the last one
             x = torch.cat([x, x.new_zeros(r, 1, d)], 1)
-        row, which = self._jobs(r, x.device)
-        out = x.new_zeros(r * NW, W, d) if ctx.world_size > 1 else x.new_empty(r * NW, W, d)
-        for k, a in enumerate(range(0, r * NW, self.batch)):
-            if k % ctx.world_size != ctx.rank:
-                continue
-            b = min(a + self.batch, r * NW)
-            rows, w = row[a:b], which[a:b]
-            windows = x[rows[:, None], self.index[w]]  # gathered a batch at a time: memory
-            layout = {n: None if v is None else v[w] for n, v in self.layout.items()}
-            with bf16_autocast(x.is_cuda, cache_enabled=False):  # as in training
-                out[a:b] = self.den(windows, t[rows], _rows(cond, rows), **layout)
         if ctx.world_size > 1:
-            ctx.all_reduce_(out)
-        return win.blend(out.view(r, NW, W, d), self.plan)
+            slots = x.new_zeros(r * NW, W, d)
+            for k, job in enumerate(self.batches(r)):
+                if k % ctx.world_size == ctx.rank:
+                    slots[job.start : job.stop] = self.denoise(job, x, t, cond)
+            ctx.all_reduce_(slots)
+            return win.blend(slots.view(r, NW, W, d), self.blend_plan)
+        out = x.new_empty(r * win.num_tokens, d)
+        for job in self.batches(r):
+            flat = self.denoise(job, x, t, cond).reshape(-1, d)
+            for k, (src, dst, weight) in enumerate(job.adds):
+                if k == 0:
+                    out[dst] = flat[src] if weight is None else flat[src] * weight
+                else:
+                    out.index_add_(0, dst, flat[src] * weight)
+        return out.view(r, win.num_tokens, d)
+
+    def denoise(self, job: Batch, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The denoiser's predictions ``[n, W, d]`` for one batch of (row, window) jobs."""
+        windows = x[job.rows[:, None], self.index[job.windows]]  # gathered when needed
+        layout = {n: None if v is None else v[job.windows] for n, v in self.layout.items()}
+        with bf16_autocast(x.is_cuda, cache_enabled=False):  # as in training
+            pred = self.den(windows, t[job.rows], _rows(cond, job.rows), **layout)
+        return pred.to(x.dtype)
+
+
+@dataclass
+class Batch:
+    """One denoiser call of :class:`WindowedDenoiser`: jobs ``start .. stop - 1`` of the
+    row-major (row, window) list, their ``rows`` and ``windows``, and per rank k of a
+    token's windows ``adds[k] = (slot, destination, weight)``: the call's flat slots
+    ``[n * W]`` whose token has its k-th window here, the flat ``row * T + token`` they go
+    to, and their weights ``[m, 1]`` (None when every token lies in one window)."""
+
+    start: int
+    stop: int
+    rows: torch.Tensor
+    windows: torch.Tensor
+    adds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+
+def plan_batches(win: WindowLayout, rows: int, batch: int, device: torch.device) -> list[Batch]:
+    """The batches of ``batch`` (row, window) jobs over ``rows`` sequences, row-major."""
+    NW, T = win.num_windows, win.num_tokens
+    rank, weight = win.slot_ranks()
+    K = win.cover.shape[1]
+    out = []
+    for a in range(0, rows * NW, batch):
+        b = min(a + batch, rows * NW)
+        job = torch.arange(a, b)
+        row, w = job // NW, job % NW
+        dst = (row[:, None] * T + win.index[w]).flatten()
+        slot_rank, slot_weight = rank[w].flatten(), weight[w].flatten()
+        adds = []
+        for k in range(K):
+            src = torch.nonzero(slot_rank == k).squeeze(1)
+            wk = None if K == 1 else slot_weight[src, None].to(device)
+            adds.append((src.to(device), dst[src].to(device), wk))
+        out.append(Batch(a, b, row.to(device), w.to(device), adds))
+    return out
 
 
 def _rows(cond: Any, rows: torch.Tensor) -> Any:
