@@ -82,6 +82,9 @@ def run_steps(
         if not out.is_contiguous():
             out = out.contiguous()
         run(x, out, table, s_views[k], noise(k), prev, guided, prev2)
+        # Drop this step's input and prediction before the next step makes its own: on a
+        # whole model's latent sequence they are the largest tensors of the loop.
+        del x_in, out
 
 
 def run_eager(plan: Plan, x: torch.Tensor, cond_in: Any) -> torch.Tensor:
