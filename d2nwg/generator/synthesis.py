@@ -79,7 +79,7 @@ class SampleRun:
     uncond: Condition | None  # the null condition, under guidance
     guidance_scale: float
     schedule: NoiseSchedule
-    batch: int  # windows per denoiser call (twice that under guidance: both halves)
+    batch: int  # windows per denoiser call
     latents: torch.Tensor | None = None  # sample 0 of task 0 [T, d], once streaming samples it
 
 
@@ -294,11 +294,12 @@ class Synthesizer:
     def windowed(self, run: SampleRun, ctx: DistContext | None = None) -> WindowedDenoiser:
         """One bound denoiser per (device, batch, ranks): CUDA graphs of it replay."""
         ctx = ctx or DistContext()
-        batch = run.batch * (1 if run.uncond is None else 2)  # both halves in one call
-        key = (run.device, batch, ctx.rank, ctx.world_size)
+        # run.batch windows per call, whether guided or not: the activations of a call are
+        # what streaming holds besides the latent state
+        key = (run.device, run.batch, ctx.rank, ctx.world_size)
         if key not in self.bound:
             den = self.model.denoiser
-            self.bound[key] = WindowedDenoiser(den, self.windows, batch, run.device, ctx)
+            self.bound[key] = WindowedDenoiser(den, self.windows, run.batch, run.device, ctx)
         return self.bound[key]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
