@@ -258,9 +258,9 @@ class Synthesizer:
         ``noise_seed(seed, sample, k)``; the sampler's noise continues block 0's stream."""
         win, d = self.windows, self.config.latent_dim
         x_T = torch.empty(len(samples), win.num_tokens, d)
-        gens = []
+        gens, blocks = [], win.noise_blocks()
         for n, i in enumerate(samples):
-            for k, (a, b) in enumerate(win.noise_blocks()):
+            for k, (a, b) in enumerate(blocks):
                 g = torch.Generator().manual_seed(noise_seed(run.opts.seed, i, k))
                 x_T[n, a:b] = torch.randn(win.size, d, generator=g)[: b - a]
                 if k == 0:
