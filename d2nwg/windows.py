@@ -11,10 +11,16 @@ the end; ``mask`` says which slots are real.
 Each window carries its tokens' layout (layer index, chunk offset and layer kind, from
 :class:`d2nwg.WeightTokenizer`), so the denoiser knows where in the model it sits. A
 sequence of at most W tokens is one window without padding: the model-level generator.
+
+With ``class_rows`` (globs of the tensors whose dim-0 rows follow the condition's classes,
+:mod:`d2nwg.tokenizer.rows`) a window also carries each slot's class row (-1: none), and the
+tokens of a class row are placed by their chunk within the row, not within the layer, so
+that nothing but the class tells row k from row j.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +61,8 @@ class WindowLayout:
         mask: ``[NW, W]`` bool, True for real slots.
         positions: ``[NW, W, 2]`` long, (layer index, chunk index) of each slot (0 for padding).
         kinds: ``[NW, W]`` long, layer kind of each slot (0 for padding).
+        classes: ``[NW, W]`` long, the class row of each slot (-1: none, and for padding),
+            or None when no tensor is named by ``class_rows``.
     """
 
     size: int
@@ -63,10 +71,14 @@ class WindowLayout:
     mask: torch.Tensor = field(repr=False)
     positions: torch.Tensor = field(repr=False)
     kinds: torch.Tensor = field(repr=False)
+    classes: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, window: int = 0) -> WindowLayout:
-        """Windows of ``window`` tokens (0, or at least the sequence: one window of it all)."""
+    def from_tokenizer(
+        cls, tokenizer, window: int = 0, class_rows: Sequence[str] | None = None
+    ) -> WindowLayout:
+        """Windows of ``window`` tokens (0, or at least the sequence: one window of it all);
+        ``class_rows``: globs of the tensors whose rows follow the condition's classes."""
         if isinstance(window, bool) or not isinstance(window, int) or window < 0:
             raise ConfigError(f"window must be an int >= 0, got {window!r}")
         T = tokenizer.num_tokens
@@ -79,9 +91,14 @@ class WindowLayout:
         index = torch.where(
             mask, starts[:, None] + slot[None, :], torch.full_like(mask, T, dtype=torch.long)
         )
-        pos = torch.cat([tokenizer.positions, tokenizer.positions.new_zeros(1, 2)])
+        positions, classes = tokenizer.positions, None
+        if class_rows:
+            rows = tokenizer.row_classes(class_rows)
+            positions = torch.stack([positions[:, 0], rows.chunk], dim=1)
+            classes = torch.cat([rows.index, rows.index.new_full((1,), -1)])[index]
+        pos = torch.cat([positions, positions.new_zeros(1, 2)])
         kinds = torch.cat([tokenizer.kinds, tokenizer.kinds.new_zeros(1)])
-        return cls(W, spans, index, mask, pos[index], kinds[index])
+        return cls(W, spans, index, mask, pos[index], kinds[index], classes)
 
     @property
     def num_windows(self) -> int:
@@ -94,9 +111,13 @@ class WindowLayout:
 
     def denoiser_layout(self) -> dict[str, torch.Tensor | None]:
         """Every window's layout keywords of :class:`d2nwg.LatentDenoiser`, ``[NW, W, ...]``:
-        positions, layer kinds and the padding mask (None when no window is padded)."""
+        positions, layer kinds, the padding mask (None when no window is padded) and, with
+        class rows, each slot's ``class_index``."""
         mask = self.mask if self.padded else None
-        return {"positions": self.positions, "layer_kinds": self.kinds, "mask": mask}
+        layout = {"positions": self.positions, "layer_kinds": self.kinds, "mask": mask}
+        if self.classes is not None:
+            layout["class_index"] = self.classes
+        return layout
 
     def covering(self, start: int, stop: int) -> tuple[int, int]:
         """Windows ``[first, stop)`` that hold any token of ``[start, stop)``."""

@@ -40,6 +40,9 @@ class D2NWGConfig(JSONConfig):
     granularity: str = "layer"
     include: list | None = None  # glob patterns of the tensors to generate (the rest of a
     exclude: list | None = None  # target model is left untouched)
+    # globs of tensors whose dim-0 rows follow the condition's classes (a classifier's output
+    # weight): the tokens of row k get class k's condition token, no slot embeddings (README)
+    class_rows: list | None = None
     window: int = 0  # W: tokens per denoiser sample (0: the whole model is one window)
     window_batch: int = 0  # (model, window) pairs per diffusion step when windowed (0: the
     # step's models x their windows, at most WINDOW_DRAWS each; see stages.train_diffusion)
@@ -99,10 +102,12 @@ class D2NWGConfig(JSONConfig):
             v = getattr(self, f.name)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
                 raise ConfigError(f"D2NWGConfig.{f.name} must be >= 0, got {v!r}")
-        for name in ("include", "exclude"):
+        for name in ("include", "exclude", "class_rows"):
             patterns = getattr(self, name)
             if patterns is not None and not all(isinstance(p, str) for p in patterns):
                 raise ConfigError(f"D2NWGConfig.{name} must be glob patterns, got {patterns!r}")
+        if self.class_rows and self.condition == "none":
+            raise ConfigError("D2NWGConfig.class_rows needs a condition whose tokens are classes")
         positive = ("num_heads", "batch_size", "vae_batch", "timesteps", "checkpoint_every",
                     "log_every", "sample_steps")  # fmt: skip
         for name in positive:
@@ -177,4 +182,4 @@ def resolve_for(
 
     resolved = config.resolve(tokenizer(config.chunk_size or 64).num_params, cond_features)
     tok = tokenizer(resolved.chunk_size)
-    return resolved, tok, WindowLayout.from_tokenizer(tok, resolved.window)
+    return resolved, tok, WindowLayout.from_tokenizer(tok, resolved.window, resolved.class_rows)

@@ -30,6 +30,7 @@ from d2nwg.tensors import StateDict, storage_key
 from d2nwg.tokenizer import checks, io
 from d2nwg.tokenizer.layers import LayerSpec, check_ignored, select_layers
 from d2nwg.tokenizer.plan import LayoutPlan, RangePart, check_chunking
+from d2nwg.tokenizer.rows import RowClasses, row_classes
 from d2nwg.tokenizer.statistics import fit_moments, normalization, statistics
 
 
@@ -128,6 +129,11 @@ class WeightTokenizer:
     kinds = _planned("kinds", "``[T]`` long, index into ``kind_names`` of each token.")
     kind_names = _planned("kind_names", "The distinct layer kinds, sorted.")
     token_runs = _planned("token_runs", "Token ranges no token shares with another run.")
+
+    def row_classes(self, patterns: Sequence[str]) -> RowClasses:
+        """The class row each token writes (-1: none) and its chunk index within the row, for
+        the tensors ``patterns`` (globs) name: see :mod:`d2nwg.tokenizer.rows`."""
+        return row_classes(self.layout_plan, patterns)
 
     def token_range(self, layers: Iterable[int]) -> tuple[int, int]:
         """The ``[start, stop)`` tokens that hold the elements of the given layer indices."""
