@@ -225,3 +225,21 @@ def test_generators_saved_without_class_rows_load_as_before(tmp_path):
     cond = torch.randn(5, 3, 12, generator=torch.Generator().manual_seed(2))
     a, b = old.generate(cond, seed=1)[0], loaded.generate(cond, seed=1)[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_derived_chunk_size_cuts_class_rows_whole():
+    """Rows of 192 values: the usual derived size (here 256) would mix classes; 192 does not.
+    A chunk size given explicitly is kept (and checked); rows narrower than the ChunkVAE's
+    smallest chunk (64) can't be class rows."""
+    mlp = {"body.weight": torch.zeros(128, 100), "fc.weight": torch.zeros(10, 192)}
+    gen = D2NWG.untrained(mlp, D2NWGConfig(class_rows=["fc.weight"], **TINY), cond_features=12)
+    plain = D2NWG.untrained(mlp, D2NWGConfig(**TINY), cond_features=12)
+    assert (plain.config.chunk_size, gen.config.chunk_size) == (256, 192)
+    assert gen.windows.classes[0].tolist() == [-1] * 67 + list(range(10))
+    with pytest.raises(d2nwg.ConfigError, match="divides 192"):
+        D2NWG.untrained(
+            mlp, D2NWGConfig(class_rows=["fc.weight"], chunk_size=128, **TINY), cond_features=12
+        )
+    narrow = {"body.weight": torch.zeros(32, 64), "fc.weight": torch.zeros(5, 32)}
+    with pytest.raises(d2nwg.ConfigError, match=r"rows of \{'fc.weight': 32\} values"):
+        D2NWG.untrained(narrow, D2NWGConfig(class_rows=["fc.*"], **TINY), cond_features=12)

@@ -29,7 +29,7 @@ from d2nwg.tokenizer import limits
 from d2nwg.tokenizer.io import FORMAT, FORMAT_VERSION
 from d2nwg.tokenizer.layers import DEFAULT_EXCLUDE, LayerSpec
 from d2nwg.tokenizer.plan import LayoutPlan, RangePart
-from d2nwg.tokenizer.rows import RowClasses, row_classes
+from d2nwg.tokenizer.rows import RowClasses, row_chunk_size, row_classes
 from d2nwg.tokenizer.statistics import CENTER_THRESHOLD, normalization
 from d2nwg.tokenizer.weight_tokenizer import WeightTokenizer
 
@@ -45,6 +45,7 @@ __all__ = [
     "StateDict",
     "WeightTokenizer",
     "normalization",
+    "row_chunk_size",
     "row_classes",
     "storage_key",
     *limits.NAMES,

@@ -17,6 +17,7 @@ layer, which would tell row k from row j.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -79,3 +80,22 @@ def row_classes(plan: LayoutPlan, patterns: Sequence[str]) -> RowClasses:
         index[tokens] = local // per_row
         chunk[tokens] = local % per_row
     return RowClasses(index, chunk)
+
+
+def row_chunk_size(
+    plan: LayoutPlan, patterns: Sequence[str], chunk_size: int, least: int = 1
+) -> int:
+    """The largest chunk size in ``[least, chunk_size]`` that cuts every row of the layers
+    ``patterns`` names into whole tokens (a divisor of their row widths): what a derived
+    chunk size becomes when class rows are asked for (``plan``'s own chunk size does not
+    matter). None there is an error naming the rows."""
+    named = [s for s in matching_layers(plan, patterns) if plan.numel[s]]
+    widths = {plan.layers[s].name: plan.numel[s] // plan.layers[s].shape[0] for s in named}
+    g = math.gcd(*widths.values()) if widths else chunk_size
+    size = next(d for d in range(min(chunk_size, g), 0, -1) if g % d == 0)
+    if size < least:
+        raise ConfigError(
+            f"class_rows: rows of {widths} values can't be cut into whole tokens of at least "
+            f"{least} values (the ChunkVAE's smallest chunk): a token would mix classes"
+        )
+    return size
