@@ -243,3 +243,21 @@ def test_a_derived_chunk_size_cuts_class_rows_whole():
     narrow = {"body.weight": torch.zeros(32, 64), "fc.weight": torch.zeros(5, 32)}
     with pytest.raises(d2nwg.ConfigError, match=r"rows of \{'fc.weight': 32\} values"):
         D2NWG.untrained(narrow, D2NWGConfig(class_rows=["fc.*"], **TINY), cond_features=12)
+
+
+def test_windowed_generators_carry_class_rows(tmp_path):
+    """With windows of 4 tokens (two of them padded) the class rows reach the denoiser in
+    training and in sampling alike: a short fit and generation run, and the layout each
+    window gets holds its rows' classes."""
+    zoo = d2nwg.ModelZoo()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        sd = {k: torch.randn(v.shape, generator=g) for k, v in HEAD.items()}
+        zoo.add(sd, condition=torch.randn(5, 3, 12, generator=g))
+    steps = dict(vae_steps=2, diffusion_steps=2, batch_size=4, vae_batch=8, log_every=1)
+    cfg = D2NWGConfig(class_rows=["fc.weight"], window=4, sample_steps=2, **TINY, **steps)
+    gen = D2NWG(cfg).fit(zoo, out=str(tmp_path / "run"), progress=False)
+    # rows 0-3 | row 4 and padding | the bias
+    assert gen.windows.classes.tolist() == [[0, 1, 2, 3], [4, -1, -1, -1], [-1] * 4]
+    sds = gen.generate(torch.randn(2, 5, 3, 12, generator=g), num_samples=2, seed=0)
+    assert len(sds) == 4 and all(torch.isfinite(sd["fc.weight"]).all() for sd in sds)
