@@ -12,7 +12,7 @@ import torch
 import d2nwg
 from d2nwg.generator import D2NWG, D2NWGConfig
 from d2nwg.nn import Condition, LatentDenoiser, LatentDenoiserConfig
-from d2nwg.tokenizer import WeightTokenizer
+from d2nwg.tokenizer import WeightTokenizer, normalization
 from d2nwg.windows import WindowLayout
 
 HEAD = {"fc.weight": torch.zeros(5, 64), "fc.bias": torch.zeros(5)}
@@ -227,22 +227,50 @@ def test_generators_saved_without_class_rows_load_as_before(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_derived_chunk_size_cuts_class_rows_whole():
-    """Rows of 192 values: the usual derived size (here 256) would mix classes; 192 does not.
-    A chunk size given explicitly is kept (and checked); rows narrower than the ChunkVAE's
-    smallest chunk (64) can't be class rows."""
-    mlp = {"body.weight": torch.zeros(128, 100), "fc.weight": torch.zeros(10, 192)}
-    gen = D2NWG.untrained(mlp, D2NWGConfig(class_rows=["fc.weight"], **TINY), cond_features=12)
-    plain = D2NWG.untrained(mlp, D2NWGConfig(**TINY), cond_features=12)
-    assert (plain.config.chunk_size, gen.config.chunk_size) == (256, 192)
-    assert gen.windows.classes[0].tolist() == [-1] * 67 + list(range(10))
-    with pytest.raises(d2nwg.ConfigError, match="divides 192"):
-        D2NWG.untrained(
-            mlp, D2NWGConfig(class_rows=["fc.weight"], chunk_size=128, **TINY), cond_features=12
-        )
-    narrow = {"body.weight": torch.zeros(32, 64), "fc.weight": torch.zeros(5, 32)}
-    with pytest.raises(d2nwg.ConfigError, match=r"rows of \{'fc.weight': 32\} values"):
-        D2NWG.untrained(narrow, D2NWGConfig(class_rows=["fc.*"], **TINY), cond_features=12)
+def test_row_tokens_pad_each_row_to_whole_tokens(tmp_path):
+    """Rows narrower than a token (a head on 32 features at C = 64, a bias) each start a token
+    of their own, padded; tokenize, detokenize, streaming writes and the file keep that."""
+    mlp = {"body.weight": torch.randn(32, 64), "fc.weight": torch.randn(5, 32),
+           "fc.bias": torch.randn(5)}  # fmt: skip
+    tok = _tokenizer(mlp, row_tokens=["fc.*"])
+    assert tok.row_tokens == ("fc.weight", "fc.bias") and tok.num_tokens == 32 + 5 + 5
+    assert tok.mask.sum(1)[32:].tolist() == [32] * 5 + [1] * 5
+    rows = tok.row_classes(["fc.*"])
+    assert rows.index.tolist() == [-1] * 32 + list(range(5)) * 2
+    assert rows.chunk[32:].tolist() == [0] * 10
+    tok.fit([mlp, {k: 2 * v for k, v in mlp.items()}])
+    tokens = tok.tokenize([mlp, {k: v.t().contiguous().t() for k, v in mlp.items()}])
+    shift, scale = (float(v[1]) for v in normalization(tok.mean, tok.std))
+    torch.testing.assert_close(tokens[0, 32:37, :32], (mlp["fc.weight"] - shift) / scale)
+    for sd in tok.detokenize(tokens):
+        assert all(torch.equal(sd[k], v) for k, v in mlp.items())
+    out = {k: torch.zeros_like(v) for k, v in mlp.items()}
+    dests = tok.destinations(out)
+    for start in range(0, tok.num_tokens, 3):  # ranges that cut rows and layers anywhere
+        tok.write_range(dests, tokens[0, start : start + 3], start)
+    assert all(torch.equal(out[k], v) for k, v in mlp.items())
+    tok.save(tmp_path / "tok.safetensors")
+    loaded = WeightTokenizer.load(tmp_path / "tok.safetensors")
+    assert loaded.row_tokens == tok.row_tokens and torch.equal(loaded.mask, tok.mask)
+    plain = _tokenizer(mlp)
+    plain.save(tmp_path / "plain.safetensors")  # no row tokens: the file has no such field
+    assert WeightTokenizer.load(tmp_path / "plain.safetensors").row_tokens == ()
+    with pytest.raises(d2nwg.ConfigError, match="granularity='layer'"):
+        _tokenizer(mlp, granularity="model", row_tokens=["fc.weight"])
+
+
+def test_class_rows_of_any_width_in_a_generator():
+    """A head on 32 features (and its bias) at the derived chunk size 64: each row is a
+    token, so the whole head follows the classes; in the model granularity the rows must
+    already be whole tokens."""
+    mlp = {"body.weight": torch.zeros(32, 64), "fc.weight": torch.zeros(5, 32),
+           "fc.bias": torch.zeros(5)}  # fmt: skip
+    gen = D2NWG.untrained(mlp, D2NWGConfig(class_rows=["fc.*"], **TINY), cond_features=12)
+    assert gen.config.chunk_size == 64
+    assert gen.windows.classes[0].tolist() == [-1] * 32 + list(range(5)) * 2
+    with pytest.raises(d2nwg.ConfigError, match="divides 32"):
+        cfg = D2NWGConfig(class_rows=["fc.weight"], granularity="model", **TINY)
+        D2NWG.untrained(mlp, cfg, cond_features=12)
 
 
 def test_windowed_generators_carry_class_rows(tmp_path):

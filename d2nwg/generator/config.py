@@ -12,10 +12,9 @@ import torch
 
 from d2nwg.errors import ConfigError
 from d2nwg.nn.io import JSONConfig
-from d2nwg.nn.vae import MIN_CHUNK
 from d2nwg.sampling import SAMPLERS
 from d2nwg.schedule import PREDICTION_TYPES, NoiseSchedule
-from d2nwg.tokenizer import WeightTokenizer, row_chunk_size
+from d2nwg.tokenizer import WeightTokenizer
 from d2nwg.training import LoopConfig
 from d2nwg.windows import WindowLayout
 
@@ -42,8 +41,8 @@ class D2NWGConfig(JSONConfig):
     include: list | None = None  # glob patterns of the tensors to generate (the rest of a
     exclude: list | None = None  # target model is left untouched)
     # globs of tensors whose dim-0 rows follow the condition's classes (a classifier's output
-    # weight): the tokens of row k get class k's condition token, no slot embeddings (README);
-    # a derived chunk_size is then at most the usual one, cutting those rows into whole tokens
+    # weight): each row starts a token, the tokens of row k get class k's condition token,
+    # and there are no slot embeddings (README)
     class_rows: list | None = None
     window: int = 0  # W: tokens per denoiser sample (0: the whole model is one window)
     window_batch: int = 0  # (model, window) pairs per diffusion step when windowed (0: the
@@ -176,20 +175,15 @@ def resolve_for(
     """``config`` resolved for ``template``'s architecture (meta tensors will do), with the
     tokenizer and windows of that resolved config."""
 
+    # class rows start a token each (the model granularity's tokens mix layers: none there)
+    row_tokens = config.class_rows if config.granularity == "layer" else None
+
     def tokenizer(chunk_size: int) -> WeightTokenizer:
         return WeightTokenizer.from_state_dict(
             template, chunk_size=chunk_size, granularity=config.granularity,
-            include=config.include, exclude=config.exclude,
+            include=config.include, exclude=config.exclude, row_tokens=row_tokens,
         )  # fmt: skip
 
-    first = tokenizer(config.chunk_size or 64)
-    resolved = config.resolve(first.num_params, cond_features)
-    if config.class_rows and not config.chunk_size:  # derived: one that cuts class rows whole
-        chunk = row_chunk_size(
-            first.layout_plan, config.class_rows, resolved.chunk_size, least=MIN_CHUNK
-        )
-        resolved = dataclasses.replace(config, chunk_size=chunk).resolve(
-            first.num_params, cond_features
-        )
+    resolved = config.resolve(tokenizer(config.chunk_size or 64).num_params, cond_features)
     tok = tokenizer(resolved.chunk_size)
     return resolved, tok, WindowLayout.from_tokenizer(tok, resolved.window, resolved.class_rows)

@@ -28,8 +28,8 @@ from d2nwg.tensors import StateDict, storage_key
 from d2nwg.tokenizer import limits
 from d2nwg.tokenizer.io import FORMAT, FORMAT_VERSION
 from d2nwg.tokenizer.layers import DEFAULT_EXCLUDE, LayerSpec
-from d2nwg.tokenizer.plan import LayoutPlan, RangePart
-from d2nwg.tokenizer.rows import RowClasses, row_chunk_size, row_classes
+from d2nwg.tokenizer.plan import LayoutPlan, RangePart, Segment
+from d2nwg.tokenizer.rows import RowClasses, row_classes
 from d2nwg.tokenizer.statistics import CENTER_THRESHOLD, normalization
 from d2nwg.tokenizer.weight_tokenizer import WeightTokenizer
 
@@ -42,10 +42,10 @@ __all__ = [
     "LayoutPlan",
     "RangePart",
     "RowClasses",
+    "Segment",
     "StateDict",
     "WeightTokenizer",
     "normalization",
-    "row_chunk_size",
     "row_classes",
     "storage_key",
     *limits.NAMES,
