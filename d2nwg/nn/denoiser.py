@@ -358,6 +358,10 @@ class LatentDenoiser(nn.Module):
                 self._check_kinds(kinds, B, T)
                 h = h + self.kind_embed(kinds.to(x_t.device))
 
+        class_index = self.class_index if class_index is None else class_index
+        if class_index is not None:
+            self._check_class_index(class_index, B, T)
+
         emb = self.t_embed(sinusoidal(t, c.timestep_freq_dim, c.max_period).to(x_t.dtype))
         context = context_mask = None
         if self.null is not None:
@@ -376,9 +380,7 @@ class LatentDenoiser(nn.Module):
                 if K > c.max_cond_slots:
                     raise ShapeError(f"cond has {K} tokens but max_cond_slots={c.max_cond_slots}")
                 context = context + self.slot_embed.weight[:K].to(context.dtype)
-            class_index = self.class_index if class_index is None else class_index
             if class_index is not None:
-                self._check_class_index(class_index, B, T)
                 h = h + self._class_inputs(class_index, cond, B).to(h.dtype)
         elif cond is not None:
             raise ConfigError("this LatentDenoiser is unconditional (cond_dim=0); pass cond=None")
