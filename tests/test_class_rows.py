@@ -12,7 +12,7 @@ import torch
 import d2nwg
 from d2nwg.generator import D2NWG, D2NWGConfig
 from d2nwg.nn import Condition, LatentDenoiser, LatentDenoiserConfig
-from d2nwg.tokenizer import WeightTokenizer, normalization
+from d2nwg.tokenizer import LayerSpec, LayoutPlan, WeightTokenizer, normalization
 from d2nwg.windows import WindowLayout
 
 HEAD = {"fc.weight": torch.zeros(5, 64), "fc.bias": torch.zeros(5)}
@@ -230,8 +230,9 @@ def test_generators_saved_without_class_rows_load_as_before(tmp_path):
 def test_row_tokens_pad_each_row_to_whole_tokens(tmp_path):
     """Rows narrower than a token (a head on 32 features at C = 64, a bias) each start a token
     of their own, padded; tokenize, detokenize, streaming writes and the file keep that."""
-    mlp = {"body.weight": torch.randn(32, 64), "fc.weight": torch.randn(5, 32),
-           "fc.bias": torch.randn(5)}  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    shapes = {"body.weight": (32, 64), "fc.weight": (5, 32), "fc.bias": (5,)}
+    mlp = {k: torch.randn(shape, generator=g) for k, shape in shapes.items()}
     tok = _tokenizer(mlp, row_tokens=["fc.*"])
     assert tok.row_tokens == ("fc.weight", "fc.bias") and tok.num_tokens == 32 + 5 + 5
     assert tok.mask.sum(1)[32:].tolist() == [32] * 5 + [1] * 5
@@ -242,13 +243,14 @@ def test_row_tokens_pad_each_row_to_whole_tokens(tmp_path):
     tokens = tok.tokenize([mlp, {k: v.t().contiguous().t() for k, v in mlp.items()}])
     shift, scale = (float(v[1]) for v in normalization(tok.mean, tok.std))
     torch.testing.assert_close(tokens[0, 32:37, :32], (mlp["fc.weight"] - shift) / scale)
-    for sd in tok.detokenize(tokens):
-        assert all(torch.equal(sd[k], v) for k, v in mlp.items())
+    back = tok.detokenize(tokens)
+    for sd in back:  # (a centered layer's x - shift is not exact in float32)
+        torch.testing.assert_close(sd, mlp, rtol=0, atol=1e-6)
     out = {k: torch.zeros_like(v) for k, v in mlp.items()}
     dests = tok.destinations(out)
     for start in range(0, tok.num_tokens, 3):  # ranges that cut rows and layers anywhere
         tok.write_range(dests, tokens[0, start : start + 3], start)
-    assert all(torch.equal(out[k], v) for k, v in mlp.items())
+    assert all(torch.equal(out[k], v) for k, v in back[0].items())
     tok.save(tmp_path / "tok.safetensors")
     loaded = WeightTokenizer.load(tmp_path / "tok.safetensors")
     assert loaded.row_tokens == tok.row_tokens and torch.equal(loaded.mask, tok.mask)
@@ -257,6 +259,25 @@ def test_row_tokens_pad_each_row_to_whole_tokens(tmp_path):
     assert WeightTokenizer.load(tmp_path / "plain.safetensors").row_tokens == ()
     with pytest.raises(d2nwg.ConfigError, match="granularity='layer'"):
         _tokenizer(mlp, granularity="model", row_tokens=["fc.weight"])
+
+
+def test_row_tokens_plan():
+    """Segments of a row-token layer, the token range of a layer, and the checks."""
+    layers = (LayerSpec("w", (3, 5), "float32"), LayerSpec("b", (3,), "float32"),
+              LayerSpec("s", (), "float32"))  # fmt: skip
+    plan = LayoutPlan(layers, 4, row_tokens=frozenset({0, 1}))
+    assert [(g.layer, g.start, g.count, g.offset, g.span) for g in plan.segments] == [
+        (0, 0, 5, 0, 8), (0, 5, 5, 8, 8), (0, 10, 5, 16, 8),
+        (1, 0, 1, 24, 4), (1, 1, 1, 28, 4), (1, 2, 1, 32, 4), (2, 0, 1, 36, 4),
+    ]  # fmt: skip
+    assert plan.num_tokens == 10 and plan.token_range([1]) == (6, 9)
+    assert plan.chunk_plan([1.0, 2.0, 3.0], [1.0] * 3).shift == (1.0,) * 3 + (2.0,) * 3 + (3.0,)
+    with pytest.raises(d2nwg.ConfigError, match="is a scalar"):
+        LayoutPlan(layers, 4, row_tokens=frozenset({2}))
+    with pytest.raises(d2nwg.ConfigError, match="layer indices"):
+        LayoutPlan(layers, 4, row_tokens=frozenset({3}))
+    with pytest.raises(d2nwg.ConfigError, match="does not hold"):
+        WeightTokenizer(layers, 4, row_tokens=["fc.weight"])
 
 
 def test_class_rows_of_any_width_in_a_generator():

@@ -155,7 +155,7 @@ class LayoutPlan:
     def segment_views(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """One tensor per layer (layout order) -> one per segment: a layer of row tokens as
         its rows, flat (views of a contiguous tensor, else copies)."""
-        if len(self.segments) == len(tensors):
+        if not self.row_tokens:
             return list(tensors)
         return [
             tensors[seg.layer]
@@ -257,13 +257,13 @@ class LayoutPlan:
             )
         row0, row1 = start * C, (start + count) * C
         segments = []  # (numel, offset in the range's row, shift, scale, part)
-        for s, start, n, off, _ in self.segments:
+        for s, first, n, off, _ in self.segments:
             lo, hi = max(off, row0), min(off + n, row1)
             if s not in present or lo >= hi:
                 continue
             if not segments and lo > row0:
                 segments.append((0, 0, 0.0, 1.0, RangePart(-1, 0, 0)))
-            part = RangePart(s, start + lo - off, hi - lo)
+            part = RangePart(s, first + lo - off, hi - lo)
             segments.append((hi - lo, lo - row0, float(shift[s]), float(scale[s]), part))
         if not segments:
             return None
