@@ -17,10 +17,16 @@ Two layouts, both of W-token windows over the tokenizer's sequence of T tokens:
 
 A sequence of at most W tokens is one window without padding (the model-level generator),
 whatever the stride.
+
+With ``class_rows`` (globs of the tensors whose dim-0 rows follow the condition's classes,
+:mod:`d2nwg.tokenizer.rows`) a window also carries each slot's class row (-1: none), and the
+tokens of a class row are placed by their chunk within the row, not within the layer, so
+that nothing but the class tells row k from row j.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -79,6 +85,9 @@ class WindowLayout:
             it (K: the most windows any token lies in; ``NW * W``, a zero slot, fills the rest).
         cover_weight: ``[T, K]`` float32, each slot's share of the token's average (rows sum
             to 1; 0 for fillers).
+        class_rows: the globs of the tensors whose rows follow the condition's classes.
+        classes: ``[NW, W]`` long, the class row of each slot (-1: none, and for padding),
+            or None when no tensor is named by ``class_rows``.
     """
 
     size: int
@@ -92,9 +101,17 @@ class WindowLayout:
     cover_weight: torch.Tensor = field(repr=False)
     num_tokens: int = field(repr=False)
     tokenizer: object = field(repr=False, compare=False)
+    class_rows: tuple[str, ...] = ()
+    classes: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, window: int = 0, stride: int = 0) -> WindowLayout:
+    def from_tokenizer(
+        cls,
+        tokenizer,
+        window: int = 0,
+        stride: int = 0,
+        class_rows: Sequence[str] | None = None,
+    ) -> WindowLayout:
         """Windows of ``window`` tokens (0, or at least the sequence: one window of it all);
         ``stride`` in ``[1, window)``: overlapping windows that start every ``stride`` tokens,
         else (0, or at least ``window``) the aligned layout."""
@@ -108,10 +125,12 @@ class WindowLayout:
             spans = slide_windows(T, W, stride)
         else:
             spans = cut_windows(tokenizer.token_runs, W)
-        return cls._build(tokenizer, W, stride, tuple(spans))
+        return cls._build(tokenizer, W, stride, tuple(spans), tuple(class_rows or ()))
 
     @classmethod
-    def _build(cls, tokenizer, W: int, stride: int, spans: tuple) -> WindowLayout:
+    def _build(
+        cls, tokenizer, W: int, stride: int, spans: tuple, class_rows: tuple[str, ...] = ()
+    ) -> WindowLayout:
         T = tokenizer.num_tokens
         starts = torch.tensor([a for a, _ in spans], dtype=torch.long)
         lengths = torch.tensor([b - a for a, b in spans], dtype=torch.long)
@@ -120,11 +139,16 @@ class WindowLayout:
         index = torch.where(
             mask, starts[:, None] + slot[None, :], torch.full_like(mask, T, dtype=torch.long)
         )
-        pos = torch.cat([tokenizer.positions, tokenizer.positions.new_zeros(1, 2)])
+        positions, classes = tokenizer.positions, None
+        if class_rows:
+            rows = tokenizer.row_classes(class_rows)
+            positions = torch.stack([positions[:, 0], rows.chunk], dim=1)
+            classes = torch.cat([rows.index, rows.index.new_full((1,), -1)])[index]
+        pos = torch.cat([positions, positions.new_zeros(1, 2)])
         kinds = torch.cat([tokenizer.kinds, tokenizer.kinds.new_zeros(1)])
         cover, weight = _cover(index, mask, T)
         return cls(W, stride, spans, index, mask, pos[index], kinds[index], cover, weight, T,
-                   tokenizer)  # fmt: skip
+                   tokenizer, class_rows, classes)  # fmt: skip
 
     @property
     def num_windows(self) -> int:
@@ -146,7 +170,8 @@ class WindowLayout:
         if not self.overlapping:
             return self
         return self._build(self.tokenizer, self.size, 1,
-                           tuple(slide_windows(self.num_tokens, self.size, 1)))  # fmt: skip
+                           tuple(slide_windows(self.num_tokens, self.size, 1)),
+                           self.class_rows)  # fmt: skip
 
     def noise_blocks(self) -> list[tuple[int, int]]:
         """``[start, stop)`` token blocks that each draw their starting noise from a generator
@@ -159,9 +184,13 @@ class WindowLayout:
 
     def denoiser_layout(self) -> dict[str, torch.Tensor | None]:
         """Every window's layout keywords of :class:`d2nwg.LatentDenoiser`, ``[NW, W, ...]``:
-        positions, layer kinds and the padding mask (None when no window is padded)."""
+        positions, layer kinds, the padding mask (None when no window is padded) and, with
+        class rows, each slot's ``class_index``."""
         mask = self.mask if self.padded else None
-        return {"positions": self.positions, "layer_kinds": self.kinds, "mask": mask}
+        layout = {"positions": self.positions, "layer_kinds": self.kinds, "mask": mask}
+        if self.classes is not None:
+            layout["class_index"] = self.classes
+        return layout
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """The windows ``[B, NW, W, d]`` of latent sequences ``x [B, T, d]`` (padding: 0)."""

@@ -231,6 +231,7 @@ def run(options: DemoOptions | None = None, settings: DemoSettings | None = None
         vae_steps=s.vae_steps,
         diffusion_steps=s.diffusion_steps,
         window=s.window,
+        class_rows=["weight"],  # row k from class k's token: README, "Class rows"
     )
     if not ctx.is_main:
         return None

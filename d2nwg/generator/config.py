@@ -40,9 +40,11 @@ class D2NWGConfig(JSONConfig):
     granularity: str = "layer"
     include: list | None = None  # glob patterns of the tensors to generate (the rest of a
     exclude: list | None = None  # target model is left untouched)
+    # globs of tensors whose dim-0 rows follow the condition's classes (a classifier's output
+    # weight): each row starts a token, the tokens of row k get class k's condition token,
+    # and there are no slot embeddings (README)
+    class_rows: list | None = None
     window: int = 0  # W: tokens per denoiser sample (0: the whole model is one window)
-    window_stride: int = 0  # tokens between window starts (0: W // 2, overlapping windows
-    # whose predictions are averaged; W: windows that do not overlap, each sampled alone)
     window_batch: int = 0  # (model, window) pairs per diffusion step when windowed (0: the
     # step's models x their windows, at most WINDOW_DRAWS each; see stages.train_diffusion)
     delta: bool = False  # learn residuals from a base model: weights = base + generated
@@ -101,10 +103,12 @@ class D2NWGConfig(JSONConfig):
             v = getattr(self, f.name)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
                 raise ConfigError(f"D2NWGConfig.{f.name} must be >= 0, got {v!r}")
-        for name in ("include", "exclude"):
+        for name in ("include", "exclude", "class_rows"):
             patterns = getattr(self, name)
             if patterns is not None and not all(isinstance(p, str) for p in patterns):
                 raise ConfigError(f"D2NWGConfig.{name} must be glob patterns, got {patterns!r}")
+        if self.class_rows and self.condition == "none":
+            raise ConfigError("D2NWGConfig.class_rows needs a condition whose tokens are classes")
         positive = ("num_heads", "batch_size", "vae_batch", "timesteps", "checkpoint_every",
                     "log_every", "sample_steps")  # fmt: skip
         for name in positive:
@@ -133,8 +137,6 @@ class D2NWGConfig(JSONConfig):
         tokens = math.ceil(num_params / c.chunk_size)
         if c.window:  # the denoiser is sized by what it sees at once
             tokens = min(tokens, c.window)
-        if c.window:
-            c.window_stride = c.window_stride or max(1, c.window // 2)
         c.latent_dim = c.latent_dim or min(64, max(4, c.chunk_size // 4))
         c.hidden_dim = c.hidden_dim or (128 if tokens <= 64 else 256)
         c.depth = c.depth or (4 if tokens <= 64 else 6)
@@ -173,12 +175,15 @@ def resolve_for(
     """``config`` resolved for ``template``'s architecture (meta tensors will do), with the
     tokenizer and windows of that resolved config."""
 
+    # class rows start a token each (the model granularity's tokens mix layers: none there)
+    row_tokens = config.class_rows if config.granularity == "layer" else None
+
     def tokenizer(chunk_size: int) -> WeightTokenizer:
         return WeightTokenizer.from_state_dict(
             template, chunk_size=chunk_size, granularity=config.granularity,
-            include=config.include, exclude=config.exclude,
+            include=config.include, exclude=config.exclude, row_tokens=row_tokens,
         )  # fmt: skip
 
     resolved = config.resolve(tokenizer(config.chunk_size or 64).num_params, cond_features)
     tok = tokenizer(resolved.chunk_size)
-    return resolved, tok, WindowLayout.from_tokenizer(tok, resolved.window, resolved.window_stride)
+    return resolved, tok, WindowLayout.from_tokenizer(tok, resolved.window, resolved.class_rows)

@@ -62,7 +62,11 @@ def build_networks(
     Slot k's learned embedding is added to condition token k before cross-attention: it is
     how the denoiser ties class k's token (or word k) to output unit k. Text needs it because
     :class:`TextConditioner` embeds each token alone, with no position: without slots the
-    words "zero one" and "one zero" would be the same condition."""
+    words "zero one" and "one zero" would be the same condition.
+
+    With ``c.class_rows`` the tensors it names get class k's token in the tokens of their row
+    k instead, and there are no slots (see :class:`LatentDenoiser`): class order then means
+    nothing to the denoiser, which is what lets it write a row for a class it never saw."""
     vae = ChunkVAE(
         ChunkVAEConfig(
             chunk_size=c.chunk_size,
@@ -82,7 +86,8 @@ def build_networks(
             num_heads=c.num_heads,
             cond_dim=c.cond_dim if conditional else 0,
             # the zoo's largest class count or text length (the null token sits in slot 0 too)
-            max_cond_slots=cond_slots(c.condition, max_classes),
+            max_cond_slots=0 if c.class_rows else cond_slots(c.condition, max_classes),
+            class_rows=bool(c.class_rows),
             num_layer_kinds=num_layer_kinds,
             prediction_type=c.prediction_type,
             timestep_freq_dim=min(256, c.hidden_dim),

@@ -82,7 +82,8 @@ def load(directory: str, device: str | torch.device = "cpu") -> Parts:
         raise FileFormatError(f"{path}: latent_scale {latent_scale} is not positive")
     tok = WeightTokenizer.load(os.path.join(directory, TOKENIZER))
     vae, model = build_networks(config, len(tok.kind_names), max_classes)
-    windows = WindowLayout.from_tokenizer(tok, config.window, config.window_stride)
+    windows = WindowLayout.from_tokenizer(tok, config.window, config.window_stride,
+                                          config.class_rows)  # fmt: skip
     parts = Parts(config, tok, windows, vae, model,
                   latent_scale, cond_rank, max_classes, adapter_config)  # fmt: skip
     for name, module_of in COMPONENTS.items():

@@ -20,6 +20,17 @@ from :class:`d2nwg.WeightTokenizer` (``tok.positions``). Set them once with
 ``forward``, which takes precedence. Without either, positions are ``(0, token index)``
 and every kind is 0.
 
+Class rows (``class_rows=True``): the tokens of layers whose dim-0 rows belong to classes
+(a classifier's output layer) get ``class_index [T]`` (or ``[B, T]``; -1 for other tokens,
+from :meth:`d2nwg.WindowLayout.denoiser_layout`). Token i of class row k receives class k's
+condition token, through its own MLP, added to its input; a class the condition lacks (a
+masked slot, k >= K, or the null condition of guidance) gives the learned null token 0, so
+the unconditional branch treats every row alike. There are no slot embeddings then: the
+cross-attention sees the condition tokens as a set, so permuting the condition's classes
+together with the class rows' inputs permutes those rows' outputs (to float rounding), and
+every other token's output is unchanged; a token holding values of several classes (a
+classifier's bias in one chunk) sees only order-free summaries of the condition.
+
 Conditioning: ``cond`` is a :class:`Condition`, a ``(tokens, pooled[, mask])`` tuple, or None
 (the model's learned null condition, ``model.null_condition(B)``, i.e. the unconditional
 branch of classifier-free guidance). With ``cond_dim == 0`` the model is unconditional.
@@ -50,6 +61,7 @@ class LatentDenoiserConfig(JSONConfig):
     cross_attention: bool = True  # cross-attend to condition tokens (when cond_dim > 0)
     num_null_tokens: int = 1  # tokens of the learned null condition
     max_cond_slots: int = 0  # >0: learned embedding of condition slot k (class k)
+    class_rows: bool = False  # tokens with class_index k >= 0 get condition token k
     num_layer_kinds: int = 0  # >0: learned layer-kind embedding
     prediction_type: str = "epsilon"
     qk_norm: bool = True  # RMSNorm on queries and keys (bf16 stability)
@@ -77,6 +89,12 @@ class LatentDenoiserConfig(JSONConfig):
                 raise ConfigError(
                     f"LatentDenoiserConfig.{name} must be >= 0, got {getattr(self, name)}"
                 )
+        if self.class_rows and (self.cond_dim == 0 or self.max_cond_slots):
+            raise ConfigError(
+                "LatentDenoiserConfig.class_rows needs a condition (cond_dim > 0) and no slot "
+                f"embeddings (max_cond_slots=0, got {self.max_cond_slots}): a slot embedding "
+                "tells class k from class j by position, which class rows are built to avoid"
+            )
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -115,6 +133,7 @@ class LatentDenoiser(nn.Module):
         seed: int | None = None,
         positions: torch.Tensor | None = None,
         layer_kinds: torch.Tensor | None = None,
+        class_index: torch.Tensor | None = None,
     ):
         super().__init__()
         self.config = c = config or LatentDenoiserConfig()
@@ -134,6 +153,8 @@ class LatentDenoiser(nn.Module):
                 )
             else:
                 self.pooled_embed = self.null = self.slot_embed = None
+            # condition token k -> the input of the tokens of class row k
+            self.class_embed = MLP(c.cond_dim, W, W) if c.class_rows else None
             self.blocks = nn.ModuleList(
                 DiTBlock(W, c.num_heads, c.mlp_ratio, cross_dim, c.qk_norm) for _ in range(c.depth)
             )
@@ -143,8 +164,9 @@ class LatentDenoiser(nn.Module):
             self._init_weights()
         self.register_buffer("positions", None, persistent=False)
         self.register_buffer("layer_kinds", None, persistent=False)
-        if positions is not None or layer_kinds is not None:
-            self.set_layout(positions, layer_kinds)
+        self.register_buffer("class_index", None, persistent=False)
+        if positions is not None or layer_kinds is not None or class_index is not None:
+            self.set_layout(positions, layer_kinds, class_index)
         self._attention_backend: str | None = None
 
     def _init_weights(self) -> None:
@@ -181,15 +203,22 @@ class LatentDenoiser(nn.Module):
         set_attention_backend(self, backend)
 
     def set_layout(
-        self, positions: torch.Tensor | None, layer_kinds: torch.Tensor | None = None
+        self,
+        positions: torch.Tensor | None,
+        layer_kinds: torch.Tensor | None = None,
+        class_index: torch.Tensor | None = None,
     ) -> None:
-        """Store the token layout: positions ``[T, 2]`` (layer, chunk) and layer kinds ``[T]``."""
+        """Store the token layout: positions ``[T, 2]`` (layer, chunk), layer kinds ``[T]``
+        and class rows ``[T]`` (-1: none)."""
         if positions is not None:
             self._check_positions(positions, None, None)
             self.positions = positions.detach().to(torch.long)
         if layer_kinds is not None:
             self._check_kinds(layer_kinds, None, None)
             self.layer_kinds = layer_kinds.detach().to(torch.long)
+        if class_index is not None:
+            self._check_class_index(class_index, None, None)
+            self.class_index = class_index.detach().to(torch.long)
 
     def null_condition(self, batch_size: int, device: torch.device | None = None) -> Condition:
         """The learned null condition (unconditional branch of classifier-free guidance)."""
@@ -231,6 +260,38 @@ class LatentDenoiser(nn.Module):
                 f"[{int(k.min())}, {int(k.max())}]"
             )
 
+    def _check_class_index(self, k, B, T) -> None:
+        if not self.config.class_rows:
+            raise ConfigError(
+                "class_index was given, but this LatentDenoiser has no class rows "
+                "(LatentDenoiserConfig.class_rows=False)"
+            )
+        if not isinstance(k, torch.Tensor) or k.dim() not in (1, 2):
+            raise ShapeError(f"class_index must be [T] or [B, T], got {shape_of(k)}")
+        if k.is_floating_point() or k.dtype == torch.bool:
+            raise DTypeError(f"class_index must be integers, got {k.dtype}")
+        if T is not None and (k.shape[-1] != T or (k.dim() == 2 and k.shape[0] != B)):
+            raise ShapeError(
+                f"class_index has shape {tuple(k.shape)}, expected [{T}] or [{B}, {T}]"
+            )
+        if k.device.type == "cpu" and k.numel() and not torch.compiler.is_compiling():
+            if int(k.min()) < -1:  # (eager CPU only, as for layer kinds)
+                raise ShapeError(f"class_index must be >= -1 (-1: no class), got {int(k.min())}")
+
+    def _class_inputs(self, class_index: torch.Tensor, cond: Condition, B: int) -> torch.Tensor:
+        """``[B, T, W]``: for a token of class row k, ``class_embed`` of condition token k
+        (of the learned null token 0 when slot k is masked out or absent); 0 elsewhere."""
+        tokens = cond.tokens
+        _, K, E = tokens.shape
+        idx = class_index.to(tokens.device).expand(B, -1)
+        absent = self.null.tokens[:1].to(tokens.dtype).expand(B, 1, E)
+        table = torch.cat([tokens, absent], 1)  # [B, K + 1, E]: slot K is "no such class"
+        present = (idx >= 0) & (idx < K)
+        if K:
+            present &= cond.full_mask().gather(1, idx.clamp(0, K - 1))
+        rows = table.gather(1, torch.where(present, idx, K)[..., None].expand(-1, -1, E))
+        return self.class_embed(rows) * (idx >= 0)[..., None].to(rows.dtype)
+
     # -- forward ----------------------------------------------------------------------------
     def forward(
         self,
@@ -241,9 +302,13 @@ class LatentDenoiser(nn.Module):
         positions: torch.Tensor | None = None,
         layer_kinds: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        class_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict epsilon / v / x0 ``[B, T, d]`` from noisy latents ``x_t [B, T, d]`` at
         steps ``t [B]``.
+
+        ``class_index [B, T]`` or ``[T]`` (long, -1: none; class-row denoisers only) says
+        which class row each token writes; it takes precedence over :meth:`set_layout`'s.
 
         ``mask [B, T]`` or ``[T]`` (bool, True = real token) keeps padding tokens out of
         self-attention; their outputs are meaningless.
@@ -293,6 +358,10 @@ class LatentDenoiser(nn.Module):
                 self._check_kinds(kinds, B, T)
                 h = h + self.kind_embed(kinds.to(x_t.device))
 
+        class_index = self.class_index if class_index is None else class_index
+        if class_index is not None:
+            self._check_class_index(class_index, B, T)
+
         emb = self.t_embed(sinusoidal(t, c.timestep_freq_dim, c.max_period).to(x_t.dtype))
         context = context_mask = None
         if self.null is not None:
@@ -311,6 +380,8 @@ class LatentDenoiser(nn.Module):
                 if K > c.max_cond_slots:
                     raise ShapeError(f"cond has {K} tokens but max_cond_slots={c.max_cond_slots}")
                 context = context + self.slot_embed.weight[:K].to(context.dtype)
+            if class_index is not None:
+                h = h + self._class_inputs(class_index, cond, B).to(h.dtype)
         elif cond is not None:
             raise ConfigError("this LatentDenoiser is unconditional (cond_dim=0); pass cond=None")
 

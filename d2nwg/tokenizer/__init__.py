@@ -8,6 +8,8 @@ Split by what each part does, planning apart from executing:
 - :mod:`.plan`: :class:`LayoutPlan`, the pure placement of every element of every layer in
   the token row (token ranges, offsets, mask, positions, kinds, the ops' ChunkPlans), from
   shapes alone;
+- :mod:`.rows`: :class:`RowClasses`, the class row each token writes, for layers whose
+  dim-0 rows follow the condition's classes (``D2NWGConfig.class_rows``);
 - :mod:`.statistics`: per-layer zoo statistics (a streaming fit) and :func:`normalization`;
 - :mod:`.checks`: the state dicts, targets and tokens a tokenizer reads and writes, checked;
 - :mod:`.io`: the tokenizer file (save, and a load that checks every field);
@@ -26,7 +28,8 @@ from d2nwg.tensors import StateDict, storage_key
 from d2nwg.tokenizer import limits
 from d2nwg.tokenizer.io import FORMAT, FORMAT_VERSION
 from d2nwg.tokenizer.layers import DEFAULT_EXCLUDE, LayerSpec
-from d2nwg.tokenizer.plan import LayoutPlan, RangePart
+from d2nwg.tokenizer.plan import LayoutPlan, RangePart, Segment
+from d2nwg.tokenizer.rows import RowClasses, row_classes
 from d2nwg.tokenizer.statistics import CENTER_THRESHOLD, normalization
 from d2nwg.tokenizer.weight_tokenizer import WeightTokenizer
 
@@ -38,9 +41,12 @@ __all__ = [
     "LayerSpec",
     "LayoutPlan",
     "RangePart",
+    "RowClasses",
+    "Segment",
     "StateDict",
     "WeightTokenizer",
     "normalization",
+    "row_classes",
     "storage_key",
     *limits.NAMES,
 ]

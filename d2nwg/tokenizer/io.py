@@ -1,7 +1,8 @@
 """The tokenizer file: one safetensors file, statistics as tensors, the layout as JSON.
 
 Tensors ``mean`` and ``std`` (float64, one entry per layer); metadata ``d2nwg``: the layout
-(format, version, chunk size, granularity, normalization, ignored names, layers). Reading
+(format, version, chunk size, granularity, normalization, ignored names, layers, and the
+layers whose rows each start a token when there are any: ``row_tokens``). Reading
 checks every field by type, and sizes against :mod:`d2nwg.tokenizer.limits` before anything
 is allocated; a bad file raises :class:`FileFormatError` naming the file and the field.
 Nothing is unpickled. What the fields must mean together (e.g. distinct names) is left to
@@ -26,7 +27,7 @@ FORMAT = "d2nwg.WeightTokenizer"
 FORMAT_VERSION = 1
 FIELDS = frozenset(
     ("format", "version", "chunk_size", "granularity", "normalize", "allow_nonfinite")
-    + ("ignored", "layers")
+    + ("ignored", "layers", "row_tokens")
 )
 LAYER_FIELDS = frozenset(("name", "shape", "dtype", "aliases", "kind"))
 
@@ -38,9 +39,11 @@ def layout_json(
     normalize: str | None,
     allow_nonfinite: bool,
     ignored: Iterable[str],
+    row_tokens: Sequence[str] = (),
 ) -> dict:
-    """The layout as the file's JSON object."""
-    return {
+    """The layout as the file's JSON object (``row_tokens`` only when there are any, so a
+    layout without them reads as it did)."""
+    layout = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "chunk_size": chunk_size,
@@ -50,6 +53,9 @@ def layout_json(
         "ignored": sorted(ignored),
         "layers": [asdict(spec) for spec in layers],
     }
+    if row_tokens:
+        layout["row_tokens"] = list(row_tokens)
+    return layout
 
 
 def save(path: str | os.PathLike, layout: dict, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -61,8 +67,8 @@ def save(path: str | os.PathLike, layout: dict, mean: torch.Tensor, std: torch.T
 
 def read(path: str | os.PathLike) -> dict:
     """The constructor arguments of :class:`WeightTokenizer` that the file at ``path`` holds,
-    each checked by type: layers, chunk_size, granularity, normalize, ignored, mean, std and
-    allow_nonfinite."""
+    each checked by type: layers, chunk_size, granularity, normalize, ignored, mean, std,
+    allow_nonfinite and row_tokens."""
     path = os.fspath(path)
     layout, tensors = _read_header(path)
     f = _Fields(path)
@@ -170,12 +176,14 @@ def _options(field: _Fields, layout: dict) -> dict:
         raise FileFormatError(
             f"{path}: field 'allow_nonfinite' must be a bool, got {allow_nonfinite!r:.80}"
         )
+    row_tokens = field.strings(layout, "row_tokens") if "row_tokens" in layout else []
     return {
         "chunk_size": chunk_size,
         "granularity": granularity,
         "normalize": normalize,
         "ignored": ignored,
         "allow_nonfinite": allow_nonfinite,
+        "row_tokens": row_tokens,
     }
 
 

@@ -9,6 +9,11 @@ tensor values and holds no weights, so it can be built and tested on meta templa
 
 - ``granularity="layer"``: each tensor is padded to whole chunks, so no token mixes layers;
 - ``granularity="model"``: all tensors are concatenated and padded once at the end.
+
+``row_tokens`` (layer granularity) names layers whose dim-0 rows each start a token: a row
+of ``r`` values takes ``ceil(r / C)`` tokens, the last one padded, so that no token holds
+values of two rows (the class rows of :mod:`d2nwg.tokenizer.rows`). Such a layer is one
+segment per row in the ops' plan.
 """
 
 from __future__ import annotations
@@ -46,6 +51,17 @@ def _spans(numel: Sequence[int], C: int, granularity: str) -> list[int]:
     return list(numel[:-1]) + [numel[-1] + (-(-total // C) * C - total)]
 
 
+class Segment(NamedTuple):
+    """A contiguous run of ``count`` elements of layer ``layer`` from element ``start`` of it
+    (memory order), placed at element ``offset`` of the row, owning ``span >= count``."""
+
+    layer: int
+    start: int
+    count: int
+    offset: int
+    span: int
+
+
 class RangePart(NamedTuple):
     """One segment of a range plan: ``count`` elements of layer ``layer`` from element
     ``start`` of it (memory order); layer -1 is the empty segment of leading padding."""
@@ -61,20 +77,25 @@ class LayoutPlan:
 
     Attributes (derived): ``numel[s]`` elements of layer s start at element ``offsets[s]``
     and own ``spans[s] >= numel[s]`` of them (the rest is zero padding); the spans tile the
-    row. The tensors (mask, positions, kinds) are built on first use and then shared.
+    row. ``segments``: the contiguous runs of elements the ops place, one per layer, or one
+    per row of a layer in ``row_tokens`` (layer indices). The tensors (mask, positions,
+    kinds) are built on first use and then shared.
     """
 
     layers: tuple[LayerSpec, ...]
     chunk_size: int
     granularity: str = "layer"
+    row_tokens: frozenset[int] = frozenset()
     numel: tuple[int, ...] = field(init=False, repr=False)
     offsets: tuple[int, ...] = field(init=False, repr=False)
     spans: tuple[int, ...] = field(init=False, repr=False)
+    segments: tuple[Segment, ...] = field(init=False, repr=False)
     num_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
         check_chunking(self.chunk_size, self.granularity)
         object.__setattr__(self, "layers", check_layers(self.layers))
+        object.__setattr__(self, "row_tokens", self._check_row_tokens(self.row_tokens))
         numel = tuple(spec.numel for spec in self.layers)
         total, C = sum(numel), self.chunk_size
         if total > limits.MAX_NUM_PARAMS:
@@ -82,21 +103,66 @@ class LayoutPlan:
                 f"the layout holds {total} weights per model, more than "
                 f"d2nwg.tokenizer.MAX_NUM_PARAMS = {limits.MAX_NUM_PARAMS}"
             )
-        T = sum(-(-n // C) for n in numel) if self.granularity == "layer" else -(-total // C)
+        spans = _spans(numel, C, self.granularity)
+        for s in self.row_tokens:  # rows padded to whole tokens each
+            rows = self.layers[s].shape[0]
+            spans[s] = rows * -(-(numel[s] // rows) // C) * C if rows else 0
+        T = sum(spans) // C
         if T > limits.MAX_NUM_TOKENS:
             raise ConfigError(
                 f"the layout needs {T} tokens of {C} values per model, more than "
                 f"d2nwg.tokenizer.MAX_NUM_TOKENS = {limits.MAX_NUM_TOKENS} (use a larger "
                 f"chunk_size)"
             )
-        spans = _spans(numel, C, self.granularity)
         offsets = [0]
         for span in spans[:-1]:
             offsets.append(offsets[-1] + span)
         object.__setattr__(self, "numel", numel)
         object.__setattr__(self, "offsets", tuple(offsets))
         object.__setattr__(self, "spans", tuple(spans))
+        object.__setattr__(self, "segments", self._segments())
         object.__setattr__(self, "num_tokens", T)
+
+    def _check_row_tokens(self, row_tokens) -> frozenset[int]:
+        if isinstance(row_tokens, (str, bytes)) or not all(
+            is_int(s) and 0 <= s < len(self.layers) for s in row_tokens
+        ):
+            raise ConfigError(
+                f"row_tokens must be layer indices in [0, {len(self.layers)}), got "
+                f"{row_tokens!r:.80}"
+            )
+        row_tokens = frozenset(row_tokens)
+        if row_tokens and self.granularity != "layer":
+            raise ConfigError("row_tokens needs granularity='layer' (model tokens mix layers)")
+        for s in row_tokens:
+            if not self.layers[s].shape:
+                raise ConfigError(f"row_tokens: {self.layers[s].name!r} is a scalar: no rows")
+        return row_tokens
+
+    def _segments(self) -> tuple[Segment, ...]:
+        out = []
+        for s, (off, n, span) in enumerate(zip(self.offsets, self.numel, self.spans)):
+            if s not in self.row_tokens or n == 0:
+                out.append(Segment(s, 0, n, off, span))
+                continue
+            rows = self.layers[s].shape[0]
+            width, row_span = n // rows, span // rows
+            out.extend(
+                Segment(s, k * width, width, off + k * row_span, row_span) for k in range(rows)
+            )
+        return tuple(out)
+
+    def segment_views(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """One tensor per layer (layout order) -> one per segment: a layer of row tokens as
+        its rows, flat (views of a contiguous tensor, else copies)."""
+        if not self.row_tokens:
+            return list(tensors)
+        return [
+            tensors[seg.layer]
+            if seg.layer not in self.row_tokens
+            else tensors[seg.layer].reshape(-1)[seg.start : seg.start + seg.count]
+            for seg in self.segments
+        ]
 
     # ------------------------------------------------------------------ token ranges
     @property
@@ -116,8 +182,8 @@ class LayoutPlan:
 
     def token_range(self, layers: Iterable[int]) -> tuple[int, int]:
         """The ``[start, stop)`` tokens that hold the elements of the given layer indices."""
-        C = self.chunk_size
-        ends = [(self.offsets[s], self.offsets[s] + self.numel[s]) for s in layers]
+        C, layers = self.chunk_size, set(layers)
+        ends = [(g.offset, g.offset + g.count) for g in self.segments if g.layer in layers]
         return min(a for a, _ in ends) // C, -(-max(b for _, b in ends) // C)
 
     # ------------------------------------------------------------------ per-token tensors
@@ -125,8 +191,8 @@ class LayoutPlan:
     def mask(self) -> torch.Tensor:
         """``[T, C]`` bool, True where a token element holds a weight (False = padding)."""
         flat = torch.zeros(self.num_tokens * self.chunk_size, dtype=torch.bool)
-        for off, n in zip(self.offsets, self.numel):
-            flat[off : off + n] = True
+        for seg in self.segments:
+            flat[seg.offset : seg.offset + seg.count] = True
         return flat.view(self.num_tokens, self.chunk_size)
 
     @functools.cached_property
@@ -163,10 +229,13 @@ class LayoutPlan:
 
     # ------------------------------------------------------------------ chunk plans
     def chunk_plan(self, shift: Sequence[float], scale: Sequence[float]) -> ChunkPlan:
-        """The op's plan for whole rows, with per-layer ``(x - shift) / scale``."""
+        """The op's plan for whole rows (one entry per segment), with per-layer
+        ``(x - shift) / scale``."""
+        segs = self.segments
         return ChunkPlan(
-            self.numel, self.offsets, self.spans, tuple(shift), tuple(scale),
-            self.num_tokens, self.chunk_size,
+            tuple(g.count for g in segs), tuple(g.offset for g in segs),
+            tuple(g.span for g in segs), tuple(float(shift[g.layer]) for g in segs),
+            tuple(float(scale[g.layer]) for g in segs), self.num_tokens, self.chunk_size,
         )  # fmt: skip
 
     def range_plan(
@@ -188,14 +257,13 @@ class LayoutPlan:
             )
         row0, row1 = start * C, (start + count) * C
         segments = []  # (numel, offset in the range's row, shift, scale, part)
-        for s in range(len(self.layers)):
-            lo = max(self.offsets[s], row0)
-            hi = min(self.offsets[s] + self.numel[s], row1)
+        for s, first, n, off, _ in self.segments:
+            lo, hi = max(off, row0), min(off + n, row1)
             if s not in present or lo >= hi:
                 continue
             if not segments and lo > row0:
                 segments.append((0, 0, 0.0, 1.0, RangePart(-1, 0, 0)))
-            part = RangePart(s, lo - self.offsets[s], hi - lo)
+            part = RangePart(s, first + lo - off, hi - lo)
             segments.append((hi - lo, lo - row0, float(shift[s]), float(scale[s]), part))
         if not segments:
             return None

@@ -30,6 +30,7 @@ from d2nwg.tensors import StateDict, storage_key
 from d2nwg.tokenizer import checks, io
 from d2nwg.tokenizer.layers import LayerSpec, check_ignored, select_layers
 from d2nwg.tokenizer.plan import LayoutPlan, RangePart, check_chunking
+from d2nwg.tokenizer.rows import RowClasses, matching_layers, row_classes, row_token_layers
 from d2nwg.tokenizer.statistics import fit_moments, normalization, statistics
 
 
@@ -86,18 +87,22 @@ class WeightTokenizer:
         mean: torch.Tensor | None = None,
         std: torch.Tensor | None = None,
         allow_nonfinite: bool = False,
+        row_tokens: Iterable[str] = (),
     ) -> None:
         check_chunking(chunk_size, granularity)
         if normalize not in ("layer", None):
             raise ConfigError(f"normalize must be 'layer' or None, got {normalize!r}")
         if not isinstance(allow_nonfinite, bool):
             raise ConfigError(f"allow_nonfinite must be a bool, got {allow_nonfinite!r}")
-        self.layout_plan = LayoutPlan(layers, chunk_size, granularity)
+        self.layout_plan = LayoutPlan(
+            layers, chunk_size, granularity, row_token_layers(layers, row_tokens)
+        )
         self.ignored = check_ignored(self.layers, ignored)
         self.normalize = normalize
         self.allow_nonfinite = allow_nonfinite
         self._mean, self._std = statistics(mean, std, len(self.layers))
         self._plan: ChunkPlan | None = None
+        self._layer_normalization: tuple[list[float], list[float]] = ([], [])  # (shift, scale)
         self._names = frozenset(n for spec in self.layers for n in (spec.name, *spec.aliases))
 
     @classmethod
@@ -110,12 +115,16 @@ class WeightTokenizer:
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         allow_nonfinite: bool = False,
+        row_tokens: Sequence[str] | None = None,
     ) -> WeightTokenizer:
-        """Fix the layout from a template state dict (its order is the token order)."""
+        """Fix the layout from a template state dict (its order is the token order);
+        ``row_tokens``: globs of the tensors whose rows each start a token (class rows)."""
         layers, ignored = select_layers(state_dict, include, exclude)
+        rows = [layers[s].name for s in matching_layers(layers, row_tokens or ())]
         return cls(
-            layers, chunk_size, granularity, normalize, ignored, allow_nonfinite=allow_nonfinite
-        )
+            layers, chunk_size, granularity, normalize, ignored,
+            allow_nonfinite=allow_nonfinite, row_tokens=rows,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ layout (the plan's)
     layers = _planned("layers", "The tokenized tensors, in token order.")
@@ -128,6 +137,16 @@ class WeightTokenizer:
     kinds = _planned("kinds", "``[T]`` long, index into ``kind_names`` of each token.")
     kind_names = _planned("kind_names", "The distinct layer kinds, sorted.")
     token_runs = _planned("token_runs", "Token ranges no token shares with another run.")
+
+    @property
+    def row_tokens(self) -> tuple[str, ...]:
+        """The tensors whose rows each start a token, in layout order."""
+        return tuple(self.layers[s].name for s in sorted(self.layout_plan.row_tokens))
+
+    def row_classes(self, patterns: Sequence[str]) -> RowClasses:
+        """The class row each token writes (-1: none) and its chunk index within the row, for
+        the tensors ``patterns`` (globs) name: see :mod:`d2nwg.tokenizer.rows`."""
+        return row_classes(self.layout_plan, patterns)
 
     def token_range(self, layers: Iterable[int]) -> tuple[int, int]:
         """The ``[start, stop)`` tokens that hold the elements of the given layer indices."""
@@ -170,7 +189,8 @@ class WeightTokenizer:
         fitted state."""
         if self._plan is None:
             shift, scale = normalization(self.mean, self.std)
-            self._plan = self.layout_plan.chunk_plan(shift.tolist(), scale.tolist())
+            self._layer_normalization = (shift.tolist(), scale.tolist())
+            self._plan = self.layout_plan.chunk_plan(*self._layer_normalization)
         return self._plan
 
     def fit(self, state_dicts: Iterable[StateDict]) -> WeightTokenizer:
@@ -211,6 +231,13 @@ class WeightTokenizer:
             raise DeviceError(
                 f"state dict tensors are on several devices: {sorted(map(str, devices))}"
             )
+        if self.layout_plan.row_tokens:
+            S = len(self.layers)
+            sources = [
+                v
+                for n in range(len(state_dicts))
+                for v in self.layout_plan.segment_views(sources[n * S : (n + 1) * S])
+            ]
         tokens = ops.tokenize(
             sources, self.plan, num_models=len(state_dicts), dtype=dtype, backend=backend
         )
@@ -232,8 +259,12 @@ class WeightTokenizer:
             for _ in range(N)
             for spec in self.layers
         ]
-        ops.detokenize(tokens, dests, self.plan, backend=backend)
         S = len(self.layers)
+        views = dests
+        if self.layout_plan.row_tokens:
+            split = self.layout_plan.segment_views
+            views = [v for n in range(N) for v in split(dests[n * S : (n + 1) * S])]
+        ops.detokenize(tokens, views, self.plan, backend=backend)
         out = []
         for n in range(N):
             sd: dict[str, torch.Tensor] = {}
@@ -294,8 +325,8 @@ class WeightTokenizer:
         if not dests:
             return
         present = {s for s, spec in enumerate(self.layers) if spec.name in dests}
-        full = self.plan
-        ranged = self.layout_plan.range_plan(start, n, present, full.shift, full.scale)
+        self.plan  # noqa: B018  (builds the per-layer normalization, once per fitted state)
+        ranged = self.layout_plan.range_plan(start, n, present, *self._layer_normalization)
         if ranged is None:
             return
         plan, parts = ranged
@@ -328,7 +359,7 @@ class WeightTokenizer:
     def _layout(self) -> dict:
         return io.layout_json(
             self.layers, self.chunk_size, self.granularity, self.normalize,
-            self.allow_nonfinite, self.ignored,
+            self.allow_nonfinite, self.ignored, self.row_tokens,
         )  # fmt: skip
 
     def save(self, path: str | os.PathLike) -> None:
