@@ -73,7 +73,7 @@ def test_windows_carry_class_rows():
     tok = _tokenizer(chunk_size=16)
     plain = WindowLayout.from_tokenizer(tok, 8)
     assert plain.classes is None and "class_index" not in plain.denoiser_layout()
-    win = WindowLayout.from_tokenizer(tok, 8, ["fc.weight"])
+    win = WindowLayout.from_tokenizer(tok, 8, class_rows=["fc.weight"])
     layout = win.denoiser_layout()
     flat = tok.row_classes(["fc.weight"]).index
     assert torch.equal(layout["class_index"][win.mask], flat)
@@ -295,18 +295,23 @@ def test_class_rows_of_any_width_in_a_generator():
 
 
 def test_windowed_generators_carry_class_rows(tmp_path):
-    """With windows of 4 tokens (two of them padded) the class rows reach the denoiser in
-    training and in sampling alike: a short fit and generation run, and the layout each
-    window gets holds its rows' classes."""
+    """With windows of 4 tokens the class rows reach the denoiser in training and in
+    sampling alike, aligned (two windows padded) or overlapping (the default stride W // 2):
+    a short fit and generation run, and the layout each window gets holds its rows' classes."""
     zoo = d2nwg.ModelZoo()
     g = torch.Generator().manual_seed(0)
     for _ in range(4):
         sd = {k: torch.randn(v.shape, generator=g) for k, v in HEAD.items()}
         zoo.add(sd, condition=torch.randn(5, 3, 12, generator=g))
     steps = dict(vae_steps=2, diffusion_steps=2, batch_size=4, vae_batch=8, log_every=1)
-    cfg = D2NWGConfig(class_rows=["fc.weight"], window=4, sample_steps=2, **TINY, **steps)
-    gen = D2NWG(cfg).fit(zoo, out=str(tmp_path / "run"), progress=False)
-    # rows 0-3 | row 4 and padding | the bias
-    assert gen.windows.classes.tolist() == [[0, 1, 2, 3], [4, -1, -1, -1], [-1] * 4]
-    sds = gen.generate(torch.randn(2, 5, 3, 12, generator=g), num_samples=2, seed=0)
-    assert len(sds) == 4 and all(torch.isfinite(sd["fc.weight"]).all() for sd in sds)
+    expected = {
+        4: [[0, 1, 2, 3], [4, -1, -1, -1], [-1] * 4],  # rows 0-3 | row 4, padding | the bias
+        0: [[0, 1, 2, 3], [2, 3, 4, -1]],  # tokens 0-3 | tokens 2-5 (the bias last)
+    }
+    for stride, classes in expected.items():
+        cfg = D2NWGConfig(class_rows=["fc.weight"], window=4, window_stride=stride,
+                          sample_steps=2, **TINY, **steps)  # fmt: skip
+        gen = D2NWG(cfg).fit(zoo, out=str(tmp_path / f"run{stride}"), progress=False)
+        assert gen.windows.classes.tolist() == classes
+        sds = gen.generate(torch.randn(2, 5, 3, 12, generator=g), num_samples=2, seed=0)
+        assert len(sds) == 4 and all(torch.isfinite(sd["fc.weight"]).all() for sd in sds)

@@ -45,6 +45,8 @@ class D2NWGConfig(JSONConfig):
     # and there are no slot embeddings (README)
     class_rows: list | None = None
     window: int = 0  # W: tokens per denoiser sample (0: the whole model is one window)
+    window_stride: int = 0  # tokens between window starts (0: W // 2, overlapping windows
+    # whose predictions are averaged; W: windows that do not overlap, each sampled alone)
     window_batch: int = 0  # (model, window) pairs per diffusion step when windowed (0: the
     # step's models x their windows, at most WINDOW_DRAWS each; see stages.train_diffusion)
     delta: bool = False  # learn residuals from a base model: weights = base + generated
@@ -137,6 +139,8 @@ class D2NWGConfig(JSONConfig):
         tokens = math.ceil(num_params / c.chunk_size)
         if c.window:  # the denoiser is sized by what it sees at once
             tokens = min(tokens, c.window)
+        if c.window:
+            c.window_stride = c.window_stride or max(1, c.window // 2)
         c.latent_dim = c.latent_dim or min(64, max(4, c.chunk_size // 4))
         c.hidden_dim = c.hidden_dim or (128 if tokens <= 64 else 256)
         c.depth = c.depth or (4 if tokens <= 64 else 6)
@@ -186,4 +190,10 @@ def resolve_for(
 
     resolved = config.resolve(tokenizer(config.chunk_size or 64).num_params, cond_features)
     tok = tokenizer(resolved.chunk_size)
-    return resolved, tok, WindowLayout.from_tokenizer(tok, resolved.window, resolved.class_rows)
+    return (
+        resolved,
+        tok,
+        WindowLayout.from_tokenizer(
+            tok, resolved.window, resolved.window_stride, resolved.class_rows
+        ),
+    )
