@@ -181,7 +181,7 @@ def test_config_validation():
     with pytest.raises(d2nwg.ConfigError, match="unknown keys"):
         D2NWGConfig.from_dict({"chunk_sise": 64})
     cfg = D2NWGConfig().resolve(num_params=325, cond_features=64)
-    assert (cfg.chunk_size, cfg.latent_dim, cfg.hidden_dim, cfg.depth) == (64, 16, 128, 4)
+    assert (cfg.chunk_size, cfg.latent_dim, cfg.hidden_dim, cfg.depth) == (64, 64, 128, 4)
     big = D2NWGConfig().resolve(num_params=3_000_000, cond_features=0)
     assert big.chunk_size == 4096 and big.depth == 6
     assert D2NWGConfig.from_dict(cfg.to_dict()) == cfg
