@@ -126,6 +126,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "--condition text is for the digits demo (the LoRA demo's conditions "
             "are example sequences)"
         )
+    if args.lora and args.model != "head":
+        raise d2nwg.ConfigError("--model is for the digits demo (the LoRA demo generates adapters)")
     if args.lora:
         from d2nwg.demo.lora import run
     else:
@@ -134,7 +136,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     progress = not args.no_progress
     run(DemoOptions(args.out, args.device, args.seed, args.quick, progress, args.sampler,
-                    args.steps, args.condition))  # fmt: skip
+                    args.steps, args.condition, args.model, args.window))  # fmt: skip
     return 0
 
 
@@ -310,6 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
         "'text' (its class names in label order, hashed character n-grams; no novel split)"
     )
     p.add_argument("--condition", choices=("dataset", "text"), default="dataset", help=condition)
+    model = (
+        "what the digits demo generates: 'head' (a linear head on a frozen backbone, the "
+        "default), 'mlp' or 'cnn' (every layer of a small network on the pixels)"
+    )
+    p.add_argument("--model", choices=("head", "mlp", "cnn"), default="head", help=model)
+    window = "tokens per generator window (default: the demo's, 0 = a model is one window)"
+    p.add_argument("--window", type=at_least_0, help=window)
 
     p = _command(
         sub,

@@ -13,16 +13,35 @@ def table(results: dict) -> str:
     acc = results["accuracy"]
     methods = results["methods"]
     lines = [
+        f"{results.get('model', 'head')}: {results.get('tokens', '?')} tokens per model, "
+        f"window {results.get('window', '?')}",
         f"{'split':8s} "
-        + " ".join(f"{m:>15s}" for m in methods)
-        + f" {'best/zoo':>9s} {'mean/zoo':>9s}"
+        + " ".join(f"{m:>14s}" for m in methods)
+        + f" {'best/zoo':>9s} {'mean/zoo':>9s}",
     ]
     for split, row in acc.items():
         ratio = results["ratios_to_zoo"][split]
         lines.append(
             f"{split:8s} "
-            + " ".join(f"{row[m]:15.4f}" for m in methods)
+            + " ".join(f"{row[m]:14.4f}" for m in methods)
             + f" {ratio['generated_best']:9.3f} {ratio['generated_mean']:9.3f}"
+        )
+    if "vae_roundtrip" in results:  # where quality is lost
+        rt = results["vae_roundtrip"]
+        lines.append(
+            f"VAE round trip of zoo models ({rt['tasks']} tasks): {rt['roundtrip']:.4f} "
+            f"(zoo {rt['zoo']:.4f})"
+        )
+        for split, d in results["novelty"].items():
+            lines.append(
+                f"{split}: candidate to nearest zoo model {d['nearest_zoo']:.3f}, candidates "
+                f"to each other {results['diversity'][split]['generated_pairwise']:.3f}, zoo "
+                f"models of one task to each other {d['zoo_same_task']:.3f}"
+            )
+    if results.get("body_change"):
+        lines.append(
+            "body change (mean |W - W_pretrained| / |W_pretrained| of the zoo): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in results["body_change"].items())
         )
     ft = results["finetune"]["steps_to_target"]
     lines.append(
@@ -46,8 +65,8 @@ def plots(results: dict, log: list[dict], out: str) -> list[str]:
     written = []
     acc = results["accuracy"]
     methods = results["methods"]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.2
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    width = 0.8 / len(methods)
     for j, m in enumerate(methods):
         xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(acc))]
         ax.bar(xs, [acc[s][m] for s in acc], width, label=m)
@@ -55,8 +74,9 @@ def plots(results: dict, log: list[dict], out: str) -> list[str]:
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.25)
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    ax.set_title("5-way digit tasks: generated heads vs zoo vs random")
-    ax.legend(fontsize=8, loc="upper center", ncol=4, frameon=False)
+    model = results.get("model", "head")
+    ax.set_title(f"5-way digit tasks ({model}): generated vs zoo, random and memorization")
+    ax.legend(fontsize=7, loc="upper center", ncol=4, frameon=False)
     written.append(_save(fig, out, "accuracy.png"))
 
     ft = results["finetune"]
