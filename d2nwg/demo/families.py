@@ -239,9 +239,9 @@ def pretrain_body(
     return {k: v.detach().clone() for k, v in sd.items() if k not in head}
 
 
-def family(name: str, data: Digits, seed: int = 0) -> ModelFamily:
+def family(name: str, data: Digits, seed: int = 0, pretrain_steps: int = 300) -> ModelFamily:
     """The family ``name`` (one of :data:`MODELS`) for ``data``; a network's body is
-    pretrained here."""
+    pretrained here (``pretrain_steps`` full-batch Adam steps)."""
     if name == "head":
         return ModelFamily("head", "features", ("weight", "bias"), lr=0.05, weight_decay=1e-3,
                            features=data.feature_dim)  # fmt: skip
@@ -249,7 +249,7 @@ def family(name: str, data: Digits, seed: int = 0) -> ModelFamily:
         raise ConfigError(f"the digits demo's model is one of {MODELS}, not {name!r}")
     factory = NETWORKS[name]
     head = tuple(list(factory().state_dict())[-2:])
-    body = pretrain_body(factory, data, seed)
+    body = pretrain_body(factory, data, seed, pretrain_steps)
     return ModelFamily(name, "pixels", head, body=body, factory=factory, **NETWORK_TRAINING)
 
 
