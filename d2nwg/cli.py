@@ -101,7 +101,8 @@ def _generator_info() -> str:
             "NaN/Inf files are refused",
             "text conditions: any encoder's [L, E] rows (one slot per row), or "
             "d2nwg.text.hashed_ngrams (no download); d2nwg demo --condition text",
-            f"demo: scikit-learn {version('scikit-learn')}, matplotlib {version('matplotlib')}",
+            f"demo: scikit-learn {version('scikit-learn')}, matplotlib {version('matplotlib')}; "
+            "d2nwg demo --model head|mlp|cnn (a head, or every layer of a network), --window W",
             _hf_info(),
         ]
     )
@@ -291,8 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "demo",
         cmd_demo,
-        "train a generator of digit-task heads (or, --lora, of LoRA adapters) and evaluate it",
+        "train a generator of digit-task heads or networks (or, --lora, of LoRA adapters) and "
+        "evaluate it against the zoo and memorization baselines",
         "d2nwg demo --quick --out demo_out",
+        "d2nwg demo --model mlp --window 16 --out mlp_out",
         "d2nwg demo --lora --quick --out lora_out",
         "torchrun --standalone --nproc_per_node=2 -m d2nwg demo --quick",
     )
