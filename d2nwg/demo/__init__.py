@@ -219,7 +219,7 @@ def evaluate_split(
     g = torch.Generator().manual_seed(seed + 1)
     conds = task_conditions(data, tasks, s, g, condition)
     K = s.candidates
-    gen_ = generate_candidates(
+    cands = generate_candidates(
         gen, data, tasks, s, seed, g, sampling or {}, condition, family, conds
     )
     in_zoo = zoo_models is not None
@@ -230,27 +230,26 @@ def evaluate_split(
     # zoo_noised: the task's own zoo model if the zoo has one, else the retrieved model
     noise = torch.Generator().manual_seed(seed + 3)
     base = zoo_models if in_zoo else retrieved
-    noisy = scores(family, B.noised(base, B.spread(gen_["params"], K), K, noise), data, tasks, K)
-    vectors = Fm.flat(gen_["params"]).view(len(tasks), K, -1)
+    noisy = scores(family, B.noised(base, B.spread(cands["params"], K), K, noise), data, tasks, K)
+    vectors = Fm.flat(cands["params"]).view(len(tasks), K, -1)  # [tasks, K, P]
+    apart = [B.pairwise_mean(v) if K > 1 else float("nan") for v in vectors]
 
     def acc(params: Params) -> torch.Tensor:
         return Fm.accuracy(family, params, data, tasks, "test")
 
     return {
-        "generated_best": gen_["best"],
-        "generated_mean": gen_["mean"],
+        "generated_best": cands["best"],
+        "generated_mean": cands["mean"],
         "zoo": acc(zoo_models),
         "random": acc(random),
         "retrieval": acc(retrieved),
         "zoo_average": acc(memory.average(len(tasks))),
         "zoo_noised": noisy["best"],
         "zoo_noised_mean": noisy["mean"],
-        "best_models": Fm.select(gen_["params"], gen_["pick"]),
+        "best_models": Fm.select(cands["params"], cands["pick"]),
         "retrieved_tasks": [list(memory.tasks[i]) for i in index.tolist()],
-        "nearest_zoo": memory.nearest_distance(gen_["params"]),
-        "generated_pairwise": torch.tensor([B.pairwise_mean(v) for v in vectors])
-        if K > 1
-        else torch.full((len(tasks),), float("nan")),
+        "nearest_zoo": memory.nearest_distance(cands["params"]),
+        "generated_pairwise": torch.tensor(apart),
     }
 
 

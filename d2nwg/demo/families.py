@@ -18,6 +18,7 @@ the networks.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -71,25 +72,31 @@ class ModelFamily:
         params.update({w_name: w, b_name: b})
         return {k: params[k] for k in self.names}
 
+    @functools.cached_property
+    def _net(self) -> nn.Module:
+        """One module, whose forward the batched logits call on each model's parameters."""
+        return self.module()
+
     @property
     def names(self) -> list[str]:
         """Parameter names in the module's order."""
         if self.factory is None:
             return list(self.head)
-        return list(self.module().state_dict())
+        return list(self._net.state_dict())
 
     @property
     def head_shape(self) -> tuple[int, int]:
+        """The class layer's weight shape ``(5, fan_in)``."""
         if self.factory is None:
             return (WAYS, self.features)
-        return tuple(self.module().state_dict()[self.head[0]].shape)
+        return tuple(self._net.state_dict()[self.head[0]].shape)
 
     def logits(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Logits ``[M, n, 5]`` of M models on their inputs ``x [M, n, D]``."""
         if self.factory is None:
             w, b = (params[k] for k in self.head)
             return torch.einsum("mnf,mcf->mnc", x, w) + b[:, None]
-        net = self.module()
+        net = self._net
 
         def one(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
             return torch.func.functional_call(net, p, (xi,))
