@@ -124,15 +124,17 @@ def test_cli_model_and_window(monkeypatch, tmp_path):
     assert main(["demo", "--lora", "--model", "mlp", "--out", str(tmp_path)]) != 0
 
 
-def test_tiny_whole_network_demo(tmp_path):
-    """``run`` with a whole network at toy size, cut into windows: results.json holds every
-    method of every split, the baselines, tokens, window, body change, the VAE round trip and
-    the distances. (Toy steps: this checks the pipeline, not the generator's quality.)"""
+@pytest.mark.parametrize("model, window", [("mlp", 16), ("head", 2)])
+def test_tiny_demo_with_windows(tmp_path, model, window):
+    """``run`` at toy size, the model cut into windows (``--window``, heads too): results.json
+    holds every method of every split, the baselines, tokens, window, body change, the VAE
+    round trip and the distances. (Toy steps: this checks the pipeline, not the generator's
+    quality.)"""
     s = d2nwg.demo.DemoSettings(
         seen=6, unseen=2, novel=2, seeds=2, symmetries=0, shots=5, head_steps=30, candidates=2,
-        finetune_steps=2, finetune_tasks=2, vae_steps=5, diffusion_steps=5, window=16,
+        finetune_steps=2, finetune_tasks=2, vae_steps=5, diffusion_steps=5,
     )  # fmt: skip
-    o = DemoOptions(str(tmp_path), device="cpu", progress=False, model="mlp")
+    o = DemoOptions(str(tmp_path), device="cpu", progress=False, model=model, window=window)
     r = d2nwg.demo.run(o, s)
     assert r["methods"] == list(d2nwg.demo.METHODS)
     assert {"retrieval", "zoo_average", "zoo_noised"} <= set(r["methods"])
@@ -140,9 +142,12 @@ def test_tiny_whole_network_demo(tmp_path):
         assert set(r["accuracy"][split]) == set(r["methods"])
         assert len(r["retrieved_tasks"][split]) == len(r["tasks"][split])
         assert r["novelty"][split]["nearest_zoo"] > 0
-    assert r["model"] == "mlp" and r["window"] == 16 and r["tokens"] > 16
-    assert r["body_change"]["2.weight"] > 0.1  # the body moves per task
+    assert r["model"] == model and r["window"] == window and r["tokens"] > window
+    if model == "mlp":
+        assert r["body_change"]["2.weight"] > 0.1  # the body moves per task
+    else:
+        assert r["body_change"] == {}  # a head has no body of its own
     assert r["accuracy"]["seen"]["zoo"] > r["accuracy"]["seen"]["random"] + 0.5
     on_disk = json.loads((tmp_path / "results.json").read_text())
-    assert on_disk["generator"]["config"]["window"] == 16
+    assert on_disk["generator"]["config"]["window"] == window
     assert 0 <= on_disk["vae_roundtrip"]["roundtrip"] <= 1
