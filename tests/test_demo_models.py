@@ -124,15 +124,15 @@ def test_cli_model_and_window(monkeypatch, tmp_path):
     assert main(["demo", "--lora", "--model", "mlp", "--out", str(tmp_path)]) != 0
 
 
-@pytest.mark.parametrize("model, window", [("mlp", 16), ("head", 2)])
-def test_tiny_demo_with_windows(tmp_path, model, window):
+@pytest.mark.parametrize("model, window, copies", [("mlp", 16, 2), ("head", 2, 1)])
+def test_tiny_demo_with_windows(tmp_path, model, window, copies):
     """``run`` at toy size, the model cut into windows (``--window``, heads too): results.json
     holds every method of every split, the baselines, tokens, window, body change, the VAE
-    round trip and the distances. (Toy steps: this checks the pipeline, not the generator's
-    quality.)"""
+    round trip and the distances (null where one seed or one candidate has no pairs).
+    (Toy steps: this checks the pipeline, not the generator's quality.)"""
     s = d2nwg.demo.DemoSettings(
-        seen=6, unseen=2, novel=2, seeds=2, symmetries=0, shots=5, head_steps=30, candidates=2,
-        finetune_steps=2, finetune_tasks=2, vae_steps=5, diffusion_steps=5,
+        seen=6, unseen=2, novel=2, seeds=copies, symmetries=0, shots=5, head_steps=30,
+        candidates=copies, finetune_steps=2, finetune_tasks=2, vae_steps=5, diffusion_steps=5,
     )  # fmt: skip
     o = DemoOptions(str(tmp_path), device="cpu", progress=False, model=model, window=window)
     r = d2nwg.demo.run(o, s)
@@ -151,3 +151,6 @@ def test_tiny_demo_with_windows(tmp_path, model, window):
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["generator"]["config"]["window"] == window
     assert 0 <= on_disk["vae_roundtrip"]["roundtrip"] <= 1
+    pairs = on_disk["diversity"]["unseen"]
+    assert (pairs["generated_pairwise"] is None) == (copies == 1)
+    assert (pairs["zoo_same_task_pairwise"] is None) == (copies == 1)

@@ -232,7 +232,7 @@ def evaluate_split(
     base = zoo_models if in_zoo else retrieved
     noisy = scores(family, B.noised(base, B.spread(cands["params"], K), K, noise), data, tasks, K)
     vectors = Fm.flat(cands["params"]).view(len(tasks), K, -1)  # [tasks, K, P]
-    apart = [B.pairwise_mean(v) if K > 1 else float("nan") for v in vectors]
+    apart = [B.pairwise_mean(v) for v in vectors] if K > 1 else []  # none with one candidate
 
     def acc(params: Params) -> torch.Tensor:
         return Fm.accuracy(family, params, data, tasks, "test")
@@ -374,7 +374,7 @@ def run(options: DemoOptions | None = None, settings: DemoSettings | None = None
         },
         "diversity": {
             k: {
-                "generated_pairwise": float(v["generated_pairwise"].mean()),
+                "generated_pairwise": _mean(v["generated_pairwise"]),
                 "zoo_same_task_pairwise": same_task,
             }
             for k, v in per_split.items()
@@ -404,6 +404,11 @@ def run(options: DemoOptions | None = None, settings: DemoSettings | None = None
 
     write_report(results, o.out, table, plots)
     return results
+
+
+def _mean(values: torch.Tensor) -> float | None:
+    """The mean, or None (JSON null) for no values."""
+    return float(values.mean()) if values.numel() else None
 
 
 def _count(gen: D2NWG) -> dict[str, int]:

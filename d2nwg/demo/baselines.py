@@ -79,14 +79,15 @@ class ZooMemory:
             k: v.mean(0, keepdim=True).expand(num, *v.shape[1:]) for k, v in self.params.items()
         }
 
-    def same_task_distance(self) -> float:
-        """Mean distance between zoo models of the same task (different seeds)."""
+    def same_task_distance(self) -> float | None:
+        """Mean distance between zoo models of the same task (different seeds); None with one
+        seed per task."""
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, t in enumerate(self.tasks):
             groups.setdefault(t, []).append(i)
         vecs = flat(self.params)
         per = [pairwise_mean(vecs[idx]) for idx in groups.values() if len(idx) > 1]
-        return float(torch.tensor(per).mean()) if per else float("nan")
+        return float(torch.tensor(per).mean()) if per else None
 
     def nearest_distance(self, candidates: Params) -> torch.Tensor:
         """Distance ``[N]`` of each model to its nearest zoo model."""

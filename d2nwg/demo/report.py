@@ -33,10 +33,11 @@ def table(results: dict) -> str:
             f"(zoo {rt['zoo']:.4f})"
         )
         for split, d in results["novelty"].items():
+            apart = results["diversity"][split]["generated_pairwise"]
             lines.append(
                 f"{split}: candidate to nearest zoo model {d['nearest_zoo']:.3f}, candidates "
-                f"to each other {results['diversity'][split]['generated_pairwise']:.3f}, zoo "
-                f"models of one task to each other {d['zoo_same_task']:.3f}"
+                f"to each other {_number(apart)}, zoo models of one task to each other "
+                f"{_number(d['zoo_same_task'])}"
             )
     if results.get("body_change"):
         lines.append(
@@ -55,6 +56,10 @@ def table(results: dict) -> str:
         + f" (world size {results['world_size']})"
     )
     return "\n".join(lines)
+
+
+def _number(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def plots(results: dict, log: list[dict], out: str) -> list[str]:
