@@ -142,6 +142,7 @@ def test_tiny_demo_with_windows(tmp_path, model, window, copies):
         assert set(r["accuracy"][split]) == set(r["methods"])
         assert len(r["retrieved_tasks"][split]) == len(r["tasks"][split])
         assert r["novelty"][split]["nearest_zoo"] > 0
+        assert len(r["novelty"][split]["per_candidate"]) == len(r["tasks"][split]) * copies
     assert r["model"] == model and r["window"] == window and r["tokens"] > window
     if model == "mlp":
         assert r["body_change"]["2.weight"] > 0.1  # the body moves per task
@@ -151,6 +152,8 @@ def test_tiny_demo_with_windows(tmp_path, model, window, copies):
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["generator"]["config"]["window"] == window
     assert 0 <= on_disk["vae_roundtrip"]["roundtrip"] <= 1
+    for name in ("accuracy.png", "novelty.png"):
+        assert (tmp_path / name).stat().st_size > 1000, name
     pairs = on_disk["diversity"]["unseen"]
     assert (pairs["generated_pairwise"] is None) == (copies == 1)
     assert (pairs["zoo_same_task_pairwise"] is None) == (copies == 1)

@@ -380,7 +380,11 @@ def run(options: DemoOptions | None = None, settings: DemoSettings | None = None
             for k, v in per_split.items()
         },
         "novelty": {
-            k: {"nearest_zoo": float(v["nearest_zoo"].mean()), "zoo_same_task": same_task}
+            k: {
+                "nearest_zoo": float(v["nearest_zoo"].mean()),
+                "zoo_same_task": same_task,
+                "per_candidate": v["nearest_zoo"].tolist(),  # task-major
+            }
             for k, v in per_split.items()
         },
         "retrieved_tasks": {k: v["retrieved_tasks"] for k, v in per_split.items()},

@@ -63,7 +63,8 @@ def _number(x: float | None) -> str:
 
 
 def plots(results: dict, log: list[dict], out: str) -> list[str]:
-    """accuracy.png, finetune.png, losses.png in ``out``; [] without matplotlib."""
+    """accuracy.png, finetune.png, novelty.png, losses.png in ``out``; [] without
+    matplotlib."""
     plt = _pyplot()
     if plt is None:
         return []
@@ -95,9 +96,27 @@ def plots(results: dict, log: list[dict], out: str) -> list[str]:
     ax.legend(fontsize=8)
     written.append(_save(fig, out, "finetune.png"))
 
+    if "novelty" in results:
+        written.append(_novelty_plot(plt, results, out, "novelty.png"))
     if log:
         written.append(_loss_plot(plt, log, out, "losses.png"))
     return written
+
+
+def _novelty_plot(plt, results: dict, out: str, name: str) -> str:
+    """Per split, each candidate's distance to its nearest zoo model, against the distance
+    between zoo models of one task (a replica of the zoo would sit far left of that line)."""
+    novelty = results["novelty"]
+    fig, axes = plt.subplots(1, len(novelty), figsize=(3.3 * len(novelty), 3), sharex=True)
+    axes = axes if len(novelty) > 1 else [axes]
+    for ax, (split, d) in zip(axes, novelty.items()):
+        ax.hist(d["per_candidate"], bins=20, color="C0", label="candidate to nearest zoo")
+        if d["zoo_same_task"] is not None:
+            ax.axvline(d["zoo_same_task"], color="k", ls="--", label="zoo seeds of a task")
+        ax.set_title(split)
+        ax.set_xlabel("L2 distance in weight space")
+    axes[0].legend(fontsize=7)
+    return _save(fig, out, name)
 
 
 def _loss_plot(plt, log: list[dict], out: str, name: str) -> str:
