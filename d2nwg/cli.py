@@ -101,7 +101,8 @@ def _generator_info() -> str:
             "NaN/Inf files are refused",
             "text conditions: any encoder's [L, E] rows (one slot per row), or "
             "d2nwg.text.hashed_ngrams (no download); d2nwg demo --condition text",
-            f"demo: scikit-learn {version('scikit-learn')}, matplotlib {version('matplotlib')}",
+            f"demo: scikit-learn {version('scikit-learn')}, matplotlib {version('matplotlib')}; "
+            "d2nwg demo --model head|mlp|cnn (a head, or every layer of a network), --window W",
             _hf_info(),
         ]
     )
@@ -126,6 +127,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "--condition text is for the digits demo (the LoRA demo's conditions "
             "are example sequences)"
         )
+    if args.lora and args.model != "head":
+        raise d2nwg.ConfigError("--model is for the digits demo (the LoRA demo generates adapters)")
     if args.lora:
         from d2nwg.demo.lora import run
     else:
@@ -134,7 +137,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     progress = not args.no_progress
     run(DemoOptions(args.out, args.device, args.seed, args.quick, progress, args.sampler,
-                    args.steps, args.condition))  # fmt: skip
+                    args.steps, args.condition, args.model, args.window))  # fmt: skip
     return 0
 
 
@@ -289,8 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "demo",
         cmd_demo,
-        "train a generator of digit-task heads (or, --lora, of LoRA adapters) and evaluate it",
+        "train a generator of digit-task heads or networks (or, --lora, of LoRA adapters) and "
+        "evaluate it against the zoo and memorization baselines",
         "d2nwg demo --quick --out demo_out",
+        "d2nwg demo --model mlp --window 16 --out mlp_out",
         "d2nwg demo --lora --quick --out lora_out",
         "torchrun --standalone --nproc_per_node=2 -m d2nwg demo --quick",
     )
@@ -310,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
         "'text' (its class names in label order, hashed character n-grams; no novel split)"
     )
     p.add_argument("--condition", choices=("dataset", "text"), default="dataset", help=condition)
+    model = (
+        "what the digits demo generates: 'head' (a linear head on a frozen backbone, the "
+        "default), 'mlp' or 'cnn' (every layer of a small network on the pixels)"
+    )
+    p.add_argument("--model", choices=("head", "mlp", "cnn"), default="head", help=model)
+    window = "tokens per generator window (default: the demo's, 0 = a model is one window)"
+    p.add_argument("--window", type=at_least_0, help=window)
 
     p = _command(
         sub,

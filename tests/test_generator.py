@@ -490,7 +490,8 @@ def test_quick_demo_end_to_end(tmp_path):
     assert results["world_size"] == 1
     assert set(results["tasks"]) == set(results["accuracy"]) == {"seen", "unseen", "novel"}
     for split, acc in results["accuracy"].items():
-        assert set(acc) == {"generated_best", "generated_mean", "zoo", "random"}
+        assert set(acc) == set(results["methods"])
+        assert {"generated_best", "generated_mean", "zoo", "random", "retrieval"} <= set(acc)
         assert acc["zoo"] > 0.9 and acc["random"] < 0.5, (split, acc)
         assert acc["generated_best"] >= acc["generated_mean"], (split, acc)
     assert results["accuracy"]["seen"]["generated_best"] > results["accuracy"]["seen"]["random"]

@@ -30,6 +30,8 @@ class DemoOptions:
     sampler: str | None = None  # how candidates are sampled (None: the generator's default)
     steps: int | None = None
     condition: str = "dataset"  # the digits demo: "dataset" (support sets) or "text" (names)
+    model: str = "head"  # the digits demo: what is generated, "head", "mlp" or "cnn"
+    window: int | None = None  # the generator's window (None: the demo's setting)
 
     def sampling(self) -> dict[str, Any]:
         """The sampling options the demo passes to ``generate`` (only those set)."""
@@ -77,12 +79,17 @@ def fit_generator(
 ) -> tuple[D2NWG, DistContext]:
     """Fit a generator conditioned on ``options.condition`` on ``zoo`` (logs and checkpoints
     in ``out/train``), note each stage's seconds, and save it to ``out/generator`` on rank 0.
-    ``config``: the demo's other :class:`D2NWGConfig` fields."""
+    ``config``: the demo's other :class:`D2NWGConfig` fields (steps left at 0: the library's
+    defaults)."""
+    defaults = D2NWGConfig().resolve(1, 1)
     cfg = D2NWGConfig(
         condition=options.condition,
         vae_steps=vae_steps,
         diffusion_steps=diffusion_steps,
-        checkpoint_every=max(vae_steps, diffusion_steps),  # one checkpoint, at the end
+        # one checkpoint, at the end
+        checkpoint_every=max(
+            vae_steps or defaults.vae_steps, diffusion_steps or defaults.diffusion_steps
+        ),  # fmt: skip
         device=options.device,
         seed=options.seed,
         **config,

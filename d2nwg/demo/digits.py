@@ -1,9 +1,7 @@
 """The demo's data: scikit-learn's handwritten digits (8x8 images, shipped with the package,
-no download), a backbone pretrained on all ten digits, 5-way tasks over digit subsets and a
-zoo of task heads.
-
-Everything is batched over models: a task head is a linear layer ``[5, F] + [5]`` on the
-frozen backbone's features, and many heads (of many tasks and seeds) train in one einsum.
+no download), a backbone pretrained on all ten digits (whose features are the tasks'
+conditions, and the inputs of the heads), 5-way tasks over digit subsets, batched per model.
+The models themselves are in :mod:`d2nwg.demo.families`.
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ class Digits:
     features: dict[str, torch.Tensor]  # split -> [n, F]
     labels: dict[str, torch.Tensor]  # split -> [n] digit labels 0..9
     backbone: nn.Module
+    pixels: dict[str, torch.Tensor]  # split -> [n, 64], scaled to [0, 1]
 
     @property
     def feature_dim(self) -> int:
@@ -72,7 +71,8 @@ def load_digits(
     backbone.eval().requires_grad_(False)
     with torch.no_grad():
         feats = {k: backbone(x[v]) for k, v in split.items()}
-    return Digits(feats, {k: y[v] for k, v in split.items()}, backbone)
+    labels = {k: y[v] for k, v in split.items()}
+    return Digits(feats, labels, backbone, {k: x[v] for k, v in split.items()})
 
 
 # ----------------------------------------------------------------------------------------
@@ -103,13 +103,17 @@ def make_tasks(
     return TaskSplits(pool[:num_seen], pool[num_seen : num_seen + num_unseen], novel)
 
 
-def task_data(data: Digits, task: tuple[int, ...], split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features ``[n, F]`` and task labels ``[n]`` (0..4, ascending class order) of a split."""
+def task_data(
+    data: Digits, task: tuple[int, ...], split: str, inputs: str = "features"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``[n, D]`` (``inputs``: "features" or "pixels") and task labels ``[n]`` (0..4,
+    ascending class order) of a split."""
     y = data.labels[split]
     keep = torch.isin(y, torch.tensor(task))
     lut = torch.full((10,), -1, dtype=torch.long)
     lut[list(task)] = torch.arange(WAYS)
-    return data.features[split][keep], lut[y[keep]]
+    source = data.features if inputs == "features" else data.pixels
+    return source[split][keep], lut[y[keep]]
 
 
 def support_set(
@@ -133,73 +137,21 @@ def name_condition(task: tuple[int, ...]) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------
-# Heads, batched over models.
+# Tasks batched: one row per model.
 # ----------------------------------------------------------------------------------------
-def _stack_tasks(data: Digits, tasks: list[tuple[int, ...]], split: str):
-    xs, ys = zip(*(task_data(data, t, split) for t in tasks))
+def stack_tasks(
+    data: Digits, tasks: list[tuple[int, ...]], split: str, inputs: str = "features"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs ``[M, n, D]``, task labels ``[M, n]`` and a mask of real examples ``[M, n]``
+    (1.0 in the first ``count[m]`` slots) of each task's ``split``, padded to the longest."""
+    xs, ys = zip(*(task_data(data, t, split, inputs) for t in tasks))
     n = max(x.shape[0] for x in xs)
-    X = torch.zeros(len(tasks), n, data.feature_dim)
+    X = torch.zeros(len(tasks), n, xs[0].shape[1])
     Y = torch.zeros(len(tasks), n, dtype=torch.long)
     W = torch.zeros(len(tasks), n)
     for i, (x, y) in enumerate(zip(xs, ys)):
         X[i, : len(x)], Y[i, : len(y)], W[i, : len(y)] = x, y, 1.0
     return X, Y, W
-
-
-def head_logits(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Logits ``[M, n, 5]`` of heads ``weight [M, 5, F]``, ``bias [M, 5]`` on ``x [M, n, F]``."""
-    return torch.einsum("mnf,mcf->mnc", x, weight) + bias[:, None]
-
-
-def accuracy(
-    weight: torch.Tensor, bias: torch.Tensor, data: Digits, tasks: list[tuple[int, ...]], split: str
-) -> torch.Tensor:
-    """Accuracy ``[M]`` of head m on task m's ``split``."""
-    X, Y, W = _stack_tasks(data, tasks, split)
-    with torch.no_grad():
-        hit = (head_logits(weight, bias, X).argmax(-1) == Y).float()
-    return (hit * W).sum(1) / W.sum(1)
-
-
-def random_heads(
-    num: int, feature_dim: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """nn.Linear's default initialization (kaiming uniform, bound 1/sqrt(F))."""
-    bound = 1.0 / feature_dim**0.5
-    w = (torch.rand(num, WAYS, feature_dim, generator=generator) * 2 - 1) * bound
-    b = (torch.rand(num, WAYS, generator=generator) * 2 - 1) * bound
-    return w, b
-
-
-def train_heads(
-    data: Digits,
-    tasks: list[tuple[int, ...]],
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    steps: int,
-    lr: float = 0.05,
-    weight_decay: float = 1e-3,
-    record: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Fine-tune M heads on their tasks' train splits (full batch, Adam), all at once.
-
-    Returns the trained weights and, with ``record``, the test accuracy ``[M]`` after every
-    step (index 0 = before training)."""
-    X, Y, Wt = _stack_tasks(data, tasks, "train")
-    weight = weight.clone().requires_grad_(True)
-    bias = bias.clone().requires_grad_(True)
-    opt = torch.optim.Adam([weight, bias], lr=lr)
-    curve = [accuracy(weight.detach(), bias.detach(), data, tasks, "test")] if record else []
-    for _ in range(steps):
-        logits = head_logits(weight, bias, X)
-        ce = F.cross_entropy(logits.flatten(0, 1), Y.flatten(), reduction="none").view_as(Wt)
-        loss = ((ce * Wt).sum(1) / Wt.sum(1)).sum() + weight_decay * weight.square().sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if record:
-            curve.append(accuracy(weight.detach(), bias.detach(), data, tasks, "test"))
-    return weight.detach(), bias.detach(), curve
 
 
 def feature_symmetry(

@@ -13,16 +13,36 @@ def table(results: dict) -> str:
     acc = results["accuracy"]
     methods = results["methods"]
     lines = [
+        f"{results.get('model', 'head')}: {results.get('tokens', '?')} tokens per model, "
+        f"window {results.get('window', '?')}",
         f"{'split':8s} "
-        + " ".join(f"{m:>15s}" for m in methods)
-        + f" {'best/zoo':>9s} {'mean/zoo':>9s}"
+        + " ".join(f"{m:>14s}" for m in methods)
+        + f" {'best/zoo':>9s} {'mean/zoo':>9s}",
     ]
     for split, row in acc.items():
         ratio = results["ratios_to_zoo"][split]
         lines.append(
             f"{split:8s} "
-            + " ".join(f"{row[m]:15.4f}" for m in methods)
+            + " ".join(f"{row[m]:14.4f}" for m in methods)
             + f" {ratio['generated_best']:9.3f} {ratio['generated_mean']:9.3f}"
+        )
+    if "vae_roundtrip" in results:  # where quality is lost
+        rt = results["vae_roundtrip"]
+        lines.append(
+            f"VAE round trip of zoo models ({rt['tasks']} tasks): {rt['roundtrip']:.4f} "
+            f"(zoo {rt['zoo']:.4f})"
+        )
+        for split, d in results["novelty"].items():
+            apart = results["diversity"][split]["generated_pairwise"]
+            lines.append(
+                f"{split}: candidate to nearest zoo model {d['nearest_zoo']:.3f}, candidates "
+                f"to each other {_number(apart)}, zoo models of one task to each other "
+                f"{_number(d['zoo_same_task'])}"
+            )
+    if results.get("body_change"):
+        lines.append(
+            "body change (mean |W - W_pretrained| / |W_pretrained| of the zoo): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in results["body_change"].items())
         )
     ft = results["finetune"]["steps_to_target"]
     lines.append(
@@ -38,16 +58,21 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _number(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def plots(results: dict, log: list[dict], out: str) -> list[str]:
-    """accuracy.png, finetune.png, losses.png in ``out``; [] without matplotlib."""
+    """accuracy.png, finetune.png, novelty.png, losses.png in ``out``; [] without
+    matplotlib."""
     plt = _pyplot()
     if plt is None:
         return []
     written = []
     acc = results["accuracy"]
     methods = results["methods"]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.2
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    width = 0.8 / len(methods)
     for j, m in enumerate(methods):
         xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(acc))]
         ax.bar(xs, [acc[s][m] for s in acc], width, label=m)
@@ -55,8 +80,9 @@ def plots(results: dict, log: list[dict], out: str) -> list[str]:
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.25)
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    ax.set_title("5-way digit tasks: generated heads vs zoo vs random")
-    ax.legend(fontsize=8, loc="upper center", ncol=4, frameon=False)
+    model = results.get("model", "head")
+    ax.set_title(f"5-way digit tasks ({model}): generated vs zoo, random and memorization")
+    ax.legend(fontsize=7, loc="upper center", ncol=4, frameon=False)
     written.append(_save(fig, out, "accuracy.png"))
 
     ft = results["finetune"]
@@ -70,9 +96,27 @@ def plots(results: dict, log: list[dict], out: str) -> list[str]:
     ax.legend(fontsize=8)
     written.append(_save(fig, out, "finetune.png"))
 
+    if "novelty" in results:
+        written.append(_novelty_plot(plt, results, out, "novelty.png"))
     if log:
         written.append(_loss_plot(plt, log, out, "losses.png"))
     return written
+
+
+def _novelty_plot(plt, results: dict, out: str, name: str) -> str:
+    """Per split, each candidate's distance to its nearest zoo model, against the distance
+    between zoo models of one task (a replica of the zoo would sit far left of that line)."""
+    novelty = results["novelty"]
+    fig, axes = plt.subplots(1, len(novelty), figsize=(3.3 * len(novelty), 3), sharex=True)
+    axes = axes if len(novelty) > 1 else [axes]
+    for ax, (split, d) in zip(axes, novelty.items()):
+        ax.hist(d["per_candidate"], bins=20, color="C0", label="candidate to nearest zoo")
+        if d["zoo_same_task"] is not None:
+            ax.axvline(d["zoo_same_task"], color="k", ls="--", label="zoo seeds of a task")
+        ax.set_title(split)
+        ax.set_xlabel("L2 distance in weight space")
+    axes[0].legend(fontsize=7)
+    return _save(fig, out, name)
 
 
 def _loss_plot(plt, log: list[dict], out: str, name: str) -> str:
