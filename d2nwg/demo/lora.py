@@ -103,7 +103,9 @@ class LoraSettings:
     val_seqs: int = 32
     test_seqs: int = 64
     candidates: int = 10  # generated adapters per task
-    vae_steps: int = 500
+    # the VAE bounds the quality: its reconstructions of seen adapters closed 0.86 of the
+    # gap after 500 steps, 0.97 after 1500 (seed 0; the generated ones then 0.85)
+    vae_steps: int = 1500
     diffusion_steps: int = 1500
     gen_hidden: int = 0  # denoiser width / depth (0: D2NWGConfig's rule)
     gen_depth: int = 0
