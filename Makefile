@@ -8,8 +8,9 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test lint build bench gpu-suite wheel clean
 
-# transformers and peft (the hf extra) too: tests/test_hf.py and the coexistence checks of
-# tests/test_package.py run with them rather than skipping; diffusers: the few-step samplers'
+# transformers and peft (the hf extra) too: the LoRA demo (d2nwg demo --lora) needs them, and
+# tests/test_hf.py, tests/test_lora_demo.py and the coexistence checks of tests/test_package.py
+# run with them rather than skipping; diffusers: the few-step samplers'
 # oracle (tests/test_few_step_samplers.py).
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)

@@ -117,7 +117,8 @@ def _hf_info() -> str:
     missing = "" if all(installed.values()) else f" ({EXTRA})"
     return (
         "hugging face: ModelZoo.from_peft, save_peft / generate --peft (PEFT adapter "
-        f"folders), transformers models as targets (model_config=); {found}{missing}"
+        "folders), transformers models as targets (model_config=), d2nwg demo --lora "
+        f"(PEFT adapters of a LlamaForCausalLM); {found}{missing}"
     )
 
 
@@ -300,9 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
         "torchrun --standalone --nproc_per_node=2 -m d2nwg demo --quick",
     )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    quick = "a smaller run (digits: under a minute on CPU, --lora: about two)"
+    quick = "a smaller run (digits: under a minute on CPU, --lora: under 90 s)"
     p.add_argument("--quick", action="store_true", help=quick)
-    lora = "the LoRA demo: generate adapters of a tiny LLaMA for unseen synthetic languages"
+    lora = (
+        "the LoRA demo: generate PEFT adapters of a small transformers LLaMA for unseen "
+        "synthetic languages (needs the hf extra: pip install d2nwg[hf])"
+    )
     p.add_argument("--lora", action="store_true", help=lora)
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=at_least_0, default=0)
