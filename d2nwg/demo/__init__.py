@@ -131,10 +131,10 @@ def build_zoo(
     (support sets) or "text" (class names; ``s.symmetries`` must be 0 then, and for networks)."""
     if condition == "text" and s.symmetries:
         raise ConfigError("a text zoo has no rotated copies: the words can't say the rotation")
-    if family.name != "head" and s.symmetries:
+    if family.name == "cnn" and s.symmetries:
         raise ConfigError(
-            f"symmetries={s.symmetries}: rotated copies are for heads only (a rotation of the "
-            f"features says nothing about a {family.name!r} on pixels)"
+            f"symmetries={s.symmetries}: copies are for heads (rotations) and the mlp "
+            "(hidden-unit permutations) only"
         )
     g = torch.Generator().manual_seed(seed)
     zoo_tasks = [t for t in tasks for _ in range(s.seeds)]
@@ -145,8 +145,12 @@ def build_zoo(
         meta = {"task": list(task), "seed": i % s.seeds}
         zoo.add(sd, condition=cond, meta=meta)
         for k in range(s.symmetries):
-            rw, rc = feature_symmetry(sd["weight"], cond, g)
-            zoo.add({**sd, "weight": rw}, condition=rc, meta={**meta, "rotation": k + 1})
+            if family.name == "head":
+                rw, rc = feature_symmetry(sd["weight"], cond, g)
+                zoo.add({**sd, "weight": rw}, condition=rc, meta={**meta, "rotation": k + 1})
+            else:  # the same function, the same condition
+                copy = Fm.permute_hidden(family, sd, g)
+                zoo.add(copy, condition=cond, meta={**meta, "permutation": k + 1})
     return zoo, params, Fm.accuracy(family, params, data, zoo_tasks, "test")
 
 
