@@ -25,10 +25,13 @@ between the three; the backbone's features also tell the digits apart better tha
 5. Fine-tuning from the best generated model and from a random head: steps until 95% of the
    zoo model's accuracy.
 
-Rotated copies (``symmetries``) are for heads only: a rotation of the frozen feature space
-maps a head and its condition alike. A network reads pixels, which no rotation of the
-condition describes; its exact symmetry (permuting hidden units) leaves the condition as it is,
-so copies would pair one condition with several weight vectors instead of teaching a rule.
+Copies under a symmetry (``symmetries``) are on for heads only: a rotation of the frozen
+feature space maps a head and its condition alike, so the zoo teaches a rule. A network reads
+pixels, which no rotation of the condition describes; its exact symmetry, permuting hidden
+units (the mlp's copies with ``symmetries > 0``), leaves the condition as it is, so the zoo
+pairs one condition with several weight vectors: measured on the mlp's ``--quick`` preset, one
+copy each brought ``generated_best`` from 0.58 / 0.52 / 0.40 to 0.41 / 0.33 / 0.25 (seen /
+unseen / novel) and the VAE round trip from 0.82 to 0.70, so networks default to none.
 
 With ``DemoOptions(condition="text")`` (``d2nwg demo --condition text``) a task's condition is
 the names of its classes in label order ("zero one three five eight"), one token per word,
