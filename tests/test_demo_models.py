@@ -78,8 +78,21 @@ def test_unknown_model_and_network_symmetries_are_refused(data, families):
     with pytest.raises(ConfigError, match="mlp"):
         Fm.family("transformer", data)
     s = d2nwg.demo.DemoSettings(seen=2, seeds=1, symmetries=1, head_steps=1)
-    with pytest.raises(ConfigError, match="heads only"):
-        d2nwg.demo.build_zoo(data, families["mlp"], make_tasks(2, 0, 0).seen, s, 0)
+    with pytest.raises(ConfigError, match="permutations"):
+        d2nwg.demo.build_zoo(data, families["cnn"], make_tasks(2, 0, 0).seen, s, 0)
+
+
+def test_hidden_permutation_is_an_exact_symmetry(data, families):
+    """An MLP copy with permuted hidden units: other weights, the same outputs."""
+    fam = families["mlp"]
+    sd = Fm.unstack(fam.init(1, torch.Generator().manual_seed(0)))[0]
+    copy = Fm.permute_hidden(fam, sd, torch.Generator().manual_seed(1))
+    assert not torch.equal(copy["0.weight"], sd["0.weight"])
+    assert torch.equal(copy["4.bias"], sd["4.bias"])
+    x = data.pixels["test"][:9][None]
+    torch.testing.assert_close(
+        fam.logits(Fm.stack([copy], fam.names), x), fam.logits(Fm.stack([sd], fam.names), x)
+    )
 
 
 def test_retrieval_matches_classes(families):

@@ -25,10 +25,13 @@ between the three; the backbone's features also tell the digits apart better tha
 5. Fine-tuning from the best generated model and from a random head: steps until 95% of the
    zoo model's accuracy.
 
-Rotated copies (``symmetries``) are for heads only: a rotation of the frozen feature space
-maps a head and its condition alike. A network reads pixels, which no rotation of the
-condition describes; its exact symmetry (permuting hidden units) leaves the condition as it is,
-so copies would pair one condition with several weight vectors instead of teaching a rule.
+Copies under a symmetry (``symmetries``) are on for heads only: a rotation of the frozen
+feature space maps a head and its condition alike, so the zoo teaches a rule. A network reads
+pixels, which no rotation of the condition describes; its exact symmetry, permuting hidden
+units (the mlp's copies with ``symmetries > 0``), leaves the condition as it is, so the zoo
+pairs one condition with several weight vectors: measured on the mlp's ``--quick`` preset, one
+copy each brought ``generated_best`` from 0.58 / 0.52 / 0.40 to 0.41 / 0.33 / 0.25 (seen /
+unseen / novel) and the VAE round trip from 0.82 to 0.70, so networks default to none.
 
 With ``DemoOptions(condition="text")`` (``d2nwg demo --condition text``) a task's condition is
 the names of its classes in label order ("zero one three five eight"), one token per word,
@@ -132,10 +135,10 @@ def build_zoo(
     (support sets) or "text" (class names; ``s.symmetries`` must be 0 then, and for networks)."""
     if condition == "text" and s.symmetries:
         raise ConfigError("a text zoo has no rotated copies: the words can't say the rotation")
-    if family.name != "head" and s.symmetries:
+    if family.name == "cnn" and s.symmetries:
         raise ConfigError(
-            f"symmetries={s.symmetries}: rotated copies are for heads only (a rotation of the "
-            f"features says nothing about a {family.name!r} on pixels)"
+            f"symmetries={s.symmetries}: copies are for heads (rotations) and the mlp "
+            "(hidden-unit permutations) only"
         )
     g = torch.Generator().manual_seed(seed)
     zoo_tasks = [t for t in tasks for _ in range(s.seeds)]
@@ -146,8 +149,12 @@ def build_zoo(
         meta = {"task": list(task), "seed": i % s.seeds}
         zoo.add(sd, condition=cond, meta=meta)
         for k in range(s.symmetries):
-            rw, rc = feature_symmetry(sd["weight"], cond, g)
-            zoo.add({**sd, "weight": rw}, condition=rc, meta={**meta, "rotation": k + 1})
+            if family.name == "head":
+                rw, rc = feature_symmetry(sd["weight"], cond, g)
+                zoo.add({**sd, "weight": rw}, condition=rc, meta={**meta, "rotation": k + 1})
+            else:  # the same function, the same condition
+                copy = Fm.permute_hidden(family, sd, g)
+                zoo.add(copy, condition=cond, meta={**meta, "permutation": k + 1})
     return zoo, params, Fm.accuracy(family, params, data, zoo_tasks, "test")
 
 

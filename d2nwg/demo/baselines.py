@@ -38,7 +38,7 @@ def embed(gen: D2NWG, conditions: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ZooMemory:
-    """What a memorizer of the zoo knows: its models (without the rotated copies of heads),
+    """What a memorizer of the zoo knows: its models (without the copies under symmetries),
     their tasks and their conditions as the generator's encoder embeds them."""
 
     family: ModelFamily
@@ -48,7 +48,7 @@ class ZooMemory:
 
     @classmethod
     def of(cls, gen: D2NWG, zoo: ModelZoo, family: ModelFamily) -> ZooMemory:
-        items = [it for it in zoo if "rotation" not in it.meta]
+        items = [it for it in zoo if not {"rotation", "permutation"} & set(it.meta)]
         params = stack((it.state_dict for it in items), family.names)
         tokens = embed(gen, torch.stack([it.condition for it in items]))
         return cls(family, params, [tuple(it.meta["task"]) for it in items], tokens)

@@ -260,6 +260,22 @@ def family(name: str, data: Digits, seed: int = 0, pretrain_steps: int = 300) ->
     return ModelFamily(name, "pixels", head, body=body, factory=factory, **NETWORK_TRAINING)
 
 
+def permute_hidden(
+    fam: ModelFamily, state_dict: Mapping[str, torch.Tensor], generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """The same MLP with its hidden units randomly permuted, layer by layer (rows of a layer
+    and the matching columns of the next): an exact symmetry, every output is unchanged."""
+    if fam.name != "mlp":
+        raise ConfigError(f"hidden-unit permutations are implemented for the mlp, not {fam.name!r}")
+    names = fam.names  # weight, bias of each Linear, in order
+    out = dict(state_dict)
+    for i in range(0, len(names) - 2, 2):
+        w, b, w_next = names[i], names[i + 1], names[i + 2]
+        perm = torch.randperm(out[w].shape[0], generator=generator)
+        out[w], out[b], out[w_next] = out[w][perm], out[b][perm], out[w_next][:, perm]
+    return out
+
+
 def body_change(fam: ModelFamily, params: Params) -> dict[str, float]:
     """Per body tensor: the mean over models of ``|W - W_body| / |W_body|`` (how far
     fine-tuning moved the pretrained body); {} for heads."""
