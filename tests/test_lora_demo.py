@@ -21,7 +21,13 @@ peft = pytest.importorskip("peft")
 from d2nwg.cli import main  # noqa: E402
 from d2nwg.demo import llama as L  # noqa: E402
 from d2nwg.demo.common import DemoOptions  # noqa: E402
-from d2nwg.demo.lora import LoraSettings, MarkovLanguages, gap_closed, run  # noqa: E402
+from d2nwg.demo.lora import (  # noqa: E402
+    LoraSettings,
+    MarkovLanguages,
+    gap_closed,
+    run,
+    transition_frequencies,
+)
 from d2nwg.errors import ConfigError, KeyMismatchError, ShapeError  # noqa: E402
 from d2nwg.zoo import ModelZoo  # noqa: E402
 
@@ -140,6 +146,18 @@ def test_bad_adapters_tokens_and_settings_are_errors():
         L.LMConfig(dim=30, heads=4)
     with pytest.raises(ConfigError, match="seq_len"):
         LoraSettings(seq_len=100)
+    with pytest.raises(ConfigError, match="condition"):
+        LoraSettings(condition="bigrams")
+
+
+def test_transition_frequencies_count_each_sequences_steps():
+    tokens = torch.tensor([[[0, 1, 1, 2], [2, 2, 2, 2]]])  # [P=1, N=2, T=4], vocab 3
+    freq = transition_frequencies(tokens, vocab=3)
+    assert freq.shape == (1, 2, 9)
+    expected = torch.zeros(2, 9)
+    expected[0, [0 * 3 + 1, 1 * 3 + 1, 1 * 3 + 2]] = 1 / 3  # 0->1, 1->1, 1->2
+    expected[1, 2 * 3 + 2] = 1.0  # 2->2 three times
+    torch.testing.assert_close(freq[0], expected)
 
 
 def test_markov_languages_sample_their_chain():

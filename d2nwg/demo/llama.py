@@ -246,10 +246,11 @@ def token_losses(
     return next_token_losses(logits(model, c, tokens, lora), tokens)
 
 
-def next_token_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy ``[..., T - 1]`` of ``logits [..., T, V]`` against the next tokens."""
+def next_token_losses(scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy ``[..., T - 1]`` of logits ``scores [..., T, V]`` against the next
+    tokens of ``tokens [..., T]``."""
     ce = F.cross_entropy(
-        logits[..., :-1, :].flatten(0, -2), tokens[..., 1:].flatten(), reduction="none"
+        scores[..., :-1, :].flatten(0, -2), tokens[..., 1:].flatten(), reduction="none"
     )
     return ce.view(*tokens.shape[:-1], -1)
 
@@ -379,8 +380,8 @@ def peft_losses(base: nn.Module, folders: Sequence[str], tokens: torch.Tensor) -
     for folder, toks in zip(folders, tokens):
         model = peft.PeftModel.from_pretrained(base, folder).eval()  # injects into base
         try:
-            logits = model(input_ids=toks, use_cache=False).logits
+            scores = model(input_ids=toks, use_cache=False).logits
         finally:
             model.unload()  # takes the LoRA layers out of base again
-        out.append(next_token_losses(logits, toks).mean(-1))
+        out.append(next_token_losses(scores, toks).mean(-1))
     return torch.stack(out)

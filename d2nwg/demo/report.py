@@ -196,7 +196,7 @@ def lora_plots(results: dict, log: list[dict], out: str) -> list[str]:
     low = min(floor) - 0.05
     ax.set_ylim(low, max(loss[s]["base"] for s in loss) + 0.05)
     ax.set_ylabel("test loss per token")
-    ax.set_title("tiny LLaMA + LoRA on synthetic languages")
+    ax.set_title("LlamaForCausalLM + PEFT LoRA on synthetic languages")
     ax.legend(fontsize=8)
 
     per = results["per_task_loss"]["unseen"]
