@@ -3,6 +3,8 @@ and the denoiser over whole latent sequences (one window of it all is the whole 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -172,3 +174,19 @@ def test_windows_are_averaged_the_same_whatever_the_batches(stride):
     want = win.blend(pred.view_as(windows))
     for batch in (1, 5, 3 * win.num_windows):
         assert torch.equal(WindowedDenoiser(den, win, batch, cpu)(x, t, None), want), batch
+
+
+def test_generators_saved_before_window_stride_load_with_aligned_windows(tmp_path):
+    """A config.json without window_stride (written before it existed) was trained on aligned
+    windows: it loads with them; a saved config keeps its resolved stride."""
+    gen = D2NWG.untrained(weights(), D2NWGConfig(**TINY, window=6))
+    assert gen.config.window_stride == 3 and gen.windows.overlapping
+    gen.save(tmp_path)
+    assert D2NWG.load(tmp_path).windows.spans == gen.windows.spans
+    path = tmp_path / "config.json"
+    meta = json.loads(path.read_text())
+    del meta["config"]["window_stride"]
+    path.write_text(json.dumps(meta))
+    old = D2NWG.load(tmp_path)
+    assert not old.windows.overlapping
+    assert old.windows.spans == WindowLayout.from_tokenizer(gen.tokenizer, 6, 6).spans
