@@ -88,8 +88,10 @@ def _generator_info() -> str:
             f"{', '.join(d2nwg.SAMPLERS)} (default {D2NWGConfig.sampler}, "
             f"{D2NWGConfig.sample_steps} steps); prediction types "
             f"{', '.join(d2nwg.PREDICTION_TYPES)}",
-            "large models: D2NWGConfig(window=W) windows (training draws up to "
-            f"{WINDOW_DRAWS} per model a step, or window_batch pairs), streaming generate_into "
+            "large models: D2NWGConfig(window=W) windows, overlapping (window_stride, default "
+            "W // 2: every sampler step averages each token over its windows, so the windows of "
+            f"one model agree; training draws up to {WINDOW_DRAWS} per model a step at any "
+            "offset, or window_batch pairs), streaming generate_into "
             "(batch_windows), generate_to_directory shards + index, include/exclude, "
             f"delta=True; default batch ~{BATCH_ELEMENTS['cpu']:.3g} decoded values on cpu, "
             f"{BATCH_ELEMENTS['cuda']:.3g} on cuda",
@@ -99,6 +101,9 @@ def _generator_info() -> str:
             f"({TIMEOUT_ENV})",
             f"reliability: one writer per directory ({LOCK_NAME}); NaN/Inf losses stop fit, "
             "NaN/Inf files are refused",
+            "class rows: D2NWGConfig(class_rows=[globs]) writes row k of a classifier layer "
+            "from class k's condition token (equivariant to class order; the digits demo's "
+            "default)",
             "text conditions: any encoder's [L, E] rows (one slot per row), or "
             "d2nwg.text.hashed_ngrams (no download); d2nwg demo --condition text",
             f"demo: scikit-learn {version('scikit-learn')}, matplotlib {version('matplotlib')}; "
