@@ -190,3 +190,28 @@ def test_generators_saved_before_window_stride_load_with_aligned_windows(tmp_pat
     old = D2NWG.load(tmp_path)
     assert not old.windows.overlapping
     assert old.windows.spans == WindowLayout.from_tokenizer(gen.tokenizer, 6, 6).spans
+
+
+def test_a_models_windows_share_one_encoding_of_its_condition():
+    """Windowed training encodes each drawn model's condition once and indexes it for each of
+    its windows (``cond_index``): the loss equals encoding every (model, window) row alone."""
+    from d2nwg.generator.conditions import RawConditions
+
+    g = torch.Generator().manual_seed(3)
+    cfg = D2NWGConfig(**{**TINY, "condition": "dataset"}, window=4)
+    gen = D2NWG.untrained(weights(), cfg, cond_features=6, max_classes=3)
+    conds = [torch.randn(3, int(torch.randint(2, 5, (1,), generator=g)), 6, generator=g)
+             for _ in range(5)]  # fmt: skip
+    raw = RawConditions.stack(conds, 3, 6)
+    idx = torch.tensor([4, 1, 4, 0, 1, 4])  # models of six (model, window) rows
+    models, cond_index = torch.unique(idx, return_inverse=True)
+    W, d = gen.windows.size, gen.config.latent_dim
+    x0, noise = torch.randn(6, W, d, generator=g), torch.randn(6, W, d, generator=g)
+    t = torch.randint(cfg.timesteps, (6,), generator=g)
+    schedule = gen.config.noise_schedule()
+
+    def loss(raw_rows, **index):
+        drop = torch.Generator().manual_seed(0)  # the same dropout coins for both
+        return gen.model(x0, t, noise, raw_rows, schedule, 0.5, drop, **index)
+
+    torch.testing.assert_close(loss(raw[models], cond_index=cond_index), loss(raw[idx]))

@@ -150,11 +150,16 @@ class ConditionalDenoiser(nn.Module):
         schedule: NoiseSchedule,
         cond_drop: float,
         generator: torch.Generator,
+        cond_index: torch.Tensor | None = None,
         **layout: torch.Tensor | None,
     ) -> torch.Tensor:
         """The training loss of one batch (everything that needs a gradient, for DDP);
+        ``cond_index [B]``: row i's condition is ``raw``'s row ``cond_index[i]`` (each model
+        encoded once however many of its windows the batch holds; None: row i's is row i);
         ``layout``: the windows' ``positions``, ``layer_kinds`` and ``mask``."""
         cond = self.encode(raw)
+        if cond is not None and cond_index is not None:
+            cond = cond.index_select(cond_index)
         if cond is not None:
             cond = drop_condition(cond, cond_drop, generator, self.denoiser.null)
         return diffusion_loss(

@@ -114,14 +114,18 @@ def train_diffusion(
         t = torch.randint(c.timesteps, (idx.numel(),), generator=gen)
         noise = torch.randn(idx.numel(), win.size, d, generator=gen)
         idx, w = idx.to(device), w.to(device)
+        models, cond_index = idx, None
+        if win.num_windows > 1:  # a model's windows share one encoding of its condition
+            models, cond_index = torch.unique(idx, return_inverse=True)
         return trained(
             latents[idx[:, None], index[w]],
             t.to(device),
             noise.to(device),
-            None if raw is None else raw[idx],
+            None if raw is None else raw[models],
             schedule,
             c.cond_drop,
             gen,
+            cond_index=cond_index,
             **{k: None if v is None else v[w] for k, v in layout.items()},
         )
 
