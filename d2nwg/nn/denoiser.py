@@ -236,15 +236,18 @@ class LatentDenoiser(nn.Module):
                 f"positions have shape {tuple(p.shape)}, expected [{T}, 2] or [{B}, {T}, 2]"
             )
 
-    def _check_kinds(self, k, B, T) -> None:
+    @staticmethod
+    def _check_token_ints(name: str, k, B, T) -> None:
+        """``name`` holds one integer per token, ``[T]`` or ``[B, T]``."""
         if not isinstance(k, torch.Tensor) or k.dim() not in (1, 2):
-            raise ShapeError(f"layer_kinds must be [T] or [B, T], got {shape_of(k)}")
+            raise ShapeError(f"{name} must be [T] or [B, T], got {shape_of(k)}")
         if k.is_floating_point() or k.dtype == torch.bool:
-            raise DTypeError(f"layer_kinds must be integers, got {k.dtype}")
+            raise DTypeError(f"{name} must be integers, got {k.dtype}")
         if T is not None and (k.shape[-1] != T or (k.dim() == 2 and k.shape[0] != B)):
-            raise ShapeError(
-                f"layer_kinds have shape {tuple(k.shape)}, expected [{T}] or [{B}, {T}]"
-            )
+            raise ShapeError(f"{name} has shape {tuple(k.shape)}, expected [{T}] or [{B}, {T}]")
+
+    def _check_kinds(self, k, B, T) -> None:
+        self._check_token_ints("layer_kinds", k, B, T)
         n = self.config.num_layer_kinds
         # Range check on CPU, eager only: on CUDA it would synchronize (and break graph
         # capture), under torch.compile break the graph; there nn.Embedding's own (device)
@@ -266,14 +269,7 @@ class LatentDenoiser(nn.Module):
                 "class_index was given, but this LatentDenoiser has no class rows "
                 "(LatentDenoiserConfig.class_rows=False)"
             )
-        if not isinstance(k, torch.Tensor) or k.dim() not in (1, 2):
-            raise ShapeError(f"class_index must be [T] or [B, T], got {shape_of(k)}")
-        if k.is_floating_point() or k.dtype == torch.bool:
-            raise DTypeError(f"class_index must be integers, got {k.dtype}")
-        if T is not None and (k.shape[-1] != T or (k.dim() == 2 and k.shape[0] != B)):
-            raise ShapeError(
-                f"class_index has shape {tuple(k.shape)}, expected [{T}] or [{B}, {T}]"
-            )
+        self._check_token_ints("class_index", k, B, T)
         if k.device.type == "cpu" and k.numel() and not torch.compiler.is_compiling():
             if int(k.min()) < -1:  # (eager CPU only, as for layer kinds)
                 raise ShapeError(f"class_index must be >= -1 (-1: no class), got {int(k.min())}")
