@@ -170,3 +170,20 @@ def test_tiny_demo_with_windows(tmp_path, model, window, copies):
     pairs = on_disk["diversity"]["unseen"]
     assert (pairs["generated_pairwise"] is None) == (copies == 1)
     assert (pairs["zoo_same_task_pairwise"] is None) == (copies == 1)
+
+
+def test_a_toy_whole_network_zoo_learns(tmp_path):
+    """Whole 3-layer MLPs (every layer generated, class rows on), fitted with the library's
+    networks on a toy zoo and budget: generated networks for class combinations the zoo never
+    saw classify far better than a random head on the pretrained body or the zoo's average,
+    and near the zoo (measured: 0.89 best, zoo 0.97, random 0.24, average 0.52)."""
+    s = d2nwg.demo.DemoSettings(
+        seen=16, unseen=4, novel=2, seeds=2, symmetries=0, shots=10, head_steps=60,
+        candidates=3, finetune_steps=2, finetune_tasks=1, vae_steps=150, diffusion_steps=150,
+    )  # fmt: skip
+    o = DemoOptions(str(tmp_path), device="cpu", progress=False, model="mlp")
+    r = d2nwg.demo.run(o, s)
+    acc = r["accuracy"]["unseen"]
+    assert r["tokens"] > 50 and r["generator"]["config"]["class_rows"] == ["4.weight"]
+    assert acc["generated_best"] > acc["random"] + 0.4, acc
+    assert acc["generated_best"] > max(0.8 * acc["zoo"], acc["zoo_average"] + 0.2), acc
