@@ -34,6 +34,11 @@ WINDOW_DRAWS = 4
 # The denoiser's cost hardly depends on d (one projection in, one out), so small chunks pay
 # nothing for it; chunks of 256 and more are compressed 4x and more, as before.
 LATENT_MAX = 64
+# The default diffusion steps. On the whole-MLP digits zoo (300 models of 56 tokens, class
+# rows) 1000 steps generated as well as 2000 (best / zoo 0.986 / 0.984 / 0.917 on seen /
+# unseen / novel tasks against 0.984 / 0.983 / 0.884; the loss is flat after about 1000) in
+# half the time, which is what brings that demo inside 10 minutes on a 2-core CPU.
+DIFFUSION_STEPS = 1000
 
 
 @dataclass
@@ -74,7 +79,7 @@ class D2NWGConfig(JSONConfig):
     prediction_type: str = "v"  # v converged fastest in the demo (epsilon needs more steps)
     schedule: str = "linear"  # "linear" | "cosine"
     timesteps: int = 1000
-    diffusion_steps: int = 0  # 0: 2000
+    diffusion_steps: int = 0  # 0: DIFFUSION_STEPS
     batch_size: int = 64  # models per step (per process)
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -154,7 +159,7 @@ class D2NWGConfig(JSONConfig):
         c.cond_dim = c.cond_dim or 64
         c.cond_features = c.cond_features or cond_features
         c.vae_steps = c.vae_steps or 1000
-        c.diffusion_steps = c.diffusion_steps or 2000
+        c.diffusion_steps = c.diffusion_steps or DIFFUSION_STEPS
         c.ema_decay = c.ema_decay or min(0.999, max(0.0, 1 - 10 / c.diffusion_steps))
         return c
 

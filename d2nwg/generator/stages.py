@@ -83,6 +83,20 @@ def window_pairs(c: D2NWGConfig, num_models: int, num_windows: int) -> int:
     return pairs
 
 
+def draw_windows(win: WindowLayout, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` windows of ``win`` to train on. Windows at every offset (stride 1, what
+    overlapping layouts train on) hold the first and last tokens once and a middle token W
+    times: drawn uniformly, the sequence's ends (a classifier's output layer, the input layer)
+    would see a W-th of the training the middle sees. So the start is drawn uniformly from
+    ``[-(W - 1), T - 1]`` and clamped to a window: a token lies in W (the ends, the middle)
+    to 2W - 1 (W - 1 from an end) of the ``T + W - 1`` starts, never less than the middle."""
+    if win.stride != 1:  # aligned windows: every token lies in exactly one
+        return torch.randint(win.num_windows, (n,), generator=gen)
+    W, NW = win.size, win.num_windows
+    start = torch.randint(NW + 2 * (W - 1), (n,), generator=gen) - (W - 1)
+    return start.clamp(0, NW - 1)
+
+
 def train_diffusion(
     run: TrainingRun,
     c: D2NWGConfig,
@@ -110,7 +124,7 @@ def train_diffusion(
         idx = torch.randint(M, (pairs,), generator=gen)
         w = torch.zeros_like(idx)  # (one window: no draw, the same stream as ever)
         if win.num_windows > 1:
-            w = torch.randint(win.num_windows, (idx.numel(),), generator=gen)
+            w = draw_windows(win, idx.numel(), gen)
         t = torch.randint(c.timesteps, (idx.numel(),), generator=gen)
         noise = torch.randn(idx.numel(), win.size, d, generator=gen)
         idx, w = idx.to(device), w.to(device)
@@ -131,3 +145,4 @@ def train_diffusion(
 
     train_stage(run, stage(c, "diffusion"), model, loss_fn, state, ema)
     ema.copy_to(model)
+
