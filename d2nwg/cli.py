@@ -91,7 +91,8 @@ def _generator_info() -> str:
             "large models: D2NWGConfig(window=W) windows, overlapping (window_stride, default "
             "W // 2: every sampler step averages each token over its windows, so the windows of "
             f"one model agree; training draws up to {WINDOW_DRAWS} per model a step at any "
-            "offset, or window_batch pairs), streaming generate_into "
+            "offset, the ends as often as the middle, or window_batch pairs), streaming "
+            "generate_into "
             "(batch_windows), generate_to_directory shards + index, include/exclude, "
             f"delta=True; default batch ~{BATCH_ELEMENTS['cpu']:.3g} decoded values on cpu, "
             f"{BATCH_ELEMENTS['cuda']:.3g} on cuda",
