@@ -1,5 +1,6 @@
 """Overlapping windows: the sliding layout, the per-token average of the windows' predictions,
-and the denoiser over whole latent sequences (one window of it all is the whole sequence)."""
+the denoiser over whole latent sequences (one window of it all is the whole sequence), and
+the windows training draws."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 import d2nwg
 from d2nwg.errors import ConfigError
 from d2nwg.generator import D2NWG, D2NWGConfig
+from d2nwg.generator.stages import draw_windows
 from d2nwg.generator.synthesis import WindowedDenoiser
 from d2nwg.windows import WindowLayout, slide_windows
 
@@ -215,3 +217,27 @@ def test_a_models_windows_share_one_encoding_of_its_condition():
         return gen.model(x0, t, noise, raw_rows, schedule, 0.5, drop, **index)
 
     torch.testing.assert_close(loss(raw[models], cond_index=cond_index), loss(raw[idx]))
+
+
+def _tokenizer() -> d2nwg.WeightTokenizer:
+    return d2nwg.WeightTokenizer.from_state_dict(weights(), chunk_size=64)
+
+
+def test_training_draws_cover_the_ends_as_often_as_the_middle():
+    """Windows at every offset, drawn as training draws them: the first and last tokens lie
+    in as many drawn windows as a middle token (uniform offsets would give them a W-th), and
+    none in more than twice as many."""
+    win = WindowLayout.from_tokenizer(_tokenizer(), 6, 3).for_training()
+    w = draw_windows(win, 200_000, torch.Generator().manual_seed(0))
+    assert int(w.min()) == 0 and int(w.max()) == win.num_windows - 1
+    covered = torch.zeros(28)
+    covered.index_add_(0, win.index[w].flatten(), torch.ones(w.numel() * 6))
+    share = covered / w.numel()
+    # every token: W to 2W - 1 of the T + W - 1 starts (6 / 33 to 11 / 33)
+    assert float(share.min()) >= 6 / 33 - 0.005 and float(share.max()) <= 11 / 33 + 0.005, share
+    assert float(share[5]) == pytest.approx(11 / 33, abs=0.005)
+    assert float(share[0]) == pytest.approx(float(share[14]), abs=0.01)
+    assert float(share[-1]) == pytest.approx(float(share[14]), abs=0.01)
+    aligned = WindowLayout.from_tokenizer(_tokenizer(), 6, 0)
+    counts = torch.bincount(draw_windows(aligned, 7000, torch.Generator().manual_seed(0)))
+    assert counts.numel() == aligned.num_windows and int(counts.min()) > 700

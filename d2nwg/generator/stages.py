@@ -145,4 +145,3 @@ def train_diffusion(
 
     train_stage(run, stage(c, "diffusion"), model, loss_fn, state, ema)
     ema.copy_to(model)
-
