@@ -136,6 +136,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
     if args.lora and args.model != "head":
         raise d2nwg.ConfigError("--model is for the digits demo (the LoRA demo generates adapters)")
+    if args.lora and args.window is not None:
+        raise d2nwg.ConfigError(
+            "--window is for the digits demo (the LoRA demo's adapters are 8 tokens: one window)"
+        )
     if args.lora:
         from d2nwg.demo.lora import run
     else:

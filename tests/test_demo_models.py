@@ -135,6 +135,8 @@ def test_cli_model_and_window(monkeypatch, tmp_path):
     assert main([*argv, "--out", str(tmp_path)]) == 0
     assert calls == [DemoOptions(str(tmp_path), quick=True, progress=False, model="cnn", window=8)]
     assert main(["demo", "--lora", "--model", "mlp", "--out", str(tmp_path)]) != 0
+    assert main(["demo", "--lora", "--window", "2", "--out", str(tmp_path)]) != 0
+    assert calls == [DemoOptions(str(tmp_path), quick=True, progress=False, model="cnn", window=8)]
 
 
 @pytest.mark.parametrize("model, window, copies", [("mlp", 16, 2), ("head", 2, 1)])
