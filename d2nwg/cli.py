@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         "torchrun --standalone --nproc_per_node=2 -m d2nwg demo --quick",
     )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    quick = "a smaller run (under 90 s on a 2-core CPU: digits heads 37 s, mlp 83 s, cnn 65 s)"
+    quick = "a smaller run (on a 2-core CPU: heads 37 s, mlp 83 s, cnn 65 s; --lora ~100 s)"
     p.add_argument("--quick", action="store_true", help=quick)
     lora = (
         "the LoRA demo: generate PEFT adapters of a small transformers LLaMA for unseen "
