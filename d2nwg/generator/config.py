@@ -151,7 +151,6 @@ class D2NWGConfig(JSONConfig):
         tokens = math.ceil(num_params / c.chunk_size)
         if c.window:  # the denoiser is sized by what it sees at once
             tokens = min(tokens, c.window)
-        if c.window:
             c.window_stride = c.window_stride or max(1, c.window // 2)
         c.latent_dim = c.latent_dim or min(LATENT_MAX, c.chunk_size)
         c.hidden_dim = c.hidden_dim or (128 if tokens <= 64 else 256)

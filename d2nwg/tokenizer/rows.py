@@ -80,7 +80,7 @@ def row_classes(plan: LayoutPlan, patterns: Sequence[str]) -> RowClasses:
             continue
         width = numel // spec.shape[0] if spec.shape else numel
         if s in plan.row_tokens:
-            width = -(-width // C) * C  # each row padded to whole tokens
+            width = plan.spans[s] // spec.shape[0]  # each row padded by the plan to whole tokens
         elif width % C or off % C:
             raise ConfigError(
                 f"class_rows: the rows of {spec.name!r} {list(spec.shape)} hold {width} values "
